@@ -1,0 +1,42 @@
+"""Resume checkpoints: plain tensors and containers only, loaded with weights_only=True.
+
+Everything a run needs to continue bit-exactly (method state incl. EMA target, queue or
+correlation buffers; optimizer; step; RNG) is a tensor or a builtin, so loading a checkpoint
+never unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .io import atomic_path
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded safely or does not belong to this run."""
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        raise CheckpointError(
+            f"refusing to load {path}: it holds objects other than tensors and plain containers "
+            f"(weights_only=True rejected it: {first}). sslbench never unpickles arbitrary "
+            "objects; convert the file to a state dict of tensors or safetensors.") from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None

@@ -1,0 +1,64 @@
+"""The `sslbench` command line.
+
+Each sub-command lives in the stage package that owns it and is imported only when used, so the
+core never imports a stage and `sslbench --help` starts fast. A stage's CLI module provides
+`configure(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+COMMANDS = {
+    "pretrain": ("pretrain.cli", "pretrain a backbone with an SSL method from a recipe YAML"),
+}
+
+EPILOG = """examples:
+  sslbench pretrain configs/pretrain/simsiam_synthetic_r18.yaml
+  sslbench pretrain configs/pretrain/simsiam_synthetic_r18.yaml optim.base_lr=0.1 train.epochs=5
+  torchrun --nproc_per_node=2 -m sslbench.cli pretrain configs/pretrain/simsiam_synthetic_r18.yaml
+
+Run `sslbench COMMAND --help` for a command's options."""
+
+# Errors whose message is the whole story: print it, no traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, RuntimeError)
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sslbench", description="Pretrain and evaluate Siamese self-supervised methods "
+        "under one protocol.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"sslbench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0] not in COMMANDS:
+        top.parse_args(argv or ["--help"])  # prints help / version / the unknown-command error
+        return 2
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"sslbench {name}", description=help_text,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.configure(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"sslbench {name}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

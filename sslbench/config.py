@@ -1,0 +1,126 @@
+"""Typed YAML configs with dotted CLI overrides.
+
+A config is a dataclass schema; YAML files and `a.b=value` overrides are merged onto it.
+A key the schema does not have is an error naming the key and the closest valid one, so a
+typo never silently falls back to a default. Some sections are *variants*: their schema is
+chosen by their own `name` field (each method has its own parameters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .io import write_text_atomic
+from .registry import closest
+
+# Keys that name or place a run but do not change what it computes.
+NON_SEMANTIC_KEYS = ("run.name", "run.output_dir", "data.num_workers", "train.log_every",
+                     "train.checkpoint_every", "train.progress")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit its schema."""
+
+
+def _load_yaml(path: str | Path) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # yaml errors carry line numbers; keep them
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return cfg
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad override: {err}") from None
+
+
+def _check_keys(user: Any, schema: Any, source: str, prefix: str = "") -> None:
+    """Raise on the first key in `user` that `schema` lacks, suggesting the closest full key."""
+    if not isinstance(user, DictConfig) or not isinstance(schema, DictConfig):
+        return
+    for key in user.keys():
+        full = f"{prefix}{key}"
+        if key not in schema:
+            siblings = [f"{prefix}{k}" for k in schema.keys()]
+            raise ConfigError(f"{source}: unknown config key {full!r}{closest(full, siblings)}")
+        child_schema = schema._get_node(key)
+        if isinstance(child_schema, DictConfig) and not child_schema._is_none():
+            _check_keys(user._get_node(key), child_schema, source, f"{full}.")
+
+
+def build_config(
+    schema: type,
+    paths: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    variants: Mapping[str, Callable[[str], type]] | None = None,
+) -> DictConfig:
+    """Merge YAML files (in order) and dotted overrides onto `schema`, checking every key.
+
+    `variants` maps a section name to a function from that section's `name` to its dataclass.
+    """
+    sources = [(str(p), _load_yaml(p)) for p in paths]
+    sources.append(("overrides", _parse_overrides(overrides)))
+    base = OmegaConf.structured(schema)
+    for section, resolve in (variants or {}).items():
+        merged_names = OmegaConf.merge(*(cfg for _, cfg in sources)) if sources else {}
+        name = OmegaConf.select(merged_names, f"{section}.name", default=None)
+        if name is None:
+            name = OmegaConf.select(base, f"{section}.name", default=None)
+        if name is None:
+            raise ConfigError(f"config needs {section}.name")
+        try:
+            section_schema = OmegaConf.structured(resolve(str(name)))
+        except KeyError as err:
+            raise ConfigError(f"{section}.name: {err.args[0]}") from None
+        OmegaConf.set_struct(base, False)
+        base[section] = section_schema
+        OmegaConf.set_struct(base, True)
+    for source, cfg in sources:
+        _check_keys(cfg, base, source)
+        try:
+            base = OmegaConf.merge(base, cfg)
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", None) or "?"
+            msg = str(err).splitlines()[0]
+            raise ConfigError(f"{source}: bad value for {key!r}: {msg}") from None
+    OmegaConf.set_readonly(base, True)
+    return base
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def config_hash(cfg: DictConfig | dict, ignore: Sequence[str] = NON_SEMANTIC_KEYS) -> str:
+    """sha256 of the resolved config, without the keys that only name or place the run."""
+    data = to_dict(cfg) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
+    for dotted in ignore:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def save_config(cfg: DictConfig, path: str | Path) -> None:
+    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
