@@ -1,0 +1,86 @@
+"""The pretraining config schema: every key a recipe YAML may set, with its default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+from omegaconf import DictConfig
+
+from sslbench.config import build_config
+
+from .methods import method_config_class
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic-shapes"
+    root: Optional[str] = None
+    image_size: int = 32
+    num_workers: int = 1
+    verify: bool = True  # open every image before training, so a corrupt file fails fast
+    options: Dict[str, Any] = field(default_factory=dict)  # passed to the dataset builder
+
+
+@dataclass
+class BackboneConfig:
+    arch: str = "resnet18"
+    stem: str = "small"
+    zero_init_residual: bool = False
+
+
+@dataclass
+class AugmentConfig:
+    pipeline: str = "mocov2"
+    crop_min_scale: Optional[float] = None
+    blur: str = "auto"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    base_lr: float = 0.05  # scaled by batch_size / 256
+    batch_size: int = 512  # global, over all processes
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    exclude_norm_bias: bool = False
+    lars_eta: float = 0.001
+    warmup_epochs: float = 0.0
+    warmup_start_lr: float = 0.0
+    final_lr: float = 0.0
+    clip_grad_norm: Optional[float] = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    device: str = "auto"
+    amp: bool = True  # bfloat16 autocast, on CUDA only
+    sync_bn: bool = True  # normalise over the global batch when several processes run
+    checkpoint_every: int = 200  # steps
+    log_every: int = 10  # steps
+    diagnostics_batches: int = 4  # last batches of each epoch used for collapse diagnostics
+    progress: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    method: Any = None  # the method's own dataclass, chosen by method.name
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_pretrain_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> DictConfig:
+    return build_config(PretrainConfig, paths, overrides, variants={"method": method_config_class})
