@@ -35,6 +35,7 @@ class BackboneConfig:
     arch: str = "resnet18"
     stem: str = "small"
     zero_init_residual: bool = False
+    width: int = 64  # stem channels; 16 makes a 1/16-compute ResNet for CPU smoke runs
 
 
 @dataclass

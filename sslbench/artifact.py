@@ -45,7 +45,9 @@ def save_backbone(run_dir: str | Path, backbone: nn.Module, *, arch: str, arch_k
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     weights = run_dir / WEIGHTS_FILE
     with atomic_path(weights) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "arch": arch})
+        # One metadata key: safetensors writes a map's keys in a per-process order, so two would
+        # make bit-identical weights hash differently. The architecture lives in the manifest.
+        save_file(state, str(tmp), metadata={"format": FORMAT})
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
