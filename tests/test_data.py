@@ -99,6 +99,24 @@ def test_synthetic_split_reads_back_as_an_imagefolder(tiny_root):
     ds.verify(progress=False)
 
 
+def test_silhouette_style_draws_the_same_objects_white_on_black(tiny_root, tmp_path):
+    sil = prepare_synthetic_shapes(tmp_path / "sil", seed=0, style="silhouette", **TINY)
+    colour, white = tree_digest(tiny_root), tree_digest(sil)
+    for name in (n for n in colour if n.startswith(("labels/", "annotations/"))):
+        if name.startswith("labels/"):
+            assert white[name] == colour[name], name
+    for split in SPLITS:
+        a, b = (json.loads((r / "annotations" / f"instances_{split}.json").read_text())
+                for r in (tiny_root, sil))
+        assert a["annotations"] == b["annotations"] and a["images"] == b["images"]
+    for image in sorted(sil.glob("train/*/*.png")):
+        labels = np.asarray(Image.open(sil / "labels" / image.relative_to(sil)))
+        pixels = np.asarray(Image.open(image))
+        assert np.array_equal(pixels, np.repeat((labels[..., None] > 0) * np.uint8(255), 3, 2))
+    with pytest.raises(DatasetError, match="style 'neon'"):
+        prepare_synthetic_shapes(tmp_path / "bad", style="neon", **TINY)
+
+
 @pytest.mark.parametrize("split", SPLITS)
 def test_coco_masks_boxes_and_label_maps_agree(tiny_root, split):
     coco = COCO(str(tiny_root / "annotations" / f"instances_{split}.json"))
