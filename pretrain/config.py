@@ -27,7 +27,9 @@ class DataConfig:
     image_size: int = 32
     num_workers: int = 1
     verify: bool = True  # open every image before training, so a corrupt file fails fast
-    options: Dict[str, Any] = field(default_factory=dict)  # passed to the dataset builder
+    # Passed to the dataset builder; `data.options=null` drops a recipe's options (e.g. when
+    # pointing a synthetic-shapes recipe at an image folder).
+    options: Optional[Dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

@@ -52,7 +52,6 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> bool:
     if has_ckpt and not resume:
         raise RunDirError(f"{run_dir} holds a checkpoint of an unfinished run; pass --resume to "
                           "continue it, or choose another run.name")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return resume and has_ckpt
 
 
@@ -76,13 +75,11 @@ def _pretrain(cfg: DictConfig, resume: bool, env: D.DistEnv) -> Path:
         return run_dir
     do_resume = D.broadcast_object(_prepare_run_dir(run_dir, resume) if env.is_main else None)
     chash = config_hash(cfg)
-    if env.is_main:
-        save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.run.seed)
 
     # Data: the main process generates/verifies first, the others then read.
     def load_data():
-        ds = build_dataset(cfg.data.name, cfg.data.root, "train", **cfg.data.options)
+        ds = build_dataset(cfg.data.name, cfg.data.root, "train", **(cfg.data.options or {}))
         if cfg.data.verify and env.is_main:
             ds.verify(progress=cfg.train.progress)
         return ds
@@ -92,6 +89,9 @@ def _pretrain(cfg: DictConfig, resume: bool, env: D.DistEnv) -> Path:
     D.barrier()
     if not env.is_main:
         dataset = load_data()
+    if env.is_main:  # only once the data is known good: a bad input leaves no run behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     transform = MultiViewTransform(build_view_transforms(
         cfg.augment.pipeline, cfg.data.image_size, cfg.augment.crop_min_scale, cfg.augment.blur))
     views_data = MultiViewDataset(dataset, transform)
@@ -104,7 +104,8 @@ def _pretrain(cfg: DictConfig, resume: bool, env: D.DistEnv) -> Path:
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
 
     # Model and optimiser.
-    backbone_kwargs = {"stem": cfg.backbone.stem, "zero_init_residual": cfg.backbone.zero_init_residual}
+    backbone_kwargs = {"stem": cfg.backbone.stem, "zero_init_residual": cfg.backbone.zero_init_residual,
+                       "width": cfg.backbone.width}
     backbone = build_backbone(cfg.backbone.arch, **backbone_kwargs)
     method = build_method(backbone, cfg.method)
     if cfg.train.sync_bn and env.world_size > 1:
@@ -112,7 +113,8 @@ def _pretrain(cfg: DictConfig, resume: bool, env: D.DistEnv) -> Path:
     method.to(env.device)
     lr = scaled_lr(cfg.optim.base_lr, global_batch)
     groups = param_groups(method, cfg.optim.weight_decay, cfg.optim.exclude_norm_bias,
-                          method.param_group_overrides())
+                          method.param_group_overrides(),
+                          norm_bias_overrides=method.norm_bias_overrides())
     extra = {"eta": cfg.optim.lars_eta} if cfg.optim.name == "lars" else {}
     optimizer = build_optimizer(cfg.optim.name, groups, lr, cfg.optim.momentum,
                                 cfg.optim.weight_decay, **extra)

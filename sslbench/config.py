@@ -61,8 +61,21 @@ def _check_keys(user: Any, schema: Any, source: str, prefix: str = "") -> None:
             siblings = [f"{prefix}{k}" for k in schema.keys()]
             raise ConfigError(f"{source}: unknown config key {full!r}{closest(full, siblings)}")
         child_schema = schema._get_node(key)
-        if isinstance(child_schema, DictConfig) and not child_schema._is_none():
+        # Recurse into dataclass sections only: a Dict field (e.g. data.options) takes any key.
+        if (isinstance(child_schema, DictConfig) and not child_schema._is_none()
+                and child_schema._metadata.object_type not in (None, dict)):
             _check_keys(user._get_node(key), child_schema, source, f"{full}.")
+
+
+def _open_dict_fields(cfg: DictConfig) -> None:
+    """Let Dict-typed fields (e.g. data.options) take any key; dataclass sections stay closed."""
+    for key in cfg.keys():
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_none():
+            if node._metadata.object_type in (None, dict):
+                OmegaConf.set_struct(node, False)
+            else:
+                _open_dict_fields(node)
 
 
 def build_config(
@@ -92,6 +105,7 @@ def build_config(
         OmegaConf.set_struct(base, False)
         base[section] = section_schema
         OmegaConf.set_struct(base, True)
+    _open_dict_fields(base)
     for source, cfg in sources:
         _check_keys(cfg, base, source)
         try:

@@ -194,6 +194,8 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
                                           module.affine, module.track_running_stats)
         converted.load_state_dict(module.state_dict())
         converted.train(module.training)
+        for new, old in zip(converted.parameters(), module.parameters()):
+            new.requires_grad_(old.requires_grad)  # a frozen EMA target stays frozen
     for name, child in module.named_children():
         converted.add_module(name, convert_sync_batchnorm(child, device))
     return converted

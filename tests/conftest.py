@@ -13,3 +13,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def rng_seed():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(scope="session")
+def shapes_root(tmp_path_factory):
+    """A tiny synthetic-shapes set generated once per test session."""
+    from helpers import TINY_SHAPES
+
+    from sslbench.data import prepare_synthetic_shapes
+
+    root = tmp_path_factory.mktemp("synthetic-shapes")
+    prepare_synthetic_shapes(root, seed=0, progress=False, **TINY_SHAPES)
+    return root

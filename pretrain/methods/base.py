@@ -68,6 +68,10 @@ class Method(nn.Module):
         """Extra optimizer-group keys by parameter-name prefix (e.g. a fixed predictor lr)."""
         return {}
 
+    def norm_bias_overrides(self) -> dict | None:
+        """Extra optimizer-group keys for all biases and norm weights (Barlow Twins' bias lr)."""
+        return None
+
     @torch.no_grad()
     def after_optimizer_step(self, progress: float) -> None:
         """Hook for state that follows the online weights (EMA targets); progress in [0, 1]."""

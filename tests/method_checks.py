@@ -1,0 +1,108 @@
+"""Checks shared by the method test files: a tiny float64 model, its parameter gradient, and a
+short real pretraining run scored by kNN against random init."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from helpers import ROOT, knn_of_backbone, pretrain_killed_at, sslbench, tiny_data_overrides
+from pretrain.methods import build_method, method_config_class
+
+
+class TinyBackbone(nn.Module):
+    """A linear map of 3×4×4 images: a backbone with `feature_dim`, cheap enough for float64."""
+
+    feature_dim = 12
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, self.feature_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def tiny_method(name: str, **fields) -> nn.Module:
+    """`name` on TinyBackbone in float64, initialised from seed 0 (so two builds are equal)."""
+    torch.manual_seed(0)
+    cfg = method_config_class(name)(**fields)
+    return build_method(TinyBackbone(), cfg).double()
+
+
+def tiny_views(batch: int = 10, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, 4, 4, generator=gen, dtype=torch.float64) for _ in range(2)]
+
+
+def loss_and_gradient(method: nn.Module, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and the gradient of every trainable parameter, flattened into one vector."""
+    method.zero_grad(set_to_none=True)
+    out = method(views)
+    out["loss"].backward()
+    grads = [p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
+             for p in method.parameters() if p.requires_grad]
+    return out["loss"].detach(), torch.cat(grads)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+# Short real runs, test-only settings (the recipes stay full width): a 1/16-compute ResNet-18
+# (backbone.width=16) on 16 px crops of the tiny synthetic-shapes set.
+SHORT_RUN = ["backbone.width=16", "data.image_size=16", "optim.batch_size=64", "train.epochs=6"]
+
+
+def pretrain_and_score(name: str, shapes_root: Path, out: Path, *extra: str) -> tuple[float, float, dict]:
+    """Pretrain recipe `name` briefly; (kNN top-1, kNN top-1 of the same network at its random
+    init, the final collapse diagnostics from the artifact's manifest)."""
+    from pretrain.config import load_pretrain_config
+    from pretrain.engine import pretrain
+    from sslbench.artifact import load_backbone
+    from sslbench.backbones import build_backbone
+
+    recipe = ROOT / "configs" / "pretrain" / f"{name}_synthetic_r18.yaml"
+    cfg = load_pretrain_config([recipe], [*tiny_data_overrides(shapes_root), *SHORT_RUN,
+                                          f"run.output_dir={out}", f"run.name={name}", *extra])
+    backbone, manifest = load_backbone(pretrain(cfg))
+    assert manifest["method"] == name
+    torch.manual_seed(manifest["seed"])  # the engine seeds this way before building the backbone
+    random_init = build_backbone(manifest["arch"], **manifest["arch_kwargs"])
+    trained = knn_of_backbone(backbone, shapes_root, image_size=cfg.data.image_size)
+    random = knn_of_backbone(random_init, shapes_root, image_size=cfg.data.image_size)
+    diagnostics = manifest["diagnostics"]
+    print(f"{name}: kNN top-1 {trained:.3f} (random init {random:.3f}), "
+          f"l2_std*sqrt(d) {diagnostics['l2_std_x_sqrt_d']:.3f}, m_o {diagnostics['m_o']:.3f}")
+    return trained, random, diagnostics
+
+
+def assert_learns_without_collapse(name: str, shapes_root: Path, out: Path) -> None:
+    """The smoke claim for every method: a short run beats its own random init on kNN top-1 and
+    its embeddings keep their spread (SimSiam's l2 std, Zhang et al.'s centre norm)."""
+    trained, random, diagnostics = pretrain_and_score(name, shapes_root, out)
+    assert trained > random + 0.05, f"{name}: kNN top-1 {trained:.3f} vs random init {random:.3f}"
+    assert diagnostics["l2_std_x_sqrt_d"] > 0.2 and diagnostics["m_o"] < 0.9, diagnostics
+
+
+def resumed_state_is_bit_exact(name: str, shapes_root: Path, out: Path, *extra: str) -> dict:
+    """Run recipe `name` straight through and again SIGKILLed after its step-5 checkpoint and
+    resumed; assert the two end in the same resume state and weights; return that state."""
+    recipe = str(ROOT / "configs" / "pretrain" / f"{name}_synthetic_r18.yaml")
+    common = [recipe, *tiny_data_overrides(shapes_root), *SHORT_RUN, "optim.batch_size=32",
+              "train.epochs=1", "train.checkpoint_every=5", f"run.output_dir={out}", *extra]
+    sslbench("pretrain", *common, "run.name=straight", cwd=out)
+    killed = [*common, "run.name=killed"]
+    pretrain_killed_at(killed, out, out / "killed" / "checkpoint.pt", min_step=5)
+    assert not (out / "killed" / "backbone.json").exists()
+    sslbench("pretrain", *killed, "--resume", cwd=out)
+    a, b = (torch.load(out / run / "checkpoint.pt", weights_only=True) for run in ("straight", "killed"))
+    assert a["step"] == b["step"] == 512 // 32
+    assert a["method"].keys() == b["method"].keys()
+    for key, value in a["method"].items():
+        assert torch.equal(value, b["method"][key]), key
+    assert ((out / "straight" / "backbone.safetensors").read_bytes()
+            == (out / "killed" / "backbone.safetensors").read_bytes())
+    return a["method"]
