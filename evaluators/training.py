@@ -1,0 +1,159 @@
+"""Supervised training of a classifier on a backbone: the standard linear probe and fine-tuning.
+
+Both protocols train `Classifier` (backbone + linear head) on augmented images with a cosine
+schedule; they differ only in whether the backbone is frozen and in the optimizer groups. Under
+torchrun the classifier is wrapped in DDP, process r takes the r-th contiguous chunk of every
+global batch and each sample's augmentation is seeded by the sample itself, so N processes train
+on the same batches and crops as one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from sslbench import distributed as D
+from sslbench.data import LabeledDataset
+from sslbench.optim import set_lr, warmup_cosine
+from sslbench.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+from .accuracy import topk_accuracy
+from .features import infer
+
+
+def train_transform(image_size: int, crop_min_scale: float) -> Callable:
+    """The linear-evaluation augmentation of the seed papers: random-resized crop and flip."""
+    return T.Compose([T.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0)),
+                      T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class SeededAugmentation(Dataset):
+    """Samples of `dataset` (by `indices`, default all) augmented under an RNG seeded by
+    (seed, epoch, sample index).
+
+    torchvision's random transforms draw from the global RNG, so a sample's crop would otherwise
+    depend on which process or worker loads it, and processes seeded alike would repeat each
+    other's crops. `fit` sets `epoch` before each epoch.
+    """
+
+    def __init__(self, dataset: LabeledDataset, transform: Callable, seed: int,
+                 indices: Sequence[int] | None = None):
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+        self.indices = range(len(dataset)) if indices is None else [int(i) for i in indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        index = self.indices[i]
+        image = self.dataset.load_image(index)
+        sample_seed = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]
+        with torch.random.fork_rng(devices=[]):  # CPU generator only: CUDA's is left alone
+            torch.default_generator.manual_seed(int(sample_seed))
+            return self.transform(image), self.dataset.targets[index]
+
+
+class Classifier(nn.Module):
+    """Backbone + linear head. Frozen: the backbone gets no gradient and stays in eval mode (its
+    BatchNorm statistics are part of the representation being evaluated)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, frozen: bool):
+        super().__init__()
+        self.backbone, self.frozen = backbone, frozen
+        self.head = nn.Linear(backbone.feature_dim, num_classes)
+        nn.init.normal_(self.head.weight, std=0.01)  # as MoCo / SimSiam linear evaluation
+        nn.init.zeros_(self.head.bias)
+        if frozen:
+            backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Classifier":
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            features = self.backbone(x)
+        return self.head(features)
+
+
+def epoch_batches(size: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                  world_size: int = 1) -> list[list[int]]:
+    """This process's share of each global batch of one epoch.
+
+    The order is a permutation seeded by (seed, epoch), padded by wrapping around to a multiple of
+    the process count. A last batch smaller than half a batch is merged into the one before (so
+    no sample is dropped and BatchNorm never sees a batch of one); the rule does not depend on
+    the process count, so N processes see the same global batches as one.
+    """
+    if batch_size % world_size:
+        raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(size, generator=gen).tolist()
+    order += order[: -len(order) % world_size]
+    starts = list(range(0, len(order), batch_size))
+    if len(starts) > 1 and 2 * (len(order) - starts[-1]) < batch_size:
+        starts.pop()
+    bounds = [*starts, len(order)]
+    batches = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        per = (hi - lo) // world_size
+        batches.append(order[lo + rank * per : lo + (rank + 1) * per])
+    return batches
+
+
+def fit(model: Classifier, dataset: SeededAugmentation, optimizer: torch.optim.Optimizer, base_lr: float, *,
+        epochs: int, batch_size: int, warmup_epochs: float, seed: int, device: torch.device,
+        num_workers: int = 0, progress: bool = True, desc: str = "train") -> float:
+    """Train with cross-entropy under a warm-up + cosine schedule; returns the last epoch's loss."""
+    world, rank = D.world_size(), D.rank()
+    steps_per_epoch = len(epoch_batches(len(dataset), batch_size, seed, 0, rank, world))
+    total = epochs * steps_per_epoch
+    warmup = round(warmup_epochs * steps_per_epoch)
+    net = model if world == 1 else DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    net.train()
+    bar = tqdm(total=total, desc=desc, unit="step", leave=False,
+               disable=not (progress and rank == 0), dynamic_ncols=True)
+    step, epoch_loss = 0, math.nan
+    for epoch in range(epochs):
+        dataset.epoch = epoch
+        batches = epoch_batches(len(dataset), batch_size, seed, epoch, rank, world)
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                            pin_memory=device.type == "cuda")
+        losses = []
+        for x, y in loader:
+            set_lr(optimizer, warmup_cosine(step, total, warmup, base_lr), base_lr)
+            loss = F.cross_entropy(net(x.to(device, non_blocking=True)), y.to(device))
+            if not torch.isfinite(loss.detach()):
+                raise RuntimeError(f"{desc}: loss is {loss.item()} at step {step}; lower "
+                                   "the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+            step += 1
+            bar.update()
+        epoch_loss = D.all_reduce_mean(torch.stack(losses).mean()).item()
+        bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.4f}")
+    bar.close()
+    return epoch_loss
+
+
+def evaluate(model: nn.Module, dataset: LabeledDataset, *, batch_size: int, device: torch.device,
+             num_workers: int = 0, progress: bool = True, desc: str = "evaluate") -> dict[str, float]:
+    """Top-1 / top-5 accuracy (%) of `model`'s logits on `dataset` (eval mode, no augmentation)."""
+    logits = infer(model, dataset, batch_size=batch_size, device=device,
+                   num_workers=num_workers, progress=progress, desc=desc)
+    return topk_accuracy(logits, torch.as_tensor(dataset.targets))
