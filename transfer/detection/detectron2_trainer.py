@@ -1,0 +1,89 @@
+"""What runs inside detectron2's launcher processes: dataset registration, MoCo's C4 head, the
+trainer. Imports detectron2 at the top, so only detectron2_backend imports it, after checking
+that detectron2 is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from detectron2 import model_zoo
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances, register_pascal_voc
+from detectron2.engine import DefaultTrainer, default_setup
+from detectron2.evaluation import COCOEvaluator, PascalVOCDetectionEvaluator
+from detectron2.layers import get_norm
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, Res5ROIHeads
+from detectron2.utils import comm
+
+from sslbench.io import write_json_atomic
+
+from .detectron2_backend import RESULTS_FILE
+
+
+class Res5ROIHeadsExtraNorm(Res5ROIHeads):
+    """The C4 head of the MoCo protocol: res5 followed by one more norm layer
+    (MODEL.RESNETS.NORM). The backbone's features are fine-tuned with normalisation throughout,
+    and the extra norm gives the box and mask predictors normalised res5 features too."""
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        res5 = ret["res5"]
+        res5.add_module("norm", get_norm(cfg.MODEL.RESNETS.NORM, res5[-1].out_channels))
+        return ret
+
+
+if "Res5ROIHeadsExtraNorm" not in ROI_HEADS_REGISTRY:  # MoCo's own train_net may have it
+    ROI_HEADS_REGISTRY.register(Res5ROIHeadsExtraNorm)
+
+
+class Trainer(DefaultTrainer):
+    """detectron2's DefaultTrainer with the COCO / VOC evaluators, saving the final metrics."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name):
+        if MetadataCatalog.get(dataset_name).get("evaluator_type") == "pascal_voc":
+            return PascalVOCDetectionEvaluator(dataset_name)
+        return COCOEvaluator(dataset_name, output_dir=str(Path(cfg.OUTPUT_DIR) / "inference"))
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        results = super().test(cfg, model, evaluators)
+        if comm.is_main_process():  # the last evaluation (after the last iteration) wins
+            finite = {task: {k: (float(v) if math.isfinite(v) else None) for k, v in vals.items()}
+                      for task, vals in results.items()}
+            write_json_atomic(Path(cfg.OUTPUT_DIR) / RESULTS_FILE, finite)
+        return results
+
+
+def register(datasets: list[tuple]) -> None:
+    """Register (name, "coco" | "voc", arguments) with detectron2's own loaders."""
+    for name, kind, args in datasets:
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        if kind == "coco":
+            annotations, image_root = args
+            register_coco_instances(name, {}, annotations, image_root)
+        else:
+            dirname, split, year, classes = args
+            register_pascal_voc(name, dirname, split, year, class_names=classes)
+            MetadataCatalog.get(name).set(evaluator_type="pascal_voc")
+
+
+def main(base_config: str, options: dict[str, Any], datasets: list[tuple]) -> None:
+    """One process of a detectron2 run: build the config over the model-zoo base, train, test."""
+    register(datasets)
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file(base_config))
+    cfg.merge_from_list([item for pair in options.items() for item in pair])
+    cfg.freeze()
+    default_setup(cfg, argparse.Namespace())
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()

@@ -1,0 +1,70 @@
+"""Run a detection recipe on a backbone with the recipe's backend and write its result record.
+
+Both backends go through here, so their records are made the same way. The protocol holds what
+changes the number: backend, data identity (not paths), model, input, the solver as it ran
+(after linear scaling to the process count) and the test settings; the process count itself is
+a detail, since the same global batch on more processes is the same protocol.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from sslbench.artifact import read_manifest
+from sslbench.config import to_dict
+from sslbench.results import (BackboneIdentity, DatasetInfo, ResultRecord, library_versions,
+                              peak_memory_mb, write_record)
+
+from . import detectron2_backend, torchvision_backend
+from .outcome import Outcome
+
+BACKENDS = {"torchvision": torchvision_backend.run, "detectron2": detectron2_backend.run}
+
+
+def transfer(cfg: DictConfig, backbone_dir: str | Path, out_dir: str | Path) -> Path | None:
+    """Train and evaluate; returns the record's path (None on processes other than the main)."""
+    started = time.perf_counter()
+    backbone_dir, out_dir = Path(backbone_dir), Path(out_dir)
+    manifest = read_manifest(backbone_dir)
+    work_dir = (Path(cfg.run.work_dir) if cfg.run.work_dir else
+                out_dir / ".work" / f"detection-{manifest['weights_sha256'][:12]}-seed{cfg.run.seed}")
+    outcome = BACKENDS[cfg.backend](cfg, backbone_dir, work_dir)
+    if outcome is None:
+        return None
+    record = ResultRecord(
+        task="detection", metrics=outcome.metrics,
+        backbone=BackboneIdentity.from_manifest(manifest), protocol=protocol(cfg, outcome),
+        dataset=DatasetInfo(cfg.data.name, len(outcome.data.classes),
+                            {"train": outcome.train_images, "test": len(outcome.data.test.coco.imgs)},
+                            {"train": [s.describe() for s in outcome.data.train],
+                             "test": outcome.data.test.describe()}),
+        seed=cfg.run.seed, wall_time_s=round(time.perf_counter() - started, 3),
+        peak_memory_mb=peak_memory_mb(outcome.cuda), device=outcome.device,
+        versions={**library_versions(), "pycocotools": _version("pycocotools"), **outcome.versions},
+        details={**outcome.details, "backbone_dir": str(backbone_dir), "work_dir": str(work_dir),
+                 "world_size": outcome.schedule.world_size})
+    return write_record(out_dir, record)
+
+
+def protocol(cfg: DictConfig, outcome: Outcome) -> dict:
+    data = {"name": cfg.data.name, **outcome.data.identity()}
+    if cfg.data.name == "synthetic-shapes":
+        data["options"] = to_dict(cfg.data.options)
+    schedule = {k: v for k, v in dataclasses.asdict(outcome.schedule).items() if k != "world_size"}
+    solver = {k: v for k, v in to_dict(cfg.solver).items() if k != "checkpoint_period"}
+    return {"backend": cfg.backend, "backbone_arch": cfg.backbone.arch, "data": data,
+            "model": to_dict(cfg.model), "input": to_dict(cfg.input),
+            "solver": {**solver, "as_run": {**schedule, "steps": list(schedule["steps"])}},
+            "test": to_dict(cfg.test)}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
