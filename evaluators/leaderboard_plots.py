@@ -1,0 +1,51 @@
+"""The leaderboard's bar charts: one PNG per task, a bar per (run, protocol) with its std as error
+bar and n beside it.
+
+Drawn on a bare `Figure` with the Agg canvas, not pyplot: no global state, no display needed.
+"""
+
+from __future__ import annotations
+
+import io
+
+from matplotlib.figure import Figure
+
+from .leaderboard import Board
+
+
+def _text(label: str, limit: int = 48) -> str:
+    """Plain text for matplotlib, at most `limit` characters: a '$' would otherwise start math
+    mode (and can fail to parse)."""
+    if len(label) > limit:
+        label = label[:limit - 1] + "…"
+    return label.replace("$", r"\$")
+
+
+def bar_chart(board: Board, task: str) -> bytes:
+    """PNG bytes: the task's columns as groups of horizontal bars, rows in board order."""
+    columns = [c for c in board.columns if c.task == task]
+    rows = [r for r in board.rows if any(c.key in r.cells for c in columns)]
+    height = 0.8 / len(columns)
+    fig = Figure(figsize=(8, 1.4 + 0.35 * len(rows) * len(columns) + 0.2 * (len(columns) > 1)),
+                 layout="constrained")
+    ax = fig.subplots()
+    for j, column in enumerate(columns):
+        placed = [(i + (j - (len(columns) - 1) / 2) * height, row.cells[column.key])
+                  for i, row in enumerate(rows) if column.key in row.cells]
+        ys, cells = zip(*placed)
+        ax.barh(ys, [c.mean for c in cells], height=height, capsize=3,
+                xerr=[float("nan") if c.std is None else c.std for c in cells],  # none for n=1
+                label=_text(f"{column.label} ({column.dataset})"))
+        for y, c in placed:
+            ax.annotate(f"n={c.n}", (c.mean + (c.std or 0.0), y), xytext=(4, 0),
+                        textcoords="offset points", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), [_text(f"{r.key.run} ({r.key.method})") for r in rows])
+    ax.invert_yaxis()  # best first, as in the table
+    ax.set_xlabel(_text(f"{columns[0].metric} (mean ± std over n records)"))
+    ax.set_title(_text(task))
+    ax.margins(x=0.15)
+    if len(columns) > 1:
+        fig.legend(fontsize=8, loc="outside lower center")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()

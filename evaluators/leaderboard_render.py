@@ -1,0 +1,245 @@
+"""The leaderboard as text: Markdown, CSV, and one self-contained HTML page.
+
+Every string that comes from a record or a reference file (method, run, arch, dataset, protocol,
+source) is user input: it is escaped for the format it lands in, so a run named `<script>` shows
+as text. The HTML page needs nothing outside itself: styles, the sorting script and the charts
+(as data: URLs) are inline, and the script reads the table from the DOM, so it holds no data.
+Sorting state lives in the URL fragment (`#sort=KEY`, `#sort=-KEY` for descending), so a sorted
+view can be linked to and is applied on load.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+
+from .leaderboard import Board, Cell, Column, ReferenceTable
+
+INTRO = ("Each cell: mean ± sample std of the column's metric over n records (evaluation seeds "
+         "and pretraining runs of the row's recipe) and the row's rank in the column. Rows are "
+         "ordered by the number of columns they have, then by average rank over those columns. "
+         "Numbers measured under different protocols are different columns, never averaged.")
+REFERENCE_INTRO = ("Published numbers, as printed in the seed papers. They were measured under "
+                   "the papers' own protocols, so they are not ranked with the rows above.")
+
+
+def _mean_std(cell: Cell) -> str:
+    return f"{cell.mean:.2f}" + ("" if cell.std is None else f" ± {cell.std:.2f}")
+
+
+def _md_cell(cell: Cell | None) -> str:
+    return "–" if cell is None else f"{_mean_std(cell)} (n={cell.n}, rank {cell.rank:g})"
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None else str(value)
+
+
+def _md(text: str) -> str:
+    """Markdown text for a table cell: no HTML tag, no column break, one line. ('&' stays: an
+    entity it may start shows a character, never a tag.)"""
+    text = text.replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+    return " ".join(text.split())
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _settings(board: Board, column: Column) -> str:
+    return ", ".join(f"{k}={v}" for k, v in board.settings_that_differ(column).items())
+
+
+def markdown(board: Board, reference: list[ReferenceTable], source: str) -> str:
+    lines = ["# Leaderboard", "",
+             f"{board.records} result records from `{_md(source)}`, {len(board.rows)} pretraining "
+             f"runs × {len(board.columns)} task protocols. {INTRO}", ""]
+    header = ["run", "method", "arch", "avg rank"] + [
+        f"{_md(c.label)} {_md(c.metric)}" for c in board.columns]
+    lines += _md_table(header, [
+        [_md(r.key.run), _md(r.key.method), _md(r.key.arch),
+         f"{r.average_rank:.2f} ({len(r.cells)}/{len(board.columns)})"]
+        + [_md_cell(r.cells.get(c.key)) for c in board.columns] for r in board.rows])
+    lines += ["", "## Columns", ""]
+    lines += _md_table(["column", "task", "dataset", "metric", "protocol id", "differs in"], [
+        [_md(c.label), c.task, _md(c.dataset), _md(c.metric), c.protocol_id,
+         _md(_settings(board, c)) or "–"] for c in board.columns])
+    if reference:
+        lines += ["", "## Published numbers (not ranked)", "", REFERENCE_INTRO]
+        for t in reference:
+            lines += ["", f"**{_md(t.source)}**. {_md(t.task)}, {_md(t.arch)}: {_md(t.protocol)}.",
+                      ""]
+            lines += _md_table(["method"] + [_md(c) for c in t.columns],
+                               [[_md(name)] + [_number(v) for v in values]
+                                for name, values in t.rows])
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(board: Board) -> str:
+    """One line per row; four fields (mean, std, n, rank) per column, named TASK:PROTOCOL:METRIC.
+    Empty fields: no record in that column (or no std for a single record)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    names = [f"{c.task}:{c.protocol_id}:{c.metric}" for c in board.columns]
+    writer.writerow(["run", "method", "arch", "avg_rank", "columns"]
+                    + [f"{n}:{stat}" for n in names for stat in ("mean", "std", "n", "rank")])
+    for row in board.rows:
+        fields = [row.key.run, row.key.method, row.key.arch, repr(row.average_rank),
+                  len(row.cells)]
+        for column in board.columns:
+            cell = row.cells.get(column.key)
+            fields += (["", "", "", ""] if cell is None else
+                       [repr(cell.mean), "" if cell.std is None else repr(cell.std), cell.n,
+                        f"{cell.rank:g}"])
+        writer.writerow(fields)
+    return out.getvalue()
+
+
+STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 90em; padding: 0 1em;
+       color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border-bottom: 1px solid #ddd; padding: .3em .6em; text-align: left; vertical-align: top; }
+td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
+th button { all: inherit; cursor: pointer; padding: 0; border: 0; }
+th[aria-sort=ascending] button::after { content: " \\25B2"; }
+th[aria-sort=descending] button::after { content: " \\25BC"; }
+.meta { color: #666; font-size: 85%; }
+pre { background: #f6f6f6; padding: .5em; overflow-x: auto; }
+img { max-width: 100%; }
+"""
+
+# Sorts every table.sortable by a clicked header, and #board by the #sort= fragment on load.
+# Cells are compared by their data-value; a cell without one (no number) always sorts last.
+SCRIPT = """
+(function () {
+  "use strict";
+  function sortTable(table, key, descending) {
+    var headers = Array.prototype.slice.call(table.tHead.rows[0].cells);
+    var index = headers.findIndex(function (th) { return th.dataset.key === key; });
+    if (index < 0) { return false; }
+    var numeric = headers[index].dataset.type === "number";
+    var body = table.tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.sort(function (a, b) {
+      var x = a.cells[index].dataset.value, y = b.cells[index].dataset.value;
+      if (x === undefined || y === undefined) { return (x === undefined) - (y === undefined); }
+      var order = numeric ? Number(x) - Number(y) : x.localeCompare(y);
+      return descending ? -order : order;
+    });
+    rows.forEach(function (row) { body.appendChild(row); });
+    headers.forEach(function (th, i) {
+      th.setAttribute("aria-sort", i !== index ? "none" : descending ? "descending" : "ascending");
+    });
+    return true;
+  }
+  Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), function (table) {
+    table.tHead.addEventListener("click", function (event) {
+      var th = event.target.closest("th");
+      if (!th) { return; }
+      var now = th.getAttribute("aria-sort");
+      var descending = now === "none" ? th.dataset.first === "descending" : now === "ascending";
+      sortTable(table, th.dataset.key, descending);
+      if (table.id === "board") {
+        history.replaceState(null, "", "#sort=" + (descending ? "-" : "") + th.dataset.key);
+      }
+    });
+  });
+  function fromFragment() {
+    var match = /^#sort=(-?)(.+)$/.exec(location.hash);
+    if (match) {
+      sortTable(document.getElementById("board"), decodeURIComponent(match[2]), match[1] === "-");
+    }
+  }
+  window.addEventListener("hashchange", fromFragment);
+  fromFragment();
+})();
+"""
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def _th(key: str, label: str, kind: str, first: str, sort: str = "none") -> str:
+    """A sortable header: `first` is the direction of its first click (best first)."""
+    return (f'<th data-key="{_e(key)}" data-type="{kind}" data-first="{first}" '
+            f'aria-sort="{sort}"><button type="button">{label}</button></th>')
+
+
+def _td(text: str, value: str | float | None = None, numeric: bool = False) -> str:
+    data = "" if value is None else f' data-value="{_e(str(value))}"'
+    return f'<td{data}{" class=num" if numeric else ""}>{text}</td>'
+
+
+def _board_table(board: Board) -> str:
+    head = [_th("run", "run", "text", "ascending"), _th("method", "method", "text", "ascending"),
+            _th("arch", "arch", "text", "ascending"),
+            _th("avg_rank", "avg rank", "number", "ascending", sort="ascending")]
+    head += [_th(c.key, f"{_e(c.label)}<br><span class=meta>{_e(c.metric)}</span>", "number",
+                 "descending") for c in board.columns]
+    body = []
+    for r in board.rows:
+        cells = [_td(_e(r.key.run), r.key.run), _td(_e(r.key.method), r.key.method),
+                 _td(_e(r.key.arch), r.key.arch),
+                 _td(f"{r.average_rank:.2f} <span class=meta>({len(r.cells)}/"
+                     f"{len(board.columns)})</span>", repr(r.average_rank), numeric=True)]
+        for c in board.columns:
+            cell = r.cells.get(c.key)
+            if cell is None:
+                cells.append(_td("–"))
+                continue
+            cells.append(_td(f"{_mean_std(cell)}<br><span class=meta>n={cell.n}, rank "
+                             f"{cell.rank:g}</span>", repr(cell.mean), numeric=True))
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return ('<table id="board" class="sortable">\n<thead><tr>' + "".join(head)
+            + "</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>")
+
+
+def _columns_section(board: Board) -> str:
+    items = []
+    for c in board.columns:
+        differs = _settings(board, c)
+        items.append(
+            f"<li><b>{_e(c.label)}</b>: task {_e(c.task)}, dataset {_e(c.dataset)}, metric "
+            f"{_e(c.metric)}, protocol <code>{_e(c.protocol_id)}</code>"
+            + (f"; differs in {_e(differs)}" if differs else "")
+            + "<details><summary>protocol</summary><pre>"
+            f"{_e(json.dumps(c.protocol, indent=2, sort_keys=True))}</pre></details></li>")
+    return "<h2>Columns</h2>\n<ul>\n" + "\n".join(items) + "\n</ul>"
+
+
+def _reference_section(reference: list[ReferenceTable]) -> str:
+    parts = ["<h2>Published numbers (not ranked)</h2>", f"<p>{_e(REFERENCE_INTRO)}</p>"]
+    for t in reference:
+        head = [_th("method", "method", "text", "ascending")] + [
+            _th(f"c{i}", _e(c), "number", "descending") for i, c in enumerate(t.columns)]
+        rows = ["<tr>" + _td(_e(name), name) + "".join(
+            _td(_number(v), v, numeric=True) for v in values) + "</tr>" for name, values in t.rows]
+        parts.append(f"<p><b>{_e(t.source)}</b>. {_e(t.task)}, {_e(t.arch)}: {_e(t.protocol)}.</p>"
+                     '\n<table class="sortable">\n<thead><tr>' + "".join(head)
+                     + "</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>")
+    return "\n".join(parts)
+
+
+def html_page(board: Board, reference: list[ReferenceTable], source: str,
+              charts: dict[str, bytes]) -> str:
+    """`charts`: PNG bytes by task, embedded as data: URLs."""
+    figures = "\n".join(
+        f'<figure><img alt="{_e(task)} bar chart" src="data:image/png;base64,'
+        f'{base64.b64encode(png).decode("ascii")}"></figure>' for task, png in charts.items())
+    body = ["<h1>Leaderboard</h1>",
+            f"<p>{board.records} result records from <code>{_e(source)}</code>, "
+            f"{len(board.rows)} pretraining runs × {len(board.columns)} task protocols. "
+            f"{_e(INTRO)} Click a header to sort.</p>",
+            _board_table(board), _columns_section(board), figures]
+    if reference:
+        body.append(_reference_section(reference))
+    return ("<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+            f"<title>sslbench leaderboard</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+            + "\n".join(body) + f"\n<script>{SCRIPT}</script>\n</body>\n</html>\n")
