@@ -15,12 +15,24 @@ from . import __version__
 
 COMMANDS = {
     "pretrain": ("pretrain.cli", "pretrain a backbone with an SSL method from a recipe YAML"),
+    "eval": ("evaluators.cli", "evaluate a backbone: knn | linear | semisup; writes a result record"),
+    "results": ("evaluators.results_cli", "list the result records in a directory as a table"),
+    "leaderboard": ("evaluators.leaderboard_cli",
+                    "aggregate result records into leaderboard.md / .csv / .html and bar charts"),
+    "transfer": ("transfer.cli", "transfer a backbone to a dense task (detection); writes a result record"),
+    "export": ("transfer.export", "export a backbone to detectron2 (.pkl) or torchvision (.pth)"),
 }
 
 EPILOG = """examples:
   sslbench pretrain configs/pretrain/simsiam_synthetic_r18.yaml
   sslbench pretrain configs/pretrain/simsiam_synthetic_r18.yaml optim.base_lr=0.1 train.epochs=5
   torchrun --nproc_per_node=2 -m sslbench.cli pretrain configs/pretrain/simsiam_synthetic_r18.yaml
+  sslbench eval knn --backbone runs/simsiam_synthetic_r18 --out results
+  sslbench eval linear --config configs/eval/linear_standard.yaml --backbone runs/simsiam_synthetic_r18 --out results
+  sslbench results results
+  sslbench leaderboard results --reference configs/reference/seed_papers.yaml
+  sslbench transfer detection --backbone runs/simsiam_synthetic_r18 --config configs/transfer/detection_synthetic_r18_fpn.yaml --out results
+  sslbench export --to detectron2 --backbone runs/mocov2_imagenet_r50
 
 Run `sslbench COMMAND --help` for a command's options."""
 
