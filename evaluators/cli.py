@@ -6,7 +6,8 @@ import argparse
 
 EPILOG = """Without --config the task's built-in defaults are used: the small synthetic-shapes CPU
 protocol (the same as configs/eval/knn.yaml, linear_fast.yaml, semisup_10pct.yaml). Overrides use
-dotted keys, e.g. knn.k=[20,200]  probe.name=standard  data.name=digits  run.threads=1.
+dotted keys, e.g. knn.k=[20,200]  probe.name=standard  run.threads=1
+data.name=digits data.options=null (options are the synthetic-shapes generator's).
 An unknown key is an error that names the closest valid key.
 
 The record goes to RESULTS_DIR/<task>-<sha256 prefix>-<protocol id>-seed<seed>.json (atomically;

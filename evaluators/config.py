@@ -29,9 +29,12 @@ class RunConfig:
 class DataConfig:
     name: str = "synthetic-shapes"
     root: Optional[str] = None
-    image_size: int = 32
+    image_size: int = 16  # the synthetic pretraining recipes' crop size
     num_workers: int = 0
-    options: Dict[str, Any] = field(default_factory=dict)  # passed to the dataset builder
+    # Passed to the dataset builder. The default is the data the synthetic pretraining recipes
+    # generate (silhouettes), so both find the same default root; `data.options=null` drops it
+    # for another dataset (data.name=digits data.options=null).
+    options: Optional[Dict[str, Any]] = field(default_factory=lambda: {"style": "silhouette"})
 
 
 @dataclass

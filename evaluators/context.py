@@ -42,7 +42,7 @@ class EvalContext:
 
 def load_splits(data_cfg: DictConfig, transform: Callable) -> dict[str, LabeledDataset]:
     return {split: build_dataset(data_cfg.name, data_cfg.root, split, transform,
-                                 **data_cfg.options) for split in SPLITS}
+                                 **(data_cfg.options or {})) for split in SPLITS}
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ TOP = (1, 5)
 
 
 class NeighbourIndex:
-    """A faiss inner-product index over the l2-normalised bank; search returns cosine similarities."""
+    """A faiss inner-product index over the l2-normalised bank: search returns cosines."""
 
     def __init__(self, bank: torch.Tensor, kind: str = "flat", nlist: int = 1024,
                  nprobe: int = 32, gpu: int | None = None):
@@ -82,7 +82,8 @@ def weighted_votes(sims: torch.Tensor, neighbour_labels: torch.Tensor, temperatu
 
 def _chunks(n: int, size: int, desc: str, progress: bool):
     starts = range(0, n, size)
-    return tqdm(starts, desc=desc, unit="chunk", leave=False, disable=not progress or len(starts) < 2)
+    return tqdm(starts, desc=desc, unit="chunk", leave=False,
+                disable=not progress or len(starts) < 2)
 
 
 def vote_hits(sims: torch.Tensor, neighbour_labels: torch.Tensor, truth: torch.Tensor,

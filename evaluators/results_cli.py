@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped malformed record: {error}", file=sys.stderr)
     records = [r for r in records if args.task in (None, r.task)]
     if not records:
-        print(f"no result records in {args.directory}" + (f" for task {args.task}" if args.task else ""))
+        which = f" for task {args.task}" if args.task else ""
+        print(f"no result records in {args.directory}{which}")
         return 0
     print(format_table(sorted(row(r) for r in records)))
     return 0

@@ -113,9 +113,10 @@ def epoch_batches(size: int, batch_size: int, seed: int, epoch: int, rank: int =
     return batches
 
 
-def fit(model: Classifier, dataset: SeededAugmentation, optimizer: torch.optim.Optimizer, base_lr: float, *,
-        epochs: int, batch_size: int, warmup_epochs: float, seed: int, device: torch.device,
-        num_workers: int = 0, progress: bool = True, desc: str = "train") -> float:
+def fit(model: Classifier, dataset: SeededAugmentation, optimizer: torch.optim.Optimizer,
+        base_lr: float, *, epochs: int, batch_size: int, warmup_epochs: float, seed: int,
+        device: torch.device, num_workers: int = 0, progress: bool = True,
+        desc: str = "train") -> float:
     """Train with cross-entropy under a warm-up + cosine schedule; returns the last epoch's loss."""
     world, rank = D.world_size(), D.rank()
     steps_per_epoch = len(epoch_batches(len(dataset), batch_size, seed, 0, rank, world))
@@ -152,7 +153,8 @@ def fit(model: Classifier, dataset: SeededAugmentation, optimizer: torch.optim.O
 
 
 def evaluate(model: nn.Module, dataset: LabeledDataset, *, batch_size: int, device: torch.device,
-             num_workers: int = 0, progress: bool = True, desc: str = "evaluate") -> dict[str, float]:
+             num_workers: int = 0, progress: bool = True,
+             desc: str = "evaluate") -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) of `model`'s logits on `dataset` (eval mode, no augmentation)."""
     logits = infer(model, dataset, batch_size=batch_size, device=device,
                    num_workers=num_workers, progress=progress, desc=desc)

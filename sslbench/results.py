@@ -99,7 +99,7 @@ class ResultRecord:
 
     @classmethod
     def from_json(cls, obj: Any, source: str = "record") -> "ResultRecord":
-        """Build and validate a record from parsed JSON; RecordError names `source` and the field."""
+        """Build and validate a record from parsed JSON; errors name `source` and the field."""
         _check(isinstance(obj, dict), source, "<top level>", "expected a JSON object", obj)
         version = obj.get("schema_version")
         _check(isinstance(version, int) and not isinstance(version, bool), source,
@@ -238,7 +238,8 @@ def read_record(path: str | Path) -> ResultRecord:
     return ResultRecord.from_json(obj, str(path))
 
 
-def load_records(directory: str | Path) -> tuple[list[ResultRecord], list[tuple[Path, RecordError]]]:
+def load_records(directory: str | Path
+                 ) -> tuple[list[ResultRecord], list[tuple[Path, RecordError]]]:
     """Every record under `directory` (recursively, skipping hidden entries such as caches and
     temporary files), plus (path, error) for each malformed one: one bad file never hides the rest.
     """

@@ -100,13 +100,13 @@ def test_built_in_defaults_are_the_synthetic_recipes(task, recipe, overrides):
     assert load_eval_config(task, [path]) == load_eval_config(task, overrides=overrides)
 
 
-def torchrun(*args: str, cwd, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(*args: str, cwd, nproc: int = 2) -> None:
+    """`torchrun --standalone --nproc_per_node=N -m sslbench.cli ARGS` (gloo on CPU)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", "-m", "sslbench.cli", *args]
     proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr}"
-    return proc
 
 
 @pytest.mark.distributed
@@ -128,16 +128,21 @@ def test_torchrun_evaluates_as_one_process_does(random_run, tmp_path):
     for task in ("knn", "linear", "semisup"):
         assert two[task].device == "cpu x2" and two[task].details["world_size"] == 2
         assert two[task].protocol_id == one[task].protocol_id
-    caches = [sorted((tmp_path / n / ".feature_cache").glob("*.safetensors")) for n in ("one", "two")]
+    caches = [sorted((tmp_path / n / ".feature_cache").glob("*.safetensors"))
+              for n in ("one", "two")]
     assert [p.name for p in caches[0]] == [p.name for p in caches[1]] and len(caches[0]) == 3
     for a, b in zip(*caches):
         assert torch.equal(load_file(a)["features"], load_file(b)["features"]), a.name
     assert two["knn"].metrics == one["knn"].metrics
     assert two["knn"].details["val_grid"] == one["knn"].details["val_grid"]
     assert two["linear"].metrics == one["linear"].metrics
-    assert two["semisup"].metrics == one["semisup"].metrics
+    # DDP's gradient all-reduce and the cross-process BatchNorm sum in another order: the loss
+    # drifts by ~1e-4 relative (augmentation drawn per process, not per sample, moved it 4e-3),
+    # so at most one test image may change its prediction.
     assert two["semisup"].details["final_train_loss"] == pytest.approx(
-        one["semisup"].details["final_train_loss"], rel=1e-5)
+        one["semisup"].details["final_train_loss"], rel=5e-4)
+    one_image = 100 / one["semisup"].dataset.splits["test"]
+    assert two["semisup"].metrics == pytest.approx(one["semisup"].metrics, abs=one_image + 1e-9)
 
 
 # A pretrained backbone against its random-init twin. SimCLR from the shipped recipe, sized for

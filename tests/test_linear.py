@@ -82,7 +82,8 @@ def test_same_objective_as_sklearn():
     (x, y), (xt, _) = digits_pixels("train"), digits_pixels("test")
     x, xt = standardise(x, xt)
     head = fit_logistic(x, y, 10, weight_decay=1e-2, max_iter=1000)
-    clf = LogisticRegression(C=1 / (1e-2 * len(x)), max_iter=5000, tol=1e-8).fit(x.numpy(), y.numpy())
+    clf = LogisticRegression(C=1 / (1e-2 * len(x)), max_iter=5000, tol=1e-8)
+    clf.fit(x.numpy(), y.numpy())
     with torch.no_grad():
         ours = head(xt).argmax(1).numpy()
     assert np.mean(ours == clf.predict(xt.numpy())) > 0.995
