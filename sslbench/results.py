@@ -262,15 +262,17 @@ def library_versions() -> dict[str, str | None]:
     import torch
     import torchvision
 
-    faiss = None
-    for dist in FAISS_DISTRIBUTIONS:
-        try:
-            faiss = importlib.metadata.version(dist)
-            break
-        except importlib.metadata.PackageNotFoundError:
-            continue
+    faiss = next(filter(None, map(distribution_version, FAISS_DISTRIBUTIONS)), None)
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "faiss": faiss, "sslbench": __version__}
+
+
+def distribution_version(dist: str) -> str | None:
+    """The installed version of pip distribution `dist`; None when it is not installed."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def peak_memory_mb(cuda: bool) -> dict[str, float | None]:

@@ -20,3 +20,8 @@ def build_eval_transform(image_size: int) -> Callable:
     else:
         resize = [T.Resize((image_size, image_size))]
     return T.Compose([*resize, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def pixel_stats() -> tuple[list[float], list[float]]:
+    """The pretraining normalisation on the 0-255 pixel scale detectron2 and mmseg work in."""
+    return ([round(255 * m, 3) for m in IMAGENET_MEAN], [round(255 * s, 3) for s in IMAGENET_STD])

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from sslbench.artifact import ArtifactError, describe_arch, read_manifest
 from sslbench.config import ConfigError
 from sslbench.distributed import resolve_device
-from sslbench.transforms import IMAGENET_MEAN, IMAGENET_STD
+from sslbench.transforms import pixel_stats
 
 from ..export import export_backbone
 from .config import scale_to_world
@@ -51,11 +51,6 @@ def require_detectron2() -> str:
     except ImportError:
         raise RuntimeError(INSTALL_HINT) from None
     return detectron2.__version__
-
-
-def pixel_stats() -> tuple[list[float], list[float]]:
-    """The pretraining normalisation on detectron2's 0-255 pixel scale."""
-    return ([round(255 * m, 3) for m in IMAGENET_MEAN], [round(255 * s, 3) for s in IMAGENET_STD])
 
 
 def resnet_options(manifest: dict, head: str) -> dict[str, Any]:

@@ -9,7 +9,6 @@ a detail, since the same global batch on more processes is the same protocol.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import time
 from pathlib import Path
 
@@ -17,9 +16,10 @@ from omegaconf import DictConfig
 
 from sslbench.artifact import read_manifest
 from sslbench.config import to_dict
-from sslbench.results import (BackboneIdentity, DatasetInfo, ResultRecord, library_versions,
-                              peak_memory_mb, write_record)
+from sslbench.results import (BackboneIdentity, DatasetInfo, ResultRecord, distribution_version,
+                              library_versions, peak_memory_mb, write_record)
 
+from ..common import default_work_dir
 from . import detectron2_backend, torchvision_backend
 from .outcome import Outcome
 
@@ -31,8 +31,7 @@ def transfer(cfg: DictConfig, backbone_dir: str | Path, out_dir: str | Path) -> 
     started = time.perf_counter()
     backbone_dir, out_dir = Path(backbone_dir), Path(out_dir)
     manifest = read_manifest(backbone_dir)
-    work_dir = (Path(cfg.run.work_dir) if cfg.run.work_dir else
-                out_dir / ".work" / f"detection-{manifest['weights_sha256'][:12]}-seed{cfg.run.seed}")
+    work_dir = default_work_dir("detection", cfg.run, manifest, out_dir)
     outcome = BACKENDS[cfg.backend](cfg, backbone_dir, work_dir)
     if outcome is None:
         return None
@@ -45,7 +44,8 @@ def transfer(cfg: DictConfig, backbone_dir: str | Path, out_dir: str | Path) -> 
                              "test": outcome.data.test.describe()}),
         seed=cfg.run.seed, wall_time_s=round(time.perf_counter() - started, 3),
         peak_memory_mb=peak_memory_mb(outcome.cuda), device=outcome.device,
-        versions={**library_versions(), "pycocotools": _version("pycocotools"), **outcome.versions},
+        versions={**library_versions(), "pycocotools": distribution_version("pycocotools"),
+                  **outcome.versions},
         details={**outcome.details, "backbone_dir": str(backbone_dir), "work_dir": str(work_dir),
                  "world_size": outcome.schedule.world_size})
     return write_record(out_dir, record)
@@ -61,10 +61,3 @@ def protocol(cfg: DictConfig, outcome: Outcome) -> dict:
             "model": to_dict(cfg.model), "input": to_dict(cfg.input),
             "solver": {**solver, "as_run": {**schedule, "steps": list(schedule["steps"])}},
             "test": to_dict(cfg.test)}
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None

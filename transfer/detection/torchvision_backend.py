@@ -19,6 +19,7 @@ from sslbench import distributed as D
 from sslbench.artifact import load_backbone
 from sslbench.io import atomic_path, write_json_atomic, write_text_atomic
 
+from ..common import device_name
 from .config import scale_to_world
 from .data import DetectionDataset, load_data
 from .evaluate import coco_metrics, predict
@@ -76,14 +77,9 @@ def _run(cfg: DictConfig, backbone_dir: Path, work_dir: Path, env: D.DistEnv) ->
         torch.save(model.state_dict(), tmp)
     write_json_atomic(work_dir / "predictions.json", results)
     return Outcome(metrics=metrics, schedule=schedule, data=data, train_images=len(train_set),
-                   device=_device_name(env), cuda=env.device.type == "cuda",
+                   device=device_name(env.device, env.world_size), cuda=env.device.type == "cuda",
                    details={"precise_bn_layers": bn_layers, "detections": len(results),
                             "final_losses": _last_row(log)})
-
-
-def _device_name(env: D.DistEnv) -> str:
-    name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu"
-    return name if env.world_size == 1 else f"{name} x{env.world_size}"
 
 
 def _last_row(log: str) -> dict[str, float]:
