@@ -8,6 +8,7 @@ chosen by their own `name` field (each method has its own parameters).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -61,10 +62,17 @@ def _check_keys(user: Any, schema: Any, source: str, prefix: str = "") -> None:
             siblings = [f"{prefix}{k}" for k in schema.keys()]
             raise ConfigError(f"{source}: unknown config key {full!r}{closest(full, siblings)}")
         child_schema = schema._get_node(key)
-        # Recurse into dataclass sections only: a Dict field (e.g. data.options) takes any key.
-        if (isinstance(child_schema, DictConfig) and not child_schema._is_none()
-                and child_schema._metadata.object_type not in (None, dict)):
+        if not isinstance(child_schema, DictConfig) or child_schema._is_none():
+            continue
+        # Recurse into dataclass sections only: a Dict field (e.g. data.options) takes any key,
+        # but each entry of a Dict of dataclasses (a pipeline's tasks) is checked as a section.
+        if child_schema._metadata.object_type not in (None, dict):
             _check_keys(user._get_node(key), child_schema, source, f"{full}.")
+        elif dataclasses.is_dataclass(child_schema._metadata.element_type):
+            entry_schema = OmegaConf.structured(child_schema._metadata.element_type)
+            entries = user._get_node(key)
+            for name in entries.keys() if isinstance(entries, DictConfig) else ():
+                _check_keys(entries._get_node(name), entry_schema, source, f"{full}.{name}.")
 
 
 def _open_dict_fields(cfg: DictConfig) -> None:
