@@ -19,11 +19,14 @@ COMMANDS = {
     "results": ("evaluators.results_cli", "list the result records in a directory as a table"),
     "leaderboard": ("evaluators.leaderboard_cli",
                     "aggregate result records into leaderboard.md / .csv / .html and bar charts"),
-    "transfer": ("transfer.cli", "transfer a backbone to a dense task (detection); writes a result record"),
+    "transfer": ("transfer.cli", "transfer a backbone to a dense task (detection, segmentation); writes a result record"),
     "export": ("transfer.export", "export a backbone to detectron2 (.pkl) or torchvision (.pth)"),
+    "run": ("sslbench.pipeline.cli", "run a pipeline: pretraining recipes x evaluation/transfer "
+            "tasks x seeds, then the leaderboard"),
 }
 
 EPILOG = """examples:
+  sslbench run configs/pipeline/default.yaml
   sslbench pretrain configs/pretrain/simsiam_synthetic_r18.yaml
   sslbench pretrain configs/pretrain/simsiam_synthetic_r18.yaml optim.base_lr=0.1 train.epochs=5
   torchrun --nproc_per_node=2 -m sslbench.cli pretrain configs/pretrain/simsiam_synthetic_r18.yaml

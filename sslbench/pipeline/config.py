@@ -1,0 +1,125 @@
+"""The pipeline config schema: which recipes, which tasks, which seeds, and where jobs run.
+
+Recipes and tasks are mappings by name, so one entry can be changed from the command line
+(`tasks.linear.overrides.probe.max_iter=100`). `overrides` are nested mappings of the job's own
+config keys; they are flattened to the sub-command's dotted `key=value` overrides, so a mapping
+merges into the recipe's (give `null` to drop a key's value).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig
+
+from ..config import ConfigError, build_config
+
+EXECUTORS = ("local", "submitit")
+TASK_COMMANDS = ("eval", "transfer")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+@dataclass
+class RecipeEntry:
+    config: str = ""  # a pretraining recipe, e.g. configs/pretrain/simclr_synthetic_r18.yaml
+    overrides: Dict[str, Any] = field(default_factory=dict)  # over pretrain.overrides
+
+
+@dataclass
+class PretrainStage:
+    # name -> recipe; the name becomes the run name, i.e. the leaderboard row
+    recipes: Dict[str, RecipeEntry] = field(default_factory=dict)
+    overrides: Dict[str, Any] = field(default_factory=dict)  # every recipe, before its own
+    processes: int = 1  # > 1: launched with torchrun --nproc_per_node
+    resources: Dict[str, Any] = field(default_factory=dict)  # submitit parameters for these jobs
+
+
+@dataclass
+class TaskEntry:
+    command: str = ""  # "eval knn|linear|semisup" or "transfer detection|segmentation|..."
+    config: Optional[str] = None  # the task's recipe (configs/eval/, configs/transfer/)
+    overrides: Dict[str, Any] = field(default_factory=dict)
+    # Python modules the task needs beyond the core (e.g. [mmseg] for segmentation). Where one
+    # cannot be imported, the task's jobs are reported "unavailable" with the import error and
+    # the pipeline goes on without them.
+    requires: List[str] = field(default_factory=list)
+    processes: int = 1
+    resources: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SubmititConfig:
+    """submitit.AutoExecutor's parameters (cluster "local" runs the jobs as local processes)."""
+
+    cluster: Optional[str] = None  # slurm | local | debug; None: slurm where sbatch exists
+    timeout_min: int = 60
+    gpus_per_node: int = 0
+    cpus_per_task: int = 2
+    mem_gb: Optional[int] = None
+    partition: Optional[str] = None  # slurm_partition
+    parameters: Dict[str, Any] = field(default_factory=dict)  # any other, e.g. slurm_qos
+
+
+@dataclass
+class ExecutorConfig:
+    name: str = "local"  # local | submitit
+    workers: int = 1  # jobs at once
+    threads: Optional[int] = None  # CPU threads per job; None: local cores / workers
+    # The first job to run runs alone: datasets generated on first use (synthetic-shapes) are
+    # then written by one process, not raced for by several.
+    first_job_alone: bool = True
+    submitit: SubmititConfig = field(default_factory=SubmititConfig)
+
+
+@dataclass
+class LeaderboardConfig:
+    reference: Optional[str] = None  # published numbers shown apart (configs/reference/)
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "pipeline"
+    output_dir: str = "runs/pipelines/${name}"
+    seeds: List[int] = field(default_factory=lambda: [0])  # each seeds a pretraining and its tasks
+    pretrain: PretrainStage = field(default_factory=PretrainStage)
+    tasks: Dict[str, TaskEntry] = field(default_factory=dict)  # name -> task; a board column
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    leaderboard: LeaderboardConfig = field(default_factory=LeaderboardConfig)
+
+
+def load_pipeline_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> DictConfig:
+    cfg = build_config(PipelineConfig, paths, overrides)
+    check(cfg)
+    return cfg
+
+
+def check(cfg: DictConfig) -> None:
+    """Reject what would only fail once jobs run: empty stages, bad names, unknown commands."""
+    if not cfg.pretrain.recipes:
+        raise ConfigError("pretrain.recipes is empty: name at least one pretraining recipe")
+    if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"seeds={list(cfg.seeds)}: expected distinct seeds, at least one")
+    if cfg.executor.name not in EXECUTORS:
+        raise ConfigError(f"executor.name={cfg.executor.name!r}: expected one of "
+                          f"{', '.join(EXECUTORS)}")
+    if cfg.executor.workers < 1 or (cfg.executor.threads or 1) < 1:
+        raise ConfigError("executor.workers and executor.threads must be at least 1")
+    for section, entries in (("pretrain.recipes", cfg.pretrain.recipes), ("tasks", cfg.tasks)):
+        for name, entry in entries.items():
+            if not _NAME.fullmatch(name):
+                raise ConfigError(f"{section}.{name}: a name may hold letters, digits, '_', "
+                                  f"'.', '-' (it names directories)")
+            if entry.config is not None and not Path(entry.config).is_file():
+                raise ConfigError(f"{section}.{name}.config: file not found: {entry.config}")
+    for name, task in cfg.tasks.items():
+        bad = [m for m in task.requires if not _MODULE.fullmatch(m)]
+        if bad:
+            raise ConfigError(f"tasks.{name}.requires: {bad[0]!r} is not a Python module name")
+        words = task.command.split()
+        if len(words) != 2 or words[0] not in TASK_COMMANDS:
+            raise ConfigError(f"tasks.{name}.command={task.command!r}: expected "
+                              f"'eval TASK' or 'transfer TASK'")
