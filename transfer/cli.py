@@ -12,14 +12,17 @@ import importlib
 TASKS = {
     "detection": ("transfer.detection", "object detection / instance segmentation (COCO, VOC, "
                   "synthetic-shapes): detectron2 (MoCo protocol) or torchvision backend"),
+    "segmentation": ("transfer.segmentation", "semantic segmentation (VOC12aug, Cityscapes, "
+                     "ADE20K, synthetic-shapes) with mmsegmentation: FCN / UPerNet heads"),
 }
 
 EPILOG = """Recipes live in configs/transfer/. Overrides use dotted keys, e.g. solver.max_iter=200
 model.norm=BN backend=torchvision run.threads=1; an unknown key is an error naming the closest one.
 The record goes to RESULTS_DIR/<task>-<sha256 prefix>-<protocol id>-seed<seed>.json; logs, weights
 and predictions to run.work_dir (default RESULTS_DIR/.work/...).
-Several processes: torchrun --nproc_per_node=N -m sslbench.cli transfer detection ... (torchvision
-backend); the detectron2 backend starts its own processes (detectron2.num_gpus=N)."""
+Several processes: torchrun --nproc_per_node=N -m sslbench.cli transfer detection|segmentation ...
+(detection's torchvision backend; segmentation on GPUs); the detectron2 backend starts its own
+processes (detectron2.num_gpus=N)."""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

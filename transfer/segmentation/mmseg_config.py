@@ -1,0 +1,198 @@
+"""A recipe as an mmengine config: the model, data, schedule and runtime sections mmseg reads.
+
+Plain dicts (no mmseg import), so a recipe's translation can be read and tested on its own; the
+run dumps it to the work directory as mmengine's config file. Protocol values fixed by the
+artifact rather than the recipe: RGB input normalised with the torchvision mean/std the backbone
+was pretrained with, and mmseg's `ResNet` in 'pytorch' style (stride in the 3x3 conv, like
+torchvision's), whose parameter names are torchvision's, so the weights load with no renaming.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig
+
+from sslbench.artifact import ArtifactError, describe_arch
+from sslbench.transforms import pixel_stats
+
+DEPTHS = {"resnet18": 18, "resnet50": 50}
+EXPANSION = {"resnet18": 1, "resnet50": 4}  # BasicBlock / Bottleneck
+# mmseg's ResNet for the imagenet stem (7x7/2 conv + max-pool); our subclass for the small one.
+BACKBONE_TYPES = {"imagenet": "ResNet", "small": "SmallStemResNet"}
+DATASET_TYPES = {"voc12aug": "PascalVOCDataset", "cityscapes": "CityscapesDataset",
+                 "ade20k": "ADE20KDataset", "synthetic-shapes": "SyntheticShapesDataset"}
+SEG_IGNORE = 255  # label of padding and of pixels no class covers (IoUMetric's ignore_index)
+
+
+def backbone_config(manifest: dict, dilated: bool, norm_cfg: dict) -> dict[str, Any]:
+    """mmseg's ResNet holding exactly the artifact's network, or an ArtifactError saying why not.
+
+    Dilated: stages 3 and 4 keep stride 8 with dilations 2 and 4, the first block of each at
+    half the dilation (contract_dilation, as torchvision's replace_stride_with_dilation does).
+    """
+    arch, kwargs = manifest["arch"], manifest["arch_kwargs"]
+    if arch not in DEPTHS:
+        raise ArtifactError(f"backbone {describe_arch(manifest)}: segmentation transfer takes "
+                            f"{' or '.join(DEPTHS)}")
+    width = kwargs.get("width", 64)
+    return {"type": BACKBONE_TYPES[kwargs.get("stem", "imagenet")], "depth": DEPTHS[arch],
+            "stem_channels": width, "base_channels": width, "num_stages": 4,
+            "out_indices": (0, 1, 2, 3), "strides": (1, 2, 1, 1) if dilated else (1, 2, 2, 2),
+            "dilations": (1, 1, 2, 4) if dilated else (1, 1, 1, 1), "contract_dilation": True,
+            "style": "pytorch", "norm_cfg": norm_cfg, "norm_eval": False}
+
+
+def stage_channels(manifest: dict) -> list[int]:
+    width = manifest["arch_kwargs"].get("width", 64)
+    return [width * 2**i * EXPANSION[manifest["arch"]] for i in range(4)]
+
+
+def model_config(cfg: DictConfig, manifest: dict, num_classes: int, norm: str) -> dict[str, Any]:
+    """EncoderDecoder with the recipe's decode head (FCN or UPerNet) and auxiliary FCN head."""
+    m = cfg.model
+    norm_cfg = {"type": norm, "requires_grad": True}
+    channels = stage_channels(manifest)
+    common = {"dropout_ratio": m.dropout, "num_classes": num_classes, "norm_cfg": norm_cfg,
+              "align_corners": m.align_corners}
+    if m.head == "fcn":
+        decode = {"type": "FCNHead", "in_channels": channels[3], "in_index": 3,
+                  "channels": m.channels, "num_convs": m.num_convs,
+                  "concat_input": m.concat_input}
+    else:
+        decode = {"type": "UPerHead", "in_channels": channels, "in_index": [0, 1, 2, 3],
+                  "pool_scales": tuple(m.pool_scales), "channels": m.channels}
+    decode.update(common, loss_decode=_cross_entropy(1.0))
+    mean, std = pixel_stats()
+    model = {"type": "EncoderDecoder",
+             "data_preprocessor": {"type": "SegDataPreProcessor", "mean": mean, "std": std,
+                                   "bgr_to_rgb": True, "pad_val": 0, "seg_pad_val": SEG_IGNORE,
+                                   "size": tuple(cfg.input.crop_size)},
+             "backbone": backbone_config(manifest, m.dilated, norm_cfg),
+             "decode_head": decode, "train_cfg": {}, "test_cfg": _test_cfg(cfg)}
+    if m.auxiliary:
+        model["auxiliary_head"] = {"type": "FCNHead", "in_channels": channels[2], "in_index": 2,
+                                   "channels": m.auxiliary_channels, "num_convs": 1,
+                                   "concat_input": False, **common,
+                                   "loss_decode": _cross_entropy(m.auxiliary_weight)}
+    return model
+
+
+def _cross_entropy(weight: float) -> dict[str, Any]:
+    return {"type": "CrossEntropyLoss", "use_sigmoid": False, "loss_weight": weight}
+
+
+def _test_cfg(cfg: DictConfig) -> dict[str, Any]:
+    m = cfg.model
+    if m.test_mode == "whole":
+        return {"mode": "whole"}
+    return {"mode": "slide", "crop_size": tuple(m.test_crop or cfg.input.crop_size),
+            "stride": tuple(m.test_stride)}
+
+
+def pipelines(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
+    """(train, test) transforms: mmseg's random resize, crop, flip and photometric distortion;
+    at test time one resize, with the labels kept at full resolution (predictions are resized
+    back to them)."""
+    i = cfg.input
+    train = [{"type": "LoadImageFromFile"}, {"type": "LoadAnnotations"},
+             {"type": "RandomResize", "scale": tuple(i.scale), "ratio_range": tuple(i.ratio_range),
+              "keep_ratio": True},
+             {"type": "RandomCrop", "crop_size": tuple(i.crop_size),
+              "cat_max_ratio": i.cat_max_ratio},
+             {"type": "RandomFlip", "prob": i.flip}]
+    if i.photometric:
+        train.append({"type": "PhotoMetricDistortion"})
+    train.append({"type": "PackSegInputs"})
+    test = [{"type": "LoadImageFromFile"},
+            {"type": "Resize", "scale": tuple(i.test_scale), "keep_ratio": True},
+            {"type": "LoadAnnotations"}, {"type": "PackSegInputs"}]
+    return train, test
+
+
+def datasets(data: DictConfig, root: Path, train_pipeline: list, test_pipeline: list
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(train, test) dataset configs of mmseg's layout for `data.name`, rooted at `root`."""
+    kind = DATASET_TYPES[data.name]
+
+    def dataset(img: str, seg: str, pipeline: list, ann_file: str = "") -> dict[str, Any]:
+        return {"type": kind, "data_root": str(root), "ann_file": ann_file,
+                "data_prefix": {"img_path": img, "seg_map_path": seg}, "pipeline": pipeline}
+
+    if data.name == "voc12aug":
+        lists = "ImageSets/Segmentation"
+        train = dataset("JPEGImages", "SegmentationClass", train_pipeline, f"{lists}/train.txt")
+        if data.aug:
+            aug = dataset("JPEGImages", "SegmentationClassAug", train_pipeline, f"{lists}/aug.txt")
+            train = {"type": "ConcatDataset", "datasets": [train, aug]}
+        return train, dataset("JPEGImages", "SegmentationClass", test_pipeline, f"{lists}/val.txt")
+    dirs = {"cityscapes": ("leftImg8bit/{}", "gtFine/{}"),
+            "ade20k": ("images/{}", "annotations/{}"),
+            "synthetic-shapes": ("{}", "labels/{}")}[data.name]
+    return (dataset(*(d.format(data.train_split) for d in dirs), train_pipeline),
+            dataset(*(d.format(data.test_split) for d in dirs), test_pipeline))
+
+
+def runner_config(cfg: DictConfig, manifest: dict, *, num_classes: int, root: Path,
+                  work_dir: Path, norm: str, world_size: int) -> dict[str, Any]:
+    """Every section mmengine's Runner takes, as its config file would hold them."""
+    s, run = cfg.solver, cfg.run
+    if s.batch_size % world_size:
+        raise ValueError(f"solver.batch_size={s.batch_size} cannot be split over {world_size} "
+                         "processes")
+    train_pipeline, test_pipeline = pipelines(cfg)
+    train_set, test_set = datasets(cfg.data, root, train_pipeline, test_pipeline)
+    workers = {"num_workers": run.num_workers, "persistent_workers": run.num_workers > 0}
+    return {
+        "default_scope": "mmseg",
+        "work_dir": str(work_dir),
+        "model": model_config(cfg, manifest, num_classes, norm),
+        "train_dataloader": {"batch_size": s.batch_size // world_size, **workers,
+                             "sampler": {"type": "InfiniteSampler", "shuffle": True},
+                             "dataset": train_set},
+        "val_dataloader": {"batch_size": 1, **workers,
+                           "sampler": {"type": "DefaultSampler", "shuffle": False},
+                           "dataset": test_set},
+        "val_evaluator": {"type": "PerClassIoUMetric", "iou_metrics": ["mIoU"],
+                          "ignore_index": SEG_IGNORE},
+        "optim_wrapper": {"type": "OptimWrapper", "clip_grad": None,
+                          "optimizer": {"type": "SGD", "lr": s.lr, "momentum": s.momentum,
+                                        "weight_decay": s.weight_decay}},
+        "param_scheduler": [{"type": "PolyLR", "eta_min": s.min_lr, "power": s.poly_power,
+                             "begin": 0, "end": s.max_iters, "by_epoch": False}],
+        "train_cfg": {"type": "IterBasedTrainLoop", "max_iters": s.max_iters,
+                      "val_interval": s.val_interval or s.max_iters},
+        "val_cfg": {"type": "ValLoop"},
+        "default_hooks": {"timer": {"type": "IterTimerHook"},
+                          "logger": {"type": "LoggerHook", "interval": run.log_every,
+                                     "log_metric_by_epoch": False},
+                          "param_scheduler": {"type": "ParamSchedulerHook"},
+                          "checkpoint": None,  # the run saves plain weights (weights_only loads)
+                          "sampler_seed": {"type": "DistSamplerSeedHook"}},
+        "log_processor": {"by_epoch": False},
+        "visualizer": {"type": "Visualizer", "vis_backends": [{"type": "LocalVisBackend"},
+                                                              {"type": "TensorboardVisBackend"}]},
+        "env_cfg": {"cudnn_benchmark": True,
+                    "mp_cfg": {"mp_start_method": "fork", "opencv_num_threads": 0},
+                    "dist_cfg": {"backend": "nccl"}},
+        "randomness": {"seed": run.seed},
+        "launcher": "pytorch" if world_size > 1 else "none",
+        "log_level": "INFO",
+    }
+
+
+def required_paths(data: DictConfig, root: Path) -> Sequence[Path]:
+    """What must exist under `root` for `data`'s layout (synthetic-shapes is generated)."""
+    if data.name == "voc12aug":
+        lists = root / "ImageSets" / "Segmentation"
+        paths = [root / "JPEGImages", root / "SegmentationClass", lists / "train.txt",
+                 lists / "val.txt"]
+        return paths + ([root / "SegmentationClassAug", lists / "aug.txt"] if data.aug else [])
+    if data.name == "cityscapes":
+        return [root / d / s for d in ("leftImg8bit", "gtFine")
+                for s in (data.train_split, data.test_split)]
+    if data.name == "ade20k":
+        return [root / d / s for d in ("images", "annotations")
+                for s in (data.train_split, data.test_split)]
+    return []

@@ -1,0 +1,199 @@
+"""Train and evaluate a segmentation recipe on a backbone with mmengine's Runner; write the record.
+
+The Runner writes its log, the dumped mmengine config, `vis_data/scalars.json` and TensorBoard
+events under `work_dir/<timestamp>/`; this module adds `train.csv` and `curves.png` (the training
+curves) and `model_final.pth`, a plain state dict that `torch.load(weights_only=True)` reads
+(mmengine's own checkpoints pickle mmengine classes, and it does not). The protocol holds what
+changes the number: data identity (not paths), backbone arch, model, input and solver; the
+process count is a detail, since the same global batch on more processes is the same protocol.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from sslbench import distributed as D
+from sslbench.artifact import describe_arch, load_backbone
+from sslbench.config import to_dict
+from sslbench.data import default_data_root, prepare_synthetic_shapes
+from sslbench.data.registry import call_with_options
+from sslbench.io import atomic_path, write_text_atomic
+from sslbench.metrics import plot_curves
+from sslbench.results import (BackboneIdentity, DatasetInfo, ResultRecord, library_versions,
+                              peak_memory_mb, write_record)
+
+from ..common import default_work_dir, device_name
+from .config import DEFAULT_DIRS
+from .mmseg_config import DATASET_TYPES, required_paths, runner_config
+from .model import LoadReport, build_segmentor, require_mmseg
+
+METRICS = ("mIoU", "mAcc", "aAcc")  # the record's metrics (percent); per-class IoU goes to details
+
+
+class SegmentationDataError(ValueError):
+    """A dataset root that does not hold the layout the recipe names."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    metrics: dict[str, float]  # METRICS, percent
+    per_class: dict[str, float | None]  # IoU per class (None: absent from labels and predictions)
+    sizes: dict[str, int]  # images per split
+    loaded: LoadReport
+    norm: str  # the norm layer as built: SyncBN on GPUs, BN on CPU
+
+
+def transfer(cfg: DictConfig, backbone_dir: str | Path, out_dir: str | Path) -> Path | None:
+    """Train and evaluate; returns the record's path (None on processes other than the main)."""
+    started = time.perf_counter()
+    versions = require_mmseg()
+    backbone_dir, out_dir = Path(backbone_dir), Path(out_dir)
+    backbone, manifest = load_backbone(backbone_dir, expected_arch=cfg.backbone.arch)
+    work_dir = default_work_dir("segmentation", cfg.run, manifest, out_dir)
+    env = _init_processes(cfg.run.device)
+    try:
+        if cfg.run.threads is not None:
+            torch.set_num_threads(cfg.run.threads)
+        if env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(env.device)
+        if not env.is_main:  # the main process generates synthetic data first
+            D.barrier()
+        root = prepare_data(cfg.data, cfg.run.progress)
+        if env.is_main:
+            D.barrier()
+        outcome = _train(cfg, backbone.state_dict(), manifest, root, work_dir, env)
+    finally:
+        D.shutdown()
+    if outcome is None:
+        return None
+    record = ResultRecord(
+        task="segmentation", metrics=outcome.metrics,
+        backbone=BackboneIdentity.from_manifest(manifest), protocol=protocol(cfg),
+        dataset=DatasetInfo(cfg.data.name, len(outcome.per_class), outcome.sizes,
+                            {"root": str(root), **_data_options(cfg)}),
+        seed=cfg.run.seed, wall_time_s=round(time.perf_counter() - started, 3),
+        peak_memory_mb=peak_memory_mb(env.device.type == "cuda"),
+        device=device_name(env.device, env.world_size),
+        versions={**library_versions(), **versions},
+        details={"per_class_IoU": outcome.per_class,
+                 "backbone_loaded": dataclasses.asdict(outcome.loaded), "norm_layer": outcome.norm,
+                 "backbone_dir": str(backbone_dir),
+                 "work_dir": str(work_dir), "world_size": env.world_size})
+    return write_record(out_dir, record)
+
+
+def _init_processes(device: str) -> D.DistEnv:
+    """One process, or torchrun's GPU processes (mmengine's data-parallel wrapper is GPU-only).
+
+    run.device=cpu hides the GPUs, mmengine's documented way to train on CPU: its Runner puts
+    the model on a GPU whenever one is visible.
+    """
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        if torch.cuda.is_available():
+            raise RuntimeError("run.device=cpu, but CUDA was initialised before the GPUs could "
+                               "be hidden; set CUDA_VISIBLE_DEVICES='' before starting")
+    env = D.init_distributed(device)
+    if env.world_size > 1 and env.device.type != "cuda":
+        D.shutdown()
+        raise RuntimeError("several processes need one GPU each: mmengine's data-parallel "
+                           "training does not run on CPU processes; run one process")
+    return env
+
+
+def prepare_data(data: DictConfig, progress: bool) -> Path:
+    """The dataset root, after generating synthetic-shapes or checking a real layout is there."""
+    root = default_data_root() / DEFAULT_DIRS[data.name] if data.root is None else Path(data.root)
+    if data.name == "synthetic-shapes":
+        return call_with_options(prepare_synthetic_shapes, "dataset 'synthetic-shapes'", root,
+                                 **{"progress": progress, **data.options})
+    missing = [str(p) for p in required_paths(data, root) if not p.exists()]
+    if missing:
+        raise SegmentationDataError(f"{data.name} at {root}: missing {', '.join(missing)} "
+                                    f"(mmseg's {DATASET_TYPES[data.name]} layout; set data.root "
+                                    "or $SSLBENCH_DATA)")
+    if data.name == "cityscapes" and not any(
+            (root / "gtFine" / data.train_split).rglob("*_gtFine_labelTrainIds.png")):
+        raise SegmentationDataError(f"{root / 'gtFine' / data.train_split} holds no "
+                                    "*_gtFine_labelTrainIds.png: convert the labels with mmseg's "
+                                    "tools/dataset_converters/cityscapes.py first")
+    return root
+
+
+def _train(cfg: DictConfig, state: dict, manifest: dict, root: Path, work_dir: Path,
+           env: D.DistEnv) -> Outcome | None:
+    from mmengine.config import Config
+    from mmengine.model import is_model_wrapper
+    from mmengine.runner import Runner
+    from mmseg.registry import DATASETS
+
+    from .components import LastMetrics
+
+    classes = DATASETS.get(DATASET_TYPES[cfg.data.name]).METAINFO["classes"]
+    norm = "SyncBN" if cfg.model.norm == "SyncBN" and env.device.type == "cuda" else "BN"
+    settings = runner_config(cfg, manifest, num_classes=len(classes), root=root,
+                             work_dir=work_dir, norm=norm, world_size=env.world_size)
+    model, report = build_segmentor(settings["model"], state,
+                                    f"backbone {describe_arch(manifest)}", cfg.run.seed)
+    last = LastMetrics()
+    runner = Runner(**{**settings, "model": model, "cfg": Config(settings),
+                       "custom_hooks": [last]})
+    trained = runner.train()
+    trained = trained.module if is_model_wrapper(trained) else trained
+    if not env.is_main:
+        return None
+    if last.metrics is None:
+        raise RuntimeError("mmengine's Runner finished without evaluating the test split")
+    log_dir = Path(runner.log_dir)
+    scalars = next(log_dir.rglob("scalars.json"), None)
+    if scalars is not None:
+        write_text_atomic(work_dir / "train.csv", training_curves(scalars))
+        plot_curves(work_dir, ("train",))  # curves.png
+    with atomic_path(work_dir / "model_final.pth") as tmp:
+        torch.save({k: v.detach().cpu() for k, v in trained.state_dict().items()}, tmp)
+    return Outcome(metrics={k: round(float(last.metrics[k]), 2) for k in METRICS},  # float32
+                   per_class={name: _finite_or_none(last.metrics[f"IoU.{name}"])
+                              for name in classes},
+                   sizes={"train": len(runner.train_dataloader.dataset),
+                          "test": len(runner.val_dataloader.dataset)},
+                   loaded=report, norm=norm)
+
+
+def training_curves(scalars: Path) -> str:
+    """mmengine's scalars.json (one JSON object per logged step) as CSV: one row per training
+    log step, `step` (the iteration) first, then every scalar logged at all of them."""
+    rows = [json.loads(line) for line in scalars.read_text().splitlines() if line.strip()]
+    rows = [{k: v for k, v in r.items() if k != "iter"} for r in rows if "loss" in r]
+    common = set.intersection(*(set(r) for r in rows)) if rows else {"step"}
+    columns = ["step", *sorted(common - {"step"})]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+def _data_options(cfg: DictConfig) -> dict:
+    return {"options": to_dict(cfg.data.options)} if cfg.data.name == "synthetic-shapes" else {}
+
+
+def protocol(cfg: DictConfig) -> dict:
+    data = {k: v for k, v in to_dict(cfg.data).items() if k != "root"}
+    solver = {k: v for k, v in to_dict(cfg.solver).items() if k != "val_interval"}
+    return {"backbone_arch": cfg.backbone.arch, "data": data, "model": to_dict(cfg.model),
+            "input": to_dict(cfg.input), "solver": solver}
