@@ -24,7 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
     for task, help_text in TASKS.items():
-        p = sub.add_parser(task, help=help_text, description=help_text, epilog=EPILOG,
+        p = sub.add_parser(task, help=help_text.replace("%", "%%"), description=help_text, epilog=EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--backbone", required=True, metavar="RUN_DIR",
                        help="run directory holding backbone.safetensors and backbone.json")
