@@ -25,3 +25,15 @@ def shapes_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic-shapes")
     prepare_synthetic_shapes(root, seed=0, progress=False, **TINY_SHAPES)
     return root
+
+
+@pytest.fixture(scope="session")
+def knn_shapes_root(tmp_path_factory):
+    """TINY_SHAPES' train split with 1,600 test images: the kNN bank and queries of smoke claims."""
+    from helpers import KNN_SHAPES
+
+    from sslbench.data import prepare_synthetic_shapes
+
+    root = tmp_path_factory.mktemp("synthetic-shapes-knn")
+    prepare_synthetic_shapes(root, seed=0, progress=False, **KNN_SHAPES)
+    return root

@@ -123,5 +123,6 @@ def test_unsupported_settings_name_the_field(name, fields, field):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("name", METHODS)
-def test_short_pretraining_beats_random_init_without_collapse(name, shapes_root, tmp_path):
-    assert_learns_without_collapse(name, shapes_root, tmp_path)
+def test_short_pretraining_beats_random_init_without_collapse(name, shapes_root, knn_shapes_root,
+                                                                 tmp_path):
+    assert_learns_without_collapse(name, shapes_root, knn_shapes_root, tmp_path)

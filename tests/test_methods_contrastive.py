@@ -336,5 +336,6 @@ def test_mocov2_queue_survives_sigkill_and_resume(shapes_root, tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("name", CONTRASTIVE)
-def test_short_pretraining_beats_random_init_without_collapse(name, shapes_root, tmp_path):
-    assert_learns_without_collapse(name, shapes_root, tmp_path)
+def test_short_pretraining_beats_random_init_without_collapse(name, shapes_root, knn_shapes_root,
+                                                                 tmp_path):
+    assert_learns_without_collapse(name, shapes_root, knn_shapes_root, tmp_path)
