@@ -21,8 +21,8 @@ from sslbench.results import distribution_version
 INSTALL_HINT = (
     "segmentation transfer needs the 'segmentation' extra (mmsegmentation 1.2.2, mmcv 2.1.0 with "
     "its compiled ops, mmengine, ftfy, regex), which is not importable here ({error}). Install "
-    "it into this environment (mmcv compiles from source against the installed torch: about 30 "
-    "minutes on 2 cores the first time, then pip's cache serves it):\n"
+    "it into this environment (mmcv compiles from source against the installed torch: half an "
+    "hour or more on 2 cores the first time, then pip's cache serves it):\n"
     "  pip install 'setuptools<81' wheel\n"
     "  pip install --no-build-isolation -c constraints.txt -e '.[segmentation]'")
 DISTRIBUTIONS = ("mmcv", "mmengine", "mmsegmentation")
