@@ -126,6 +126,14 @@ def build_config(
     return base
 
 
+def check_choices(cfg: DictConfig, choices: dict[str, Sequence]) -> None:
+    """Reject a value outside its key's allowed set (keys dotted), naming the key and the set."""
+    for key, allowed in choices.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(repr, allowed))}")
+
+
 def to_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from sslbench.config import ConfigError, build_config
+from sslbench.config import ConfigError, build_config, check_choices
 from sslbench.data import SHAPE_CLASSES
 
 from .voc import VOC_CLASSES
@@ -184,10 +184,7 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
 
 def check(cfg: DictConfig) -> None:
     """Reject values no backend could use, naming the key."""
-    for key, choices in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(repr, choices))}")
+    check_choices(cfg, _CHOICES)
     if not cfg.data.classes:
         raise ConfigError("data.classes is empty: list the category names of the annotation files")
     if len(set(cfg.data.classes)) != len(cfg.data.classes):

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from sslbench.config import ConfigError, build_config
+from sslbench.config import ConfigError, build_config, check_choices
 
 HEADS = ("fcn", "upernet")
 NORMS = ("SyncBN", "BN")
@@ -154,10 +154,7 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
 
 def check(cfg: DictConfig) -> None:
     """Reject values mmseg would fail on later (or silently misread), naming the key."""
-    for key, choices in _CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(repr, choices))}")
+    check_choices(cfg, _CHOICES)
     for key in _PAIRS:
         value = list(OmegaConf.select(cfg, key))
         if len(value) != 2 or any(v <= 0 for v in value):
