@@ -1,7 +1,10 @@
 """Images/s of one pretraining step per method versus the bare backbone forward+backward.
 
 Both sides see the same images: a step on B view pairs is timed against backbone fwd+bwd (plus
-an SGD step) on the same 2B images, so the ratio is the cost of heads, targets and loss. Each
+an SGD step) on the same 2B images, so the ratio is the cost of heads, targets and loss. A method
+with a momentum encoder must also run it forward on the 2B images, so its floor is fwd+bwd plus
+one no-grad forward; the last column is the step against that floor (the overhead of the code
+rather than of the method's definition). Each
 method runs its synthetic_r18 recipe (backbone, heads, image size) unless overridden. Data
 loading is excluded (random tensors). Medians of interleaved repeats, one process, fixed threads.
 
@@ -60,7 +63,8 @@ def main() -> None:
 
     print(f"batch {args.batch} pairs ({2 * args.batch} images), {args.threads} thread(s), "
           f"median of {args.repeats}")
-    print(f"{'method':<14} {'arch':<16} {'px':>3} {'step img/s':>11} {'backbone img/s':>15} {'ratio':>7}")
+    print(f"{'method':<14} {'arch':<16} {'px':>3} {'step img/s':>11} {'backbone img/s':>15} {'ratio':>7} "
+          f"{'vs floor':>9}")
     for name in names:
         cfg = load_pretrain_config([recipe_for(name)], overrides)
         arch_kwargs = {"stem": cfg.backbone.stem, "zero_init_residual": cfg.backbone.zero_init_residual,
@@ -86,17 +90,24 @@ def main() -> None:
             bare(images).sum().backward()
             opt_b.step()
 
+        @torch.no_grad()
+        def target_forward():  # what an EMA target costs at least: a train-mode forward
+            bare(images)
+
+        has_target = getattr(method, "target", None) is not None
         for _ in range(args.warmup):
-            method_step(), backbone_step()
-        step_t, bare_t = [], []
-        for _ in range(args.repeats):  # interleaved, so machine load hits both alike
+            method_step(), backbone_step(), target_forward()
+        step_t, bare_t, fwd_t = [], [], []
+        for _ in range(args.repeats):  # interleaved, so machine load hits all alike
             step_t += time_call(method_step, 1)
             bare_t += time_call(backbone_step, 1)
+            fwd_t += time_call(target_forward, 1) if has_target else [0.0]
         step, base = statistics.median(step_t), statistics.median(bare_t)
+        floor = base + statistics.median(fwd_t)
         n = 2 * args.batch
         arch = f"{cfg.backbone.arch}/w{cfg.backbone.width}"
-        print(f"{name:<14} {arch:<16} {size:>3} {n / step:>11.1f} {n / base:>15.1f} {step / base:>6.2f}x",
-              flush=True)
+        print(f"{name:<14} {arch:<16} {size:>3} {n / step:>11.1f} {n / base:>15.1f} {step / base:>6.2f}x "
+              f"{step / floor:>8.2f}x", flush=True)
 
 
 if __name__ == "__main__":
