@@ -24,11 +24,21 @@ TINY_SHAPES = {"train_per_class": 64, "val_per_class": 8, "test_per_class": 24, 
 KNN_SHAPES = {**TINY_SHAPES, "test_per_class": 200}
 
 
-def tiny_data_overrides(root: Path) -> list[str]:
-    """Overrides that point a recipe at a small cached synthetic-shapes set (512 train images)."""
-    opts = ", ".join(f"{k}: {v}" for k, v in TINY_SHAPES.items())  # "k:v" would be one key
+def tiny_data_overrides(root: Path, shapes: dict = TINY_SHAPES) -> list[str]:
+    """Overrides that point a recipe at a small cached synthetic-shapes set (TINY_SHAPES: 512
+    train images)."""
+    opts = ", ".join(f"{k}: {v}" for k, v in shapes.items())  # "k:v" would be one key
     return ["data.name=synthetic-shapes", f"data.root={root}", f"data.options={{{opts}}}",
             "data.image_size=16", "data.num_workers=0", "train.progress=false"]
+
+
+def pretrain_simsiam(root: Path, shapes: dict, out: Path, epochs: int) -> Path:
+    """A SimSiam backbone (the CPU recipe at batch 64) pretrained by the real CLI on `root`'s
+    synthetic-shapes images; its run directory."""
+    sslbench("pretrain", str(ROOT / "configs/pretrain/simsiam_synthetic_r18.yaml"),
+             *tiny_data_overrides(root, shapes), f"train.epochs={epochs}", "optim.batch_size=64",
+             f"run.output_dir={out}", "run.name=simsiam", cwd=out)
+    return out / "simsiam"
 
 
 def subprocess_env() -> dict:

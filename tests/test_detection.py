@@ -19,7 +19,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from helpers import ROOT, sslbench, subprocess_env
+from helpers import ROOT, pretrain_simsiam, sslbench, subprocess_env
 from sslbench.artifact import save_backbone
 from sslbench.backbones import build_backbone
 from sslbench.config import ConfigError
@@ -409,13 +409,7 @@ def test_torchrun_processes_split_the_global_batch_and_write_one_record(det_root
 @pytest.fixture(scope="module")
 def pretrained(det_root, tmp_path_factory):
     """A SimSiam backbone pretrained on the detection set's images by the real CLI (~20 s)."""
-    out = tmp_path_factory.mktemp("pretrain")
-    opts = ", ".join(f"{k}: {v}" for k, v in SHAPES.items())
-    sslbench("pretrain", str(ROOT / "configs/pretrain/simsiam_synthetic_r18.yaml"),
-             "data.name=synthetic-shapes", f"data.root={det_root}", f"data.options={{{opts}}}",
-             "data.image_size=16", "backbone.width=16", "train.epochs=3", "optim.batch_size=64",
-             f"run.output_dir={out}", "run.name=simsiam", "train.progress=false", cwd=out)
-    return out / "simsiam"
+    return pretrain_simsiam(det_root, SHAPES, tmp_path_factory.mktemp("pretrain"), epochs=3)
 
 
 @pytest.mark.integration

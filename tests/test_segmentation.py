@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, TINY_SHAPES, sslbench, subprocess_env
+from helpers import ROOT, TINY_SHAPES, pretrain_simsiam, sslbench, subprocess_env
 from sslbench.artifact import ArtifactError, load_backbone, save_backbone
 from sslbench.backbones import build_backbone
 from sslbench.config import ConfigError
@@ -338,13 +338,7 @@ def test_wrong_architecture_artifact_is_refused_by_the_command(shapes_root, tmp_
 @pytest.fixture(scope="module")
 def pretrained(shapes_root, tmp_path_factory):
     """A SimSiam backbone pretrained on the tiny set's images by the real CLI (~25 s)."""
-    out = tmp_path_factory.mktemp("pretrain")
-    opts = ", ".join(f"{k}: {v}" for k, v in TINY_SHAPES.items())
-    sslbench("pretrain", str(ROOT / "configs/pretrain/simsiam_synthetic_r18.yaml"),
-             "data.name=synthetic-shapes", f"data.root={shapes_root}", f"data.options={{{opts}}}",
-             "data.image_size=16", "data.num_workers=0", "train.epochs=10", "optim.batch_size=64",
-             f"run.output_dir={out}", "run.name=simsiam", "train.progress=false", cwd=out)
-    return out / "simsiam"
+    return pretrain_simsiam(shapes_root, TINY_SHAPES, tmp_path_factory.mktemp("pretrain"), epochs=10)
 
 
 def _segment(run_dir: Path, shapes_root, out: Path, cwd: Path) -> tuple:
