@@ -36,11 +36,16 @@ class Outcome:
     key: str = ""
 
 
+def thread_env(threads: int) -> dict[str, str]:
+    """The environment that caps a job's CPU threads (torch reads OMP_NUM_THREADS at start-up)."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
 class LocalExecutor:
     """Jobs as subprocesses of this machine, each with `threads` CPU threads."""
 
     def __init__(self, threads: int) -> None:
-        self.env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        self.env = thread_env(threads)
 
     def describe(self) -> str:
         return f"local, {self.env['OMP_NUM_THREADS']} thread(s) per job"
@@ -60,8 +65,7 @@ class SubmititExecutor:
         self.parameters = {"timeout_min": cfg.timeout_min, "gpus_per_node": cfg.gpus_per_node,
                            "cpus_per_task": cfg.cpus_per_task, "mem_gb": cfg.mem_gb,
                            "slurm_partition": cfg.partition, **extra}  # type: ignore[dict-item]
-        threads = threads or cfg.cpus_per_task
-        self.env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        self.env = thread_env(threads or cfg.cpus_per_task)
         self.lock = threading.Lock()  # update_parameters + submit must not interleave
 
     def describe(self) -> str:
