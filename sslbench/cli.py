@@ -16,8 +16,8 @@ from . import __version__
 COMMANDS = {
     "pretrain": ("pretrain.cli", "pretrain a backbone with an SSL method from a recipe YAML"),
     "eval": ("evaluators.cli", "evaluate a backbone: knn | linear | semisup; writes a result record"),
-    "results": ("evaluators.results_cli", "list the result records in a directory as a table"),
-    "leaderboard": ("evaluators.leaderboard_cli",
+    "results": ("leaderboard.listing", "list the result records in a directory as a table"),
+    "leaderboard": ("leaderboard.cli",
                     "aggregate result records into leaderboard.md / .csv / .html and bar charts"),
     "transfer": ("transfer.cli", "transfer a backbone to a dense task (detection, segmentation); writes a result record"),
     "export": ("transfer.export", "export a backbone to detectron2 (.pkl) or torchvision (.pth)"),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from evaluators.leaderboard import build_board, collect, fractional_ranks, load_reference
+from leaderboard.aggregate import build_board, collect, fractional_ranks, load_reference
 from helpers import ROOT, sslbench
 from sslbench.cli import main
 from sslbench.results import BackboneIdentity, DatasetInfo, ResultRecord, write_record

@@ -16,7 +16,7 @@ import html
 import io
 import json
 
-from .leaderboard import Board, Cell, Column, ReferenceTable
+from .aggregate import Board, Cell, Column, ReferenceTable
 
 INTRO = ("Each cell: mean ± sample std of the column's metric over n records (evaluation seeds "
          "and pretraining runs of the row's recipe) and the row's rank in the column. Rows are "

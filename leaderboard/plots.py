@@ -10,7 +10,7 @@ import io
 
 from matplotlib.figure import Figure
 
-from .leaderboard import Board
+from .aggregate import Board
 
 
 def _text(label: str, limit: int = 48) -> str:

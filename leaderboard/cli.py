@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sslbench.io import atomic_path, write_text_atomic
 
-from .leaderboard import RANKED_METRIC, build_board, collect, load_reference
+from .aggregate import RANKED_METRIC, build_board, collect, load_reference
 
 EPILOG = """Writes leaderboard.md, leaderboard.csv, leaderboard.html (self-contained, sortable; a
 #sort=KEY or #sort=-KEY fragment sorts it on load) and leaderboard_TASK.png into --out.
@@ -47,8 +47,8 @@ def _metrics(overrides: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .leaderboard_plots import bar_chart
-    from .leaderboard_render import csv_text, html_page, markdown
+    from .plots import bar_chart
+    from .render import csv_text, html_page, markdown
 
     metrics = _metrics(args.metric)
     records, warnings = collect(args.directory, metrics)
