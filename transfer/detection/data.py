@@ -28,9 +28,8 @@ from torchvision.transforms.functional import to_tensor
 from sslbench.data import default_data_root, prepare_synthetic_shapes
 from sslbench.data.registry import call_with_options
 
-
-class DetectionDataError(ValueError):
-    """An annotation file or image directory that does not fit the recipe."""
+from .errors import DetectionDataError
+from .voc import voc_to_coco
 
 
 @dataclass
@@ -110,8 +109,6 @@ def load_coco_json(annotations: Path, images: Path, classes: Sequence[str]) -> A
 def load_voc(directory: Path, split: str, year: int, classes: Sequence[str],
              for_eval: bool) -> AnnotationSet:
     """A VOCdevkit split; for_eval turns "difficult" objects into crowd regions (see voc.py)."""
-    from .voc import voc_to_coco  # here, not at the top: voc.py raises this module's error
-
     dataset = voc_to_coco(directory, split, classes, difficult_as_crowd=for_eval)
     return dataclasses.replace(index_coco(dataset, directory, f"{directory}:{split}", classes),
                                kind="voc", voc_split=split, voc_year=year)

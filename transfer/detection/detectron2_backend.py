@@ -173,6 +173,7 @@ def _check_same_categories(data: DetectionData) -> None:
 def run(cfg: DictConfig, backbone_dir: Path, work_dir: Path) -> Outcome | None:
     """Train and test through detectron2; None on machines other than machine_rank 0."""
     version = require_detectron2()
+    # Here, not at the top: both import detectron2, which this module must not need to import.
     from detectron2.engine import launch
 
     from . import detectron2_trainer
@@ -195,7 +196,7 @@ def run(cfg: DictConfig, backbone_dir: Path, work_dir: Path) -> Outcome | None:
     launcher = cfg.detectron2
     launch(detectron2_trainer.main, launcher.num_gpus, num_machines=launcher.num_machines,
            machine_rank=launcher.machine_rank, dist_url=launcher.dist_url,
-           args=(BASE_CONFIGS[cfg.model.head], options, datasets))
+           args=(BASE_CONFIGS[cfg.model.head], options, datasets, str(results_path)))
     if launcher.machine_rank != 0:  # global rank 0, on machine 0, wrote the metrics
         return None
     if not results_path.is_file():

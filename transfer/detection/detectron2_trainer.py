@@ -22,8 +22,6 @@ from detectron2.utils import comm
 
 from sslbench.io import write_json_atomic
 
-from .detectron2_backend import RESULTS_FILE
-
 
 class Res5ROIHeadsExtraNorm(Res5ROIHeads):
     """The C4 head of the MoCo protocol: res5 followed by one more norm layer
@@ -43,7 +41,13 @@ if "Res5ROIHeadsExtraNorm" not in ROI_HEADS_REGISTRY:  # MoCo's own train_net ma
 
 
 class Trainer(DefaultTrainer):
-    """detectron2's DefaultTrainer with the COCO / VOC evaluators, saving the final metrics."""
+    """detectron2's DefaultTrainer with the COCO / VOC evaluators; the main process writes each
+    evaluation's metrics to `results_path` (JSON, NaN as null), so the last one, after the last
+    iteration, is what the backend reads."""
+
+    def __init__(self, cfg, results_path: Path):
+        super().__init__(cfg)
+        self.results_path = results_path
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name):
@@ -51,13 +55,14 @@ class Trainer(DefaultTrainer):
             return PascalVOCDetectionEvaluator(dataset_name)
         return COCOEvaluator(dataset_name, output_dir=str(Path(cfg.OUTPUT_DIR) / "inference"))
 
-    @classmethod
-    def test(cls, cfg, model, evaluators=None):
+    def test(self, cfg, model, evaluators=None):
+        # An instance method (detectron2's is a classmethod) to reach results_path: detectron2's
+        # evaluation hook calls it on the trainer, and nothing here calls it on the class.
         results = super().test(cfg, model, evaluators)
-        if comm.is_main_process():  # the last evaluation (after the last iteration) wins
+        if comm.is_main_process():
             finite = {task: {k: (float(v) if math.isfinite(v) else None) for k, v in vals.items()}
                       for task, vals in results.items()}
-            write_json_atomic(Path(cfg.OUTPUT_DIR) / RESULTS_FILE, finite)
+            write_json_atomic(self.results_path, finite)
         return results
 
 
@@ -76,14 +81,16 @@ def register(datasets: list[tuple]) -> None:
             MetadataCatalog.get(name).set(evaluator_type="pascal_voc")
 
 
-def main(base_config: str, options: dict[str, Any], datasets: list[tuple]) -> None:
-    """One process of a detectron2 run: build the config over the model-zoo base, train, test."""
+def main(base_config: str, options: dict[str, Any], datasets: list[tuple],
+         results_path: str) -> None:
+    """One process of a detectron2 run: build the config over the model-zoo base, train, test;
+    the main process writes the final metrics to `results_path`."""
     register(datasets)
     cfg = get_cfg()
     cfg.merge_from_file(model_zoo.get_config_file(base_config))
     cfg.merge_from_list([item for pair in options.items() for item in pair])
     cfg.freeze()
     default_setup(cfg, argparse.Namespace())
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, Path(results_path))
     trainer.resume_or_load(resume=False)
     trainer.train()
