@@ -45,7 +45,7 @@ def main() -> None:
                              "test_per_class: 24, image_size: 32}' probe.epochs=5")
     args = parser.parse_args()
 
-    from evaluators.config import load_eval_config
+    from evaluators.config import linear_config
     from evaluators.context import load_splits
     from evaluators.run import evaluate
     from sslbench.results import read_record
@@ -55,11 +55,11 @@ def main() -> None:
     overrides = [f"run.threads={args.threads}", "run.progress=false",
                  f"features.cache_dir={work / 'cache'}", *args.overrides]
     # A synthetic dataset is generated on first use: do it before the clocks start.
-    load_splits(load_eval_config("linear", [RECIPES["fast"]], overrides).data, None)
+    load_splits(linear_config([RECIPES["fast"]], overrides).data, None)
     rows = {}
     for label, recipe in (("fast (cold cache)", "fast"), ("fast (warm cache)", "fast"),
                           ("standard", "standard")):
-        cfg = load_eval_config("linear", [RECIPES[recipe]], overrides)
+        cfg = linear_config([RECIPES[recipe]], overrides)
         start = time.perf_counter()
         record = read_record(evaluate("linear", cfg, backbone, work / "results" / label.split()[0]))
         rows[label] = (time.perf_counter() - start, record)

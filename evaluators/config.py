@@ -132,9 +132,14 @@ def _probe_class(name: str) -> type:
     return PROBES[name]
 
 
-def load_eval_config(task: str, paths: Sequence[str | Path] = (),
-                     overrides: Sequence[str] = ()) -> DictConfig:
-    if task == "linear":
-        return build_config(LinearEvalConfig, paths, overrides, variants={"probe": _probe_class})
-    schema = {"knn": KnnEvalConfig, "semisup": SemisupEvalConfig}[task]
-    return build_config(schema, paths, overrides)
+def knn_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    return build_config(KnnEvalConfig, paths, overrides)
+
+
+def linear_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    return build_config(LinearEvalConfig, paths, overrides, variants={"probe": _probe_class})
+
+
+def semisup_config(paths: Sequence[str | Path] = (),
+                   overrides: Sequence[str] = ()) -> DictConfig:
+    return build_config(SemisupEvalConfig, paths, overrides)

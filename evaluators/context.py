@@ -1,10 +1,13 @@
-"""What an evaluation task is handed: the config, the loaded backbone, the data, the cache."""
+"""What an evaluation task is handed: the config, the loaded backbone, the data, the cache.
+
+An evaluation task is `run(ctx: EvalContext) -> sslbench.results.TaskOutput`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig
@@ -43,13 +46,3 @@ class EvalContext:
 def load_splits(data_cfg: DictConfig, transform: Callable) -> dict[str, LabeledDataset]:
     return {split: build_dataset(data_cfg.name, data_cfg.root, split, transform,
                                  **(data_cfg.options or {})) for split in SPLITS}
-
-
-@dataclass(frozen=True)
-class TaskOutput:
-    """What a task returns: its numbers, the protocol that produced them, and the details."""
-
-    metrics: dict[str, float]
-    protocol: dict[str, Any]  # the task's own hyper-parameters (the data part is added)
-    details: dict[str, Any]
-    splits: dict[str, int] = field(default_factory=dict)  # sizes beyond train/val/test

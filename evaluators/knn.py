@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .accuracy import topk_hits
-from .context import EvalContext, TaskOutput
+from sslbench.results import TaskOutput
+
+from .context import EvalContext
 
 TOP = (1, 5)
 

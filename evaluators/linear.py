@@ -22,7 +22,9 @@ from sslbench.config import to_dict
 from sslbench.optim import build_optimizer, param_groups, scaled_lr, set_lr, warmup_cosine
 
 from .accuracy import topk_accuracy
-from .context import EvalContext, TaskOutput
+from sslbench.results import TaskOutput
+
+from .context import EvalContext
 from .training import Classifier, SeededAugmentation, evaluate, fit, train_transform
 
 SOLVERS = ("lbfgs", "sgd")

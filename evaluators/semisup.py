@@ -21,7 +21,9 @@ from sslbench.data import DatasetError, LabeledDataset
 from sslbench.io import sha256_file
 from sslbench.optim import build_optimizer, param_groups, scaled_lr
 
-from .context import EvalContext, TaskOutput
+from sslbench.results import TaskOutput
+
+from .context import EvalContext
 from .training import Classifier, SeededAugmentation, evaluate, fit, train_transform
 
 

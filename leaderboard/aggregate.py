@@ -24,12 +24,15 @@ from typing import Any
 
 import yaml
 
-from sslbench.results import TASKS, ResultRecord, load_records
+from sslbench.results import ResultRecord, load_records
+from sslbench.tasks import get_task, tasks
 
-# The metric each task is ranked by (higher is better): test-set top-1 for classification, COCO
-# box AP for detection, mIoU for semantic segmentation.
-RANKED_METRIC = {"knn": "top1", "linear": "top1", "semisup": "top1", "detection": "bbox_AP",
-                 "segmentation": "mIoU"}
+
+def ranked_metrics() -> dict[str, str]:
+    """The metric each registered task is ranked by (its `Task.metric`), in registration order:
+    test-set top-1 for classification, COCO box AP for detection, mIoU for segmentation."""
+    registry = tasks()
+    return {name: registry.get(name).metric for name in registry.in_order()}
 
 
 @dataclass(frozen=True, order=True)
@@ -114,7 +117,7 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, str]:
     return {prefix[:-1]: json.dumps(obj, sort_keys=True)}
 
 
-def collect(directory: str | Path, metrics: dict[str, str] = RANKED_METRIC
+def collect(directory: str | Path, metrics: dict[str, str] | None = None
             ) -> tuple[list[ResultRecord], list[str]]:
     """The usable records under `directory` and a warning for each file left out.
 
@@ -122,6 +125,7 @@ def collect(directory: str | Path, metrics: dict[str, str] = RANKED_METRIC
     ranked metric, and all but the newest copy of a record found several times (same weights,
     task, protocol and seed), which would otherwise be counted as several seeds.
     """
+    metrics = metrics or ranked_metrics()
     records, errors = load_records(directory)
     warnings = [f"skipped malformed record {error}" for _, error in errors]
     usable = []
@@ -149,8 +153,10 @@ def _utc(timestamp: str) -> datetime.datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
 
 
-def build_board(records: Iterable[ResultRecord], metrics: dict[str, str] = RANKED_METRIC) -> Board:
+def build_board(records: Iterable[ResultRecord], metrics: dict[str, str] | None = None) -> Board:
     """Group, aggregate and rank `records`, which must all have their task's metric (`collect`)."""
+    metrics = metrics or ranked_metrics()
+    order = list(metrics)
     records = list(records)
     columns: dict[str, Column] = {}
     values: dict[tuple[RowKey, str], list[float]] = {}
@@ -159,11 +165,12 @@ def build_board(records: Iterable[ResultRecord], metrics: dict[str, str] = RANKE
         columns.setdefault(column.key, column)
         values.setdefault((RowKey.of(r), column.key), []).append(r.metrics[column.metric])
     ordered = _labelled(sorted(columns.values(),
-                               key=lambda c: (TASKS.index(c.task), c.dataset, c.protocol_id)))
+                               key=lambda c: (order.index(c.task), c.dataset, c.protocol_id)))
     cells: dict[RowKey, dict[str, Cell]] = {}
     for column in ordered:
         means = {row: statistics.fmean(v) for (row, key), v in values.items() if key == column.key}
-        for row, rank in fractional_ranks(means).items():
+        higher_is_better = get_task(column.task).higher_is_better
+        for row, rank in fractional_ranks(means, higher_is_better).items():
             cells.setdefault(row, {})[column.key] = Cell(tuple(values[row, column.key]), rank)
     rows = sorted((Row(key, c) for key, c in cells.items()),
                   key=lambda row: (-len(row.cells), row.average_rank, row.key))
@@ -185,9 +192,11 @@ def _labelled(columns: list[Column]) -> list[Column]:
     return labelled
 
 
-def fractional_ranks(scores: dict[Any, float]) -> dict[Any, float]:
-    """1 for the highest score; tied scores share the mean of the positions they span."""
-    order = sorted(scores, key=lambda k: -scores[k])
+def fractional_ranks(scores: dict[Any, float], higher_is_better: bool = True
+                     ) -> dict[Any, float]:
+    """1 for the best score; tied scores share the mean of the positions they span."""
+    sign = -1 if higher_is_better else 1
+    order = sorted(scores, key=lambda k: sign * scores[k])
     ranks, start = {}, 0
     while start < len(order):
         end = start
@@ -232,7 +241,8 @@ def load_reference(path: str | Path) -> list[ReferenceTable]:
               f"expected exactly the keys {keys}")
         for key in keys[:4]:
             check(isinstance(t[key], str) and bool(t[key]), f"{where}.{key}", "expected a string")
-        check(t["task"] in TASKS, f"{where}.task", f"expected one of {TASKS}")
+        check(t["task"] in tasks(), f"{where}.task",
+              f"expected a registered task ({', '.join(tasks().names())})")
         check(isinstance(t["columns"], list) and bool(t["columns"])
               and all(isinstance(c, str) for c in t["columns"]), f"{where}.columns",
               "expected a list of strings")

@@ -8,14 +8,13 @@ from pathlib import Path
 
 from sslbench.io import atomic_path, write_text_atomic
 
-from .aggregate import RANKED_METRIC, build_board, collect, load_reference
+from .aggregate import build_board, collect, load_reference, ranked_metrics
 
 EPILOG = """Writes leaderboard.md, leaderboard.csv, leaderboard.html (self-contained, sortable; a
 #sort=KEY or #sort=-KEY fragment sorts it on load) and leaderboard_TASK.png into --out.
 Records are searched recursively; a malformed one is skipped with a warning naming it.
 Rows are pretraining runs (method, arch, run name); columns are (task, protocol): records of
-different protocols are never averaged. Ranked metrics: """ + ", ".join(
-    f"{task}={metric}" for task, metric in RANKED_METRIC.items()) + """.
+different protocols are never averaged. Each task is ranked by its registered metric: {metrics}.
 
 examples:
   sslbench leaderboard results
@@ -24,7 +23,8 @@ examples:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = EPILOG
+    parser.epilog = EPILOG.format(metrics=", ".join(f"{task}={metric}" for task, metric
+                                                    in ranked_metrics().items()))
     parser.add_argument("directory", metavar="RESULTS_DIR",
                         help="directory of result records (searched recursively)")
     parser.add_argument("--out", metavar="DIR",
@@ -36,7 +36,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _metrics(overrides: list[str]) -> dict[str, str]:
-    metrics = dict(RANKED_METRIC)
+    metrics = ranked_metrics()
     for item in overrides:
         task, sep, name = item.partition("=")
         if not sep or task not in metrics or not name:

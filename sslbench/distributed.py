@@ -7,8 +7,10 @@ same gradient as one process holding the global batch (the bug lightly#1528 ship
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -147,6 +149,23 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first() -> Iterator[None]:
+    """Run the body on the main process, then on the others: what the body creates on first use
+    (a generated dataset, a verified cache) is written by one process, then read by the rest."""
+    if rank() != 0:
+        barrier()
+    yield
+    if rank() == 0:
+        barrier()
+
+
+def device_name(device: torch.device, world_size: int) -> str:
+    """A result record's device: the GPU's name (or cpu), with the process count when > 1."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return name if world_size == 1 else f"{name} x{world_size}"
 
 
 class CrossProcessBatchNorm(nn.modules.batchnorm._BatchNorm):

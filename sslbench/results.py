@@ -1,4 +1,4 @@
-"""The result record (DESIGN.md contract 2): what every evaluator writes and the leaderboard reads.
+"""The result record (docs/design.md, contract 2): what every task writes and the leaderboard reads.
 
 One JSON file per (backbone, task, protocol, seed). `protocol` holds every hyper-parameter that
 changes the number and `protocol_id` is a short hash of it, so two records are comparable exactly
@@ -6,6 +6,10 @@ when their task and protocol_id agree: a different protocol is a different colum
 in. Records are validated when written and when read; a malformed one raises `RecordError` naming
 the file and the field. Files are written atomically under a name unique per (weights, task,
 protocol, seed), so evaluators writing into one directory at the same time lose nothing.
+
+Every task's output becomes a record through `build_record`, which fills in what no task should
+compute for itself: the backbone's identity, wall time, peak memory, device, library versions and
+the process count.
 """
 
 from __future__ import annotations
@@ -19,15 +23,16 @@ import platform
 import re
 import resource
 import sys
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .io import write_json_atomic
+from .tasks import tasks
 
 SCHEMA_VERSION = 1
-TASKS = ("knn", "linear", "semisup", "detection", "segmentation")
 VERSION_KEYS = ("python", "torch", "torchvision", "faiss", "sslbench")
 # pip distribution names faiss ships under; the first installed one is recorded.
 FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss")
@@ -165,7 +170,9 @@ def validate(record: ResultRecord, source: str = "record") -> None:
     r, s = record, source
     _check(_is_int(r.schema_version) and 1 <= r.schema_version <= SCHEMA_VERSION, s,
            "schema_version", f"expected an integer in 1..{SCHEMA_VERSION}", r.schema_version)
-    _check(r.task in TASKS, s, "task", f"expected one of {TASKS}", r.task)
+    known = tasks().names()
+    _check(r.task in known, s, "task", f"expected a registered task ({', '.join(known)}; more "
+           "register through $SSLBENCH_TASK_MODULES)", r.task)
     _check(isinstance(r.metrics, dict) and bool(r.metrics), s, "metrics",
            "expected a non-empty object of numbers", r.metrics)
     for name, value in r.metrics.items():
@@ -214,6 +221,32 @@ def validate(record: ResultRecord, source: str = "record") -> None:
         datetime.datetime.fromisoformat(r.created)
     except ValueError:
         _check(False, s, "created", "expected an ISO timestamp", r.created)
+
+
+@dataclass(frozen=True)
+class TaskOutput:
+    """What a task hands to `build_record`: its numbers and what produced them."""
+
+    metrics: dict[str, float]
+    protocol: dict[str, Any]  # every hyper-parameter that changes the number
+    details: dict[str, Any] = field(default_factory=dict)
+    dataset: DatasetInfo | None = None  # None: the stage's frame fills it in (evaluators do)
+    splits: dict[str, int] = field(default_factory=dict)  # sizes beyond the dataset's splits
+    versions: dict[str, str | None] = field(default_factory=dict)  # beyond library_versions()
+
+
+def build_record(task: str, output: TaskOutput, manifest: dict, *, seed: int, started: float,
+                 device: str, world_size: int, cuda: bool) -> ResultRecord:
+    """The record of `output`, measured since `started` (a time.perf_counter() value) on
+    `device` (see distributed.device_name) by `world_size` processes."""
+    if output.dataset is None:
+        raise ValueError(f"task {task!r}: its output names no dataset")
+    return ResultRecord(
+        task=task, metrics=output.metrics, backbone=BackboneIdentity.from_manifest(manifest),
+        protocol=output.protocol, dataset=output.dataset, seed=seed,
+        wall_time_s=round(time.perf_counter() - started, 3), peak_memory_mb=peak_memory_mb(cuda),
+        device=device, versions={**library_versions(), **output.versions},
+        details={**output.details, "world_size": world_size})
 
 
 def write_record(directory: str | Path, record: ResultRecord) -> Path:

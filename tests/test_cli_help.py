@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from evaluators.cli import TASKS as EVAL_TASKS
 from sslbench.cli import COMMANDS, main
-from transfer.cli import TASKS as TRANSFER_TASKS
+from sslbench.tasks import tasks
 
-INVOCATIONS = ([[]] + [[c] for c in COMMANDS] + [["eval", t] for t in EVAL_TASKS]
-               + [["transfer", t] for t in TRANSFER_TASKS])
+INVOCATIONS = ([[]] + [[c] for c in COMMANDS]
+               + [[tasks().get(t).command, t] for t in tasks().in_order()])
 
 
 @pytest.mark.parametrize("words", INVOCATIONS, ids=lambda w: " ".join(w) or "sslbench")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from evaluators.config import load_eval_config
+from sslbench.tasks import get_task
 from helpers import ROOT, TINY_SHAPES, sslbench, subprocess_env
 from sslbench.artifact import read_manifest, save_backbone
 from sslbench.backbones import build_backbone
@@ -88,7 +88,7 @@ def test_results_of_a_missing_directory_is_an_error(tmp_path):
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_eval_recipe_loads(recipe):
     task = recipe.name.split("_")[0].removesuffix(".yaml")
-    assert load_eval_config(task, [recipe]).data.name
+    assert get_task(task).load_config([recipe]).data.name
 
 
 @pytest.mark.parametrize("task,recipe,overrides", [
@@ -97,7 +97,7 @@ def test_every_eval_recipe_loads(recipe):
     ("semisup", "semisup_10pct.yaml", [])])
 def test_built_in_defaults_are_the_synthetic_recipes(task, recipe, overrides):
     path = ROOT / "configs" / "eval" / recipe
-    assert load_eval_config(task, [path]) == load_eval_config(task, overrides=overrides)
+    assert get_task(task).load_config([path]) == get_task(task).load_config(overrides=overrides)
 
 
 def torchrun(*args: str, cwd, nproc: int = 2) -> None:

@@ -16,9 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig
 
 from ..config import ConfigError, build_config
+from ..tasks import tasks
 
 EXECUTORS = ("local", "submitit")
-TASK_COMMANDS = ("eval", "transfer")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _MODULE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
@@ -40,12 +40,12 @@ class PretrainStage:
 
 @dataclass
 class TaskEntry:
-    command: str = ""  # "eval knn|linear|semisup" or "transfer detection|segmentation|..."
+    command: str = ""  # "eval TASK" or "transfer TASK", a task of the registry (sslbench/tasks.py)
     config: Optional[str] = None  # the task's recipe (configs/eval/, configs/transfer/)
     overrides: Dict[str, Any] = field(default_factory=dict)
-    # Python modules the task needs beyond the core (e.g. [mmseg] for segmentation). Where one
-    # cannot be imported, the task's jobs are reported "unavailable" with the import error and
-    # the pipeline goes on without them.
+    # Python modules the job needs beyond the core, added to those its registered task requires
+    # (segmentation: mmseg). Where one cannot be imported, the task's jobs are reported
+    # "unavailable" with the import error and the pipeline goes on without them.
     requires: List[str] = field(default_factory=list)
     processes: int = 1
     resources: Dict[str, Any] = field(default_factory=dict)
@@ -119,7 +119,7 @@ def check(cfg: DictConfig) -> None:
         bad = [m for m in task.requires if not _MODULE.fullmatch(m)]
         if bad:
             raise ConfigError(f"tasks.{name}.requires: {bad[0]!r} is not a Python module name")
-        words = task.command.split()
-        if len(words) != 2 or words[0] not in TASK_COMMANDS:
-            raise ConfigError(f"tasks.{name}.command={task.command!r}: expected "
-                              f"'eval TASK' or 'transfer TASK'")
+        known = [f"{t.command} {t.name}" for t in map(tasks().get, tasks().in_order())]
+        if task.command not in known:
+            raise ConfigError(f"tasks.{name}.command={task.command!r}: expected 'eval TASK' or "
+                              f"'transfer TASK' with a registered TASK: {', '.join(known)}")

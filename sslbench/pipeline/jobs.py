@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from .. import __version__
 from ..artifact import read_manifest
 from ..io import sha256_file, write_json_atomic
+from ..tasks import get_task
 
 MARKER = ".sslbench-job.json"
 PRODUCTS = {"pretrain": ("backbone.json", "backbone.safetensors"), "task": ("*.json",),
@@ -121,7 +122,9 @@ def build_jobs(cfg: DictConfig, out: Path) -> list[Job]:
                     {"command": task.command, "overrides": overrides, "sslbench": __version__,
                      "config": _content(task.config) if task.config else None},
                     results, out / "logs" / f"{task_name}-{name}-seed{seed}.log", [pre],
-                    task.processes, _container(task.resources), list(task.requires)))
+                    task.processes, _container(task.resources),
+                    list(dict.fromkeys([*get_task(task.command.split()[1]).requires,
+                                        *task.requires]))))
     jobs += tasks
     if tasks:
         reference = cfg.leaderboard.reference

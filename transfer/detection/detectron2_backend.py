@@ -18,12 +18,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig
 
 from sslbench.artifact import ArtifactError, describe_arch, read_manifest
 from sslbench.config import ConfigError
-from sslbench.distributed import resolve_device
+from sslbench.distributed import device_name, resolve_device
 from sslbench.transforms import pixel_stats
 
 from ..export import export_backbone
@@ -203,11 +202,10 @@ def run(cfg: DictConfig, backbone_dir: Path, work_dir: Path) -> Outcome | None:
         raise RuntimeError(f"detectron2 finished without writing {results_path}")
     metrics, per_class = metrics_from_detectron2(json.loads(results_path.read_text()))
     world = launcher.num_gpus * launcher.num_machines
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     # one process trains in this one (its CUDA peak is the run's); more run in child processes
     return Outcome(metrics=metrics, schedule=scale_to_world(cfg.solver, world), data=data,
                    train_images=len(DetectionDataset(data.train, train=True)),
-                   device=name if world == 1 else f"{name} x{world}",
+                   device=device_name(device, world),
                    cuda=device.type == "cuda" and world == 1,
                    details={"per_category": per_class, "detectron2_options": _jsonable(options)},
                    versions={"detectron2": version})

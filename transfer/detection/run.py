@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 
 from sslbench.artifact import read_manifest
 from sslbench.config import to_dict
-from sslbench.results import (BackboneIdentity, DatasetInfo, ResultRecord, distribution_version,
-                              library_versions, peak_memory_mb, write_record)
+from sslbench.results import (DatasetInfo, TaskOutput, build_record, distribution_version,
+                              write_record)
 
 from ..common import default_work_dir
 from . import detectron2_backend, torchvision_backend
@@ -35,19 +35,17 @@ def transfer(cfg: DictConfig, backbone_dir: str | Path, out_dir: str | Path) -> 
     outcome = BACKENDS[cfg.backend](cfg, backbone_dir, work_dir)
     if outcome is None:
         return None
-    record = ResultRecord(
-        task="detection", metrics=outcome.metrics,
-        backbone=BackboneIdentity.from_manifest(manifest), protocol=protocol(cfg, outcome),
+    output = TaskOutput(
+        metrics=outcome.metrics, protocol=protocol(cfg, outcome),
         dataset=DatasetInfo(cfg.data.name, len(outcome.data.classes),
                             {"train": outcome.train_images, "test": len(outcome.data.test.coco.imgs)},
                             {"train": [s.describe() for s in outcome.data.train],
                              "test": outcome.data.test.describe()}),
-        seed=cfg.run.seed, wall_time_s=round(time.perf_counter() - started, 3),
-        peak_memory_mb=peak_memory_mb(outcome.cuda), device=outcome.device,
-        versions={**library_versions(), "pycocotools": distribution_version("pycocotools"),
-                  **outcome.versions},
-        details={**outcome.details, "backbone_dir": str(backbone_dir), "work_dir": str(work_dir),
-                 "world_size": outcome.schedule.world_size})
+        details={**outcome.details, "backbone_dir": str(backbone_dir), "work_dir": str(work_dir)},
+        versions={"pycocotools": distribution_version("pycocotools"), **outcome.versions})
+    record = build_record("detection", output, manifest, seed=cfg.run.seed, started=started,
+                          device=outcome.device, world_size=outcome.schedule.world_size,
+                          cuda=outcome.cuda)
     return write_record(out_dir, record)
 
 

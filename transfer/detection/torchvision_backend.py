@@ -19,7 +19,6 @@ from sslbench import distributed as D
 from sslbench.artifact import load_backbone
 from sslbench.io import atomic_path, write_json_atomic, write_text_atomic
 
-from ..common import device_name
 from .config import scale_to_world
 from .data import DetectionDataset, load_data
 from .evaluate import coco_metrics, predict
@@ -43,11 +42,8 @@ def _run(cfg: DictConfig, backbone_dir: Path, work_dir: Path, env: D.DistEnv) ->
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
     backbone, _ = load_backbone(backbone_dir, expected_arch=cfg.backbone.arch)
-    if not env.is_main:  # the main process generates synthetic data first
-        D.barrier()
-    data = load_data(cfg.data, cfg.run.progress)
-    if env.is_main:
-        D.barrier()
+    with D.main_process_first():  # synthetic data is generated once
+        data = load_data(cfg.data, cfg.run.progress)
     schedule = scale_to_world(cfg.solver, env.world_size)
     torch.manual_seed(cfg.run.seed)  # new layers start alike on every process
     masks = cfg.model.arch == "mask_rcnn"
@@ -77,7 +73,7 @@ def _run(cfg: DictConfig, backbone_dir: Path, work_dir: Path, env: D.DistEnv) ->
         torch.save(model.state_dict(), tmp)
     write_json_atomic(work_dir / "predictions.json", results)
     return Outcome(metrics=metrics, schedule=schedule, data=data, train_images=len(train_set),
-                   device=device_name(env.device, env.world_size), cuda=env.device.type == "cuda",
+                   device=D.device_name(env.device, env.world_size), cuda=env.device.type == "cuda",
                    details={"precise_bn_layers": bn_layers, "detections": len(results),
                             "final_losses": _last_row(log)})
 

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,28 +29,18 @@ from sslbench.data import default_data_root, prepare_synthetic_shapes
 from sslbench.data.registry import call_with_options
 from sslbench.io import atomic_path, write_text_atomic
 from sslbench.metrics import plot_curves
-from sslbench.results import (BackboneIdentity, DatasetInfo, ResultRecord, library_versions,
-                              peak_memory_mb, write_record)
+from sslbench.results import DatasetInfo, TaskOutput, build_record, write_record
 
-from ..common import default_work_dir, device_name
+from ..common import default_work_dir
 from .config import DEFAULT_DIRS
 from .mmseg_config import DATASET_TYPES, required_paths, runner_config
-from .model import LoadReport, build_segmentor, require_mmseg
+from .model import build_segmentor, require_mmseg
 
 METRICS = ("mIoU", "mAcc", "aAcc")  # the record's metrics (percent); per-class IoU goes to details
 
 
 class SegmentationDataError(ValueError):
     """A dataset root that does not hold the layout the recipe names."""
-
-
-@dataclass(frozen=True)
-class Outcome:
-    metrics: dict[str, float]  # METRICS, percent
-    per_class: dict[str, float | None]  # IoU per class (None: absent from labels and predictions)
-    sizes: dict[str, int]  # images per split
-    loaded: LoadReport
-    norm: str  # the norm layer as built: SyncBN on GPUs, BN on CPU
 
 
 def transfer(cfg: DictConfig, backbone_dir: str | Path, out_dir: str | Path) -> Path | None:
@@ -67,29 +56,19 @@ def transfer(cfg: DictConfig, backbone_dir: str | Path, out_dir: str | Path) -> 
             torch.set_num_threads(cfg.run.threads)
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(env.device)
-        if not env.is_main:  # the main process generates synthetic data first
-            D.barrier()
-        root = prepare_data(cfg.data, cfg.run.progress)
-        if env.is_main:
-            D.barrier()
-        outcome = _train(cfg, backbone.state_dict(), manifest, root, work_dir, env)
+        with D.main_process_first():  # synthetic data is generated once
+            root = prepare_data(cfg.data, cfg.run.progress)
+        output = _train(cfg, backbone.state_dict(), manifest, root, work_dir, env)
     finally:
         D.shutdown()
-    if outcome is None:
+    if output is None:
         return None
-    record = ResultRecord(
-        task="segmentation", metrics=outcome.metrics,
-        backbone=BackboneIdentity.from_manifest(manifest), protocol=protocol(cfg),
-        dataset=DatasetInfo(cfg.data.name, len(outcome.per_class), outcome.sizes,
-                            {"root": str(root), **_data_options(cfg)}),
-        seed=cfg.run.seed, wall_time_s=round(time.perf_counter() - started, 3),
-        peak_memory_mb=peak_memory_mb(env.device.type == "cuda"),
-        device=device_name(env.device, env.world_size),
-        versions={**library_versions(), **versions},
-        details={"per_class_IoU": outcome.per_class,
-                 "backbone_loaded": dataclasses.asdict(outcome.loaded), "norm_layer": outcome.norm,
-                 "backbone_dir": str(backbone_dir),
-                 "work_dir": str(work_dir), "world_size": env.world_size})
+    output = dataclasses.replace(
+        output, versions=versions,
+        details={**output.details, "backbone_dir": str(backbone_dir), "work_dir": str(work_dir)})
+    record = build_record("segmentation", output, manifest, seed=cfg.run.seed, started=started,
+                          device=D.device_name(env.device, env.world_size),
+                          world_size=env.world_size, cuda=env.device.type == "cuda")
     return write_record(out_dir, record)
 
 
@@ -132,7 +111,7 @@ def prepare_data(data: DictConfig, progress: bool) -> Path:
 
 
 def _train(cfg: DictConfig, state: dict, manifest: dict, root: Path, work_dir: Path,
-           env: D.DistEnv) -> Outcome | None:
+           env: D.DistEnv) -> TaskOutput | None:
     from mmengine.config import Config
     from mmengine.model import is_model_wrapper
     from mmengine.runner import Runner
@@ -162,12 +141,17 @@ def _train(cfg: DictConfig, state: dict, manifest: dict, root: Path, work_dir: P
         plot_curves(work_dir, ("train",))  # curves.png
     with atomic_path(work_dir / "model_final.pth") as tmp:
         torch.save({k: v.detach().cpu() for k, v in trained.state_dict().items()}, tmp)
-    return Outcome(metrics={k: round(float(last.metrics[k]), 2) for k in METRICS},  # float32
-                   per_class={name: _finite_or_none(last.metrics[f"IoU.{name}"])
-                              for name in classes},
-                   sizes={"train": len(runner.train_dataloader.dataset),
-                          "test": len(runner.val_dataloader.dataset)},
-                   loaded=report, norm=norm)
+    per_class = {name: _finite_or_none(last.metrics[f"IoU.{name}"]) for name in classes}
+    sizes = {"train": len(runner.train_dataloader.dataset),
+             "test": len(runner.val_dataloader.dataset)}
+    # per_class: IoU per class, None where a class is absent from labels and predictions
+    return TaskOutput(
+        metrics={k: round(float(last.metrics[k]), 2) for k in METRICS},  # float32 percent
+        protocol=protocol(cfg),
+        dataset=DatasetInfo(cfg.data.name, len(per_class), sizes,
+                            {"root": str(root), **_data_options(cfg)}),
+        details={"per_class_IoU": per_class, "backbone_loaded": dataclasses.asdict(report),
+                 "norm_layer": norm})
 
 
 def training_curves(scalars: Path) -> str:
