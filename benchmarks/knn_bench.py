@@ -59,7 +59,8 @@ def run_sklearn(bank, bank_y, queries, query_y, classes, kind):
     nn = NearestNeighbors(n_neighbors=max(KS), metric="cosine", algorithm="brute")
     dist, idx = nn.fit(bank.numpy()).kneighbors(queries.numpy())
     sims, labels = torch.from_numpy(1 - dist), bank_y[torch.from_numpy(idx)]
-    return as_percent(vote_hits(sims, labels, query_y, KS, [TEMPERATURE], classes), len(queries))
+    return {key: as_percent(hits)
+            for key, hits in vote_hits(sims, labels, query_y, KS, [TEMPERATURE], classes).items()}
 
 
 def child(args) -> None:

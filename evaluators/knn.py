@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .accuracy import topk_hits
-from sslbench.results import TaskOutput
+from sslbench.results import HITS_KEY, TaskOutput, pack_hits
 
 from .context import EvalContext
 
@@ -91,16 +91,31 @@ def _chunks(n: int, size: int, desc: str, progress: bool):
 def vote_hits(sims: torch.Tensor, neighbour_labels: torch.Tensor, truth: torch.Tensor,
               ks: list[int], temperatures: list[float],
               num_classes: int) -> dict[tuple[int, float], torch.Tensor]:
-    """Top-1/top-5 hit counts of the vote for every (k, T), from neighbours sorted by similarity."""
+    """Each query's top-1/top-5 hits (n, 2) of the vote for every (k, T), from neighbours sorted
+    by similarity."""
     return {(k, t): topk_hits(weighted_votes(sims[:, :k], neighbour_labels[:, :k], t, num_classes),
-                              truth, TOP).sum(0)
+                              truth, TOP)
             for k, t in itertools.product(ks, temperatures)}
 
 
-def as_percent(hits: dict[tuple[int, float], torch.Tensor],
-               total: int) -> dict[tuple[int, float], dict[str, float]]:
-    return {key: {f"top{top}": 100.0 * h.item() / total for top, h in zip(TOP, value)}
-            for key, value in hits.items()}
+def as_percent(hits: torch.Tensor) -> dict[str, float]:
+    """{"top1": %, "top5": %} of per-query hits (n, 2)."""
+    return {f"top{top}": 100.0 * h.item() / len(hits) for top, h in zip(TOP, hits.sum(0))}
+
+
+def grid_hits(index: NeighbourIndex, bank_labels: torch.Tensor, queries: torch.Tensor,
+              query_labels: torch.Tensor, ks: list[int], temperatures: list[float],
+              num_classes: int, chunk_size: int = 4096, progress: bool = True,
+              desc: str = "knn") -> dict[tuple[int, float], torch.Tensor]:
+    """Each query's top-1/top-5 hits (n, 2) for every (k, T); k must be <= bank size."""
+    hits = {key: [] for key in itertools.product(ks, temperatures)}
+    for lo in _chunks(len(queries), chunk_size, desc, progress):
+        sims, idx = index.search(queries[lo : lo + chunk_size], max(ks))
+        chunk = vote_hits(sims, bank_labels[idx], query_labels[lo : lo + chunk_size], ks,
+                          temperatures, num_classes)
+        for key, value in chunk.items():
+            hits[key].append(value)
+    return {key: torch.cat(parts) for key, parts in hits.items()}
 
 
 def knn_grid(index: NeighbourIndex, bank_labels: torch.Tensor, queries: torch.Tensor,
@@ -108,14 +123,9 @@ def knn_grid(index: NeighbourIndex, bank_labels: torch.Tensor, queries: torch.Te
              num_classes: int, chunk_size: int = 4096, progress: bool = True,
              desc: str = "knn") -> dict[tuple[int, float], dict[str, float]]:
     """Top-1/top-5 accuracy (%) of the weighted vote for every (k, T); k must be <= bank size."""
-    hits = {key: torch.zeros(len(TOP)) for key in itertools.product(ks, temperatures)}
-    for lo in _chunks(len(queries), chunk_size, desc, progress):
-        sims, idx = index.search(queries[lo : lo + chunk_size], max(ks))
-        chunk = vote_hits(sims, bank_labels[idx], query_labels[lo : lo + chunk_size], ks,
-                          temperatures, num_classes)
-        for key, value in chunk.items():
-            hits[key] += value
-    return as_percent(hits, len(queries))
+    return {key: as_percent(hits) for key, hits in grid_hits(
+        index, bank_labels, queries, query_labels, ks, temperatures, num_classes, chunk_size,
+        progress, desc).items()}
 
 
 @dataclass(frozen=True)
@@ -147,10 +157,12 @@ def evaluate_knn(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tens
                     progress, "knn val")
     order = list(grid)
     best = max(order, key=lambda key: (grid[key]["top1"], grid[key]["top5"], -order.index(key)))
-    test_scores = knn_grid(index_, bank_labels, *test, [best[0]], [best[1]], num_classes,
-                           chunk_size, progress, "knn test")[best]
-    metrics = {**test_scores, "val_top1": grid[best]["top1"], "val_top5": grid[best]["top5"]}
+    test_hits = grid_hits(index_, bank_labels, *test, [best[0]], [best[1]], num_classes,
+                          chunk_size, progress, "knn test")[best]
+    metrics = {**as_percent(test_hits), "val_top1": grid[best]["top1"],
+               "val_top5": grid[best]["top5"]}
     details = {"selected": {"k": best[0], "temperature": best[1]},
+               HITS_KEY: pack_hits(test_hits[:, 0].bool()),
                "val_grid": [{"k": k, "temperature": t, **s} for (k, t), s in grid.items()],
                "index": index_.description, "notes": notes}
     return KnnResult(metrics, details)

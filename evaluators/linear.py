@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from sslbench.artifact import input_normalization
 from sslbench.config import to_dict
 from sslbench.optim import build_optimizer, param_groups, scaled_lr, set_lr, warmup_cosine
 
-from .accuracy import topk_accuracy
-from sslbench.results import TaskOutput
+from .accuracy import scored
+from sslbench.results import HITS_KEY, TaskOutput, pack_hits
 
 from .context import EvalContext
 from .training import Classifier, SeededAugmentation, evaluate, fit, train_transform
@@ -87,11 +88,13 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, weight_d
 
 
 @torch.no_grad()
-def _accuracy(head: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+def _accuracy(head: nn.Linear, x: torch.Tensor,
+              y: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+    """Top-1/top-5 (%) and the per-sample top-1 hits; a diverged head hits nothing."""
     scores = head(x)
     if not torch.isfinite(scores).all():
-        return {"top1": 0.0, "top5": 0.0}
-    return topk_accuracy(scores.cpu(), y.cpu())
+        return {"top1": 0.0, "top5": 0.0}, torch.zeros(len(y), dtype=torch.bool)
+    return scored(scores.cpu(), y.cpu())
 
 
 def fast_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
@@ -115,13 +118,13 @@ def fast_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor
                        disable=not progress):
         head = fit_logistic(xs[0], ys[0], num_classes, weight_decay=wd, lr=lr, solver=solver,
                             max_iter=max_iter, epochs=epochs, batch_size=batch_size, seed=seed)
-        results.append((lr, wd, head, _accuracy(head, xs[1], ys[1])))
+        results.append((lr, wd, head, _accuracy(head, xs[1], ys[1])[0]))
     best = max(range(len(results)),
                key=lambda i: (results[i][3]["top1"], results[i][3]["top5"], -i))
     lr, wd, head, val_scores = results[best]
-    metrics = {**_accuracy(head, xs[2], ys[2]), "val_top1": val_scores["top1"],
-               "val_top5": val_scores["top5"]}
-    details = {"selected": {"lr": lr, "weight_decay": wd},
+    test_scores, test_hits = _accuracy(head, xs[2], ys[2])
+    metrics = {**test_scores, "val_top1": val_scores["top1"], "val_top5": val_scores["top5"]}
+    details = {"selected": {"lr": lr, "weight_decay": wd}, HITS_KEY: pack_hits(test_hits),
                "val_grid": [{"lr": lr_, "weight_decay": wd_, "val_top1": acc["top1"],
                              "val_top5": acc["top5"]} for lr_, wd_, _, acc in results]}
     return metrics, details
@@ -131,7 +134,8 @@ def standard_probe(ctx: EvalContext) -> tuple[dict[str, float], dict]:
     """Train a linear head on the frozen backbone with the recipe in ctx.cfg.probe."""
     cfg, run = ctx.cfg.probe, ctx.cfg.run
     train = SeededAugmentation(ctx.datasets["train"],
-                               train_transform(ctx.cfg.data.image_size, cfg.crop_min_scale),
+                               train_transform(ctx.cfg.data.image_size, cfg.crop_min_scale,
+                                               *input_normalization(ctx.manifest)),
                                run.seed)
     torch.manual_seed(run.seed)
     model = Classifier(ctx.backbone, ctx.num_classes, frozen=True).to(ctx.device)
@@ -146,9 +150,9 @@ def standard_probe(ctx: EvalContext) -> tuple[dict[str, float], dict]:
                               device=ctx.device, num_workers=ctx.cfg.data.num_workers,
                               progress=run.progress, desc=f"evaluate {split}")
               for split in ("val", "test")}
-    metrics = {**scores["test"], "val_top1": scores["val"]["top1"],
-               "val_top5": scores["val"]["top5"]}
-    return metrics, {"lr": lr, "final_train_loss": loss}
+    metrics = {**scores["test"][0], "val_top1": scores["val"][0]["top1"],
+               "val_top5": scores["val"][0]["top5"]}
+    return metrics, {"lr": lr, "final_train_loss": loss, HITS_KEY: pack_hits(scores["test"][1])}
 
 
 def run(ctx: EvalContext) -> TaskOutput:

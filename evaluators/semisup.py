@@ -16,12 +16,13 @@ import numpy as np
 import torch
 
 from sslbench import distributed as D
+from sslbench.artifact import input_normalization
 from sslbench.config import to_dict
 from sslbench.data import DatasetError, LabeledDataset
 from sslbench.io import sha256_file
 from sslbench.optim import build_optimizer, param_groups, scaled_lr
 
-from sslbench.results import TaskOutput
+from sslbench.results import HITS_KEY, TaskOutput, pack_hits
 
 from .context import EvalContext
 from .training import Classifier, SeededAugmentation, evaluate, fit, train_transform
@@ -119,7 +120,8 @@ def run(ctx: EvalContext) -> TaskOutput:
                          f"{cfg.head_lr} and {cfg.backbone_lr}")
     indices = labelled_indices(ctx.datasets["train"], cfg.fraction, cfg.split_file, run_cfg.seed)
     labelled = SeededAugmentation(ctx.datasets["train"],
-                                  train_transform(ctx.cfg.data.image_size, cfg.crop_min_scale),
+                                  train_transform(ctx.cfg.data.image_size, cfg.crop_min_scale,
+                                                  *input_normalization(ctx.manifest)),
                                   run_cfg.seed, indices)
     torch.manual_seed(run_cfg.seed)
     model = Classifier(ctx.backbone, ctx.num_classes, frozen=False)
@@ -138,8 +140,8 @@ def run(ctx: EvalContext) -> TaskOutput:
                               device=ctx.device, num_workers=ctx.cfg.data.num_workers,
                               progress=run_cfg.progress, desc=f"evaluate {split}")
               for split in ("val", "test")}
-    metrics = {**scores["test"], "val_top1": scores["val"]["top1"],
-               "val_top5": scores["val"]["top5"]}
+    metrics = {**scores["test"][0], "val_top1": scores["val"][0]["top1"],
+               "val_top5": scores["val"][0]["top5"]}
     protocol = to_dict(cfg)
     if cfg.split_file is None:
         protocol.pop("split_file")
@@ -151,5 +153,5 @@ def run(ctx: EvalContext) -> TaskOutput:
                          minlength=ctx.num_classes)
     details = {"labelled_per_class": dict(zip(ctx.datasets["train"].classes, counts.tolist())),
                "lr": {"head": lr, "backbone": lr * cfg.backbone_lr / cfg.head_lr},
-               "final_train_loss": loss}
+               "final_train_loss": loss, HITS_KEY: pack_hits(scores["test"][1])}
     return TaskOutput(metrics, {"semisup": protocol}, details, {"labelled": len(indices)})

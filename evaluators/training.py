@@ -26,15 +26,18 @@ from sslbench.data import LabeledDataset
 from sslbench.optim import set_lr, warmup_cosine
 from sslbench.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-from .accuracy import topk_accuracy
+from .accuracy import scored
 from .features import infer
 
 
-def train_transform(image_size: int, crop_min_scale: float) -> Callable:
-    """The linear-evaluation augmentation of the seed papers: random-resized crop and flip."""
+def train_transform(image_size: int, crop_min_scale: float,
+                    mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> Callable:
+    """The linear-evaluation augmentation of the seed papers: random-resized crop and flip;
+    mean/std: the backbone's input normalisation (artifact.input_normalization)."""
     return T.Compose([T.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0)),
                       T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+                      T.Normalize(tuple(mean), tuple(std))])
 
 
 class SeededAugmentation(Dataset):
@@ -154,8 +157,9 @@ def fit(model: Classifier, dataset: SeededAugmentation, optimizer: torch.optim.O
 
 def evaluate(model: nn.Module, dataset: LabeledDataset, *, batch_size: int, device: torch.device,
              num_workers: int = 0, progress: bool = True,
-             desc: str = "evaluate") -> dict[str, float]:
-    """Top-1 / top-5 accuracy (%) of `model`'s logits on `dataset` (eval mode, no augmentation)."""
+             desc: str = "evaluate") -> tuple[dict[str, float], torch.Tensor]:
+    """Top-1 / top-5 accuracy (%) of `model`'s logits on `dataset` (eval mode, no augmentation)
+    and the per-sample top-1 hits."""
     logits = infer(model, dataset, batch_size=batch_size, device=device,
                    num_workers=num_workers, progress=progress, desc=desc)
-    return topk_accuracy(logits, torch.as_tensor(dataset.targets))
+    return scored(logits, torch.as_tensor(dataset.targets))

@@ -1,12 +1,19 @@
 """The leaderboard: result records grouped into rows and columns, seeds aggregated, rows ranked.
 
-A row is one pretraining recipe, (method, architecture, run name), so re-running a recipe with
-another seed adds to its row instead of making a new one; a backbone without a run name is its
-own row, named by its weights' sha256. A column is one (task, protocol_id): numbers measured
-under different protocols are never averaged, however alike they look. A cell aggregates the
-column's ranked metric over every record of its row (evaluation seeds and pretrained backbones of
-the run) as mean, sample standard deviation and n. Ranks are fractional (ties share the mean of
-their positions) and a row's average rank is over the columns it has (Demšar, JMLR 2006).
+A row is one pretraining recipe: (method, architecture, run name, recipe hash), so re-running a
+recipe with another seed adds to its row, while two configs that share a run name (say, another
+`method.loss_form`) are two rows, labelled by the config values in which they differ. An
+imported backbone is keyed by its source file's sha256; a backbone with neither by its weights'.
+A column is one (task, protocol_id): numbers measured under different protocols are never
+averaged, however alike they look. A cell aggregates the column's ranked metric over every record
+of its row (evaluation seeds and pretrained backbones of the run) as mean, sample standard
+deviation, n and a 95% interval (leaderboard/stats.py). Ranks are fractional (ties share the mean
+of their positions), a row's average rank is over the columns it has (Demšar, JMLR 2006), and
+each cell says whether its row is statistically indistinguishable from the column's best.
+
+Baseline rows (BASELINES: random-init, the floor; supervised, the ceiling) are not ranked: they
+are shown apart, and every ranked cell says where it falls between its architecture's floor and
+ceiling in that column (0 = floor, 1 = ceiling).
 
 Published numbers (configs/reference/) are kept apart as `ReferenceTable`s: they come from other
 protocols and hardware, so they are shown beside the board and never ranked.
@@ -22,10 +29,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
-from sslbench.results import ResultRecord, load_records
+from sslbench.config import RECIPE_IGNORED_KEYS
+from sslbench.results import HITS_KEY, ResultRecord, load_records, unpack_hits
 from sslbench.tasks import get_task, tasks
+
+from . import stats
+
+# Baseline methods, not ranked: what a cell's position between floor (0) and ceiling (1) means.
+BASELINES = {"random-init": "floor", "supervised": "ceiling"}
 
 
 def ranked_metrics() -> dict[str, str]:
@@ -40,11 +54,13 @@ class RowKey:
     method: str
     arch: str
     run: str  # the run name, else the weights' sha256 prefix
+    recipe: str  # the recipe hash, else an imported source's sha256 (prefixes), else ""
 
     @classmethod
     def of(cls, record: ResultRecord) -> "RowKey":
         b = record.backbone
-        return cls(b.method, b.arch, b.run_name or b.weights_sha256[:12])
+        identity = b.config_hash or b.source_sha256 or ""  # "": a record from before schema 2
+        return cls(b.method, b.arch, b.run_name or b.weights_sha256[:12], identity[:12])
 
 
 @dataclass(frozen=True)
@@ -65,7 +81,11 @@ class Column:
 @dataclass(frozen=True)
 class Cell:
     values: tuple[float, ...]
-    rank: float
+    rank: float | None  # None in a baseline row
+    interval: tuple[float, float] | None = None  # 95%; None: one run and no per-image scores
+    interval_kind: str = ""  # "seeds" (t over n >= 2) | "bootstrap" (test images, n = 1) | ""
+    tied_with_best: bool | None = None  # indistinguishable from the column's best; None: untested
+    position: float | None = None  # (mean - floor) / (ceiling - floor) in this column
 
     @property
     def n(self) -> int:
@@ -85,17 +105,25 @@ class Cell:
 class Row:
     key: RowKey
     cells: dict[str, Cell]  # by Column.key
+    label: str = ""  # the run name, with the config values that tell it from a namesake row
 
     @property
-    def average_rank(self) -> float:
-        return statistics.fmean(c.rank for c in self.cells.values())
+    def baseline(self) -> str | None:
+        """"floor" or "ceiling" for a baseline row, else None."""
+        return BASELINES.get(self.key.method)
+
+    @property
+    def average_rank(self) -> float | None:
+        ranks = [c.rank for c in self.cells.values() if c.rank is not None]
+        return statistics.fmean(ranks) if ranks else None
 
 
 @dataclass(frozen=True)
 class Board:
     columns: tuple[Column, ...]
-    rows: tuple[Row, ...]  # most columns first, then best average rank
+    rows: tuple[Row, ...]  # ranked rows: most columns first, then best average rank
     records: int
+    baselines: tuple[Row, ...] = ()  # floor and ceiling rows, not ranked
 
     def tasks(self) -> list[str]:
         return list(dict.fromkeys(c.task for c in self.columns))
@@ -159,22 +187,96 @@ def build_board(records: Iterable[ResultRecord], metrics: dict[str, str] | None 
     order = list(metrics)
     records = list(records)
     columns: dict[str, Column] = {}
-    values: dict[tuple[RowKey, str], list[float]] = {}
+    groups: dict[tuple[RowKey, str], list[ResultRecord]] = {}
     for r in sorted(records, key=lambda r: (RowKey.of(r), r.task, r.protocol_id, r.seed)):
         column = Column(r.task, r.protocol_id, metrics[r.task], r.dataset.name, r.protocol)
         columns.setdefault(column.key, column)
-        values.setdefault((RowKey.of(r), column.key), []).append(r.metrics[column.metric])
+        groups.setdefault((RowKey.of(r), column.key), []).append(r)
     ordered = _labelled(sorted(columns.values(),
                                key=lambda c: (order.index(c.task), c.dataset, c.protocol_id)))
     cells: dict[RowKey, dict[str, Cell]] = {}
     for column in ordered:
-        means = {row: statistics.fmean(v) for (row, key), v in values.items() if key == column.key}
-        higher_is_better = get_task(column.task).higher_is_better
-        for row, rank in fractional_ranks(means, higher_is_better).items():
-            cells.setdefault(row, {})[column.key] = Cell(tuple(values[row, column.key]), rank)
-    rows = sorted((Row(key, c) for key, c in cells.items()),
-                  key=lambda row: (-len(row.cells), row.average_rank, row.key))
-    return Board(tuple(ordered), tuple(rows), len(records))
+        found = {row: recs for (row, key), recs in groups.items() if key == column.key}
+        for row, cell in _column_cells(column, found).items():
+            cells.setdefault(row, {})[column.key] = cell
+    labels = _row_labels({key: groups[next(k for k in groups if k[0] == key)][0]
+                          for key in cells})
+    rows = [Row(key, c, labels[key]) for key, c in cells.items()]
+    ranked = sorted((r for r in rows if r.baseline is None),
+                    key=lambda row: (-len(row.cells), row.average_rank, row.key))
+    baselines = sorted((r for r in rows if r.baseline is not None),
+                       key=lambda row: (list(BASELINES.values()).index(row.baseline), row.key))
+    return Board(tuple(ordered), tuple(ranked), len(records), tuple(baselines))
+
+
+def _per_image(records: list[ResultRecord]) -> np.ndarray | None:
+    """The row's per-image top-1 accuracy over its records (mean of their hits), when every
+    record kept its hits on one test set; else None."""
+    hits = [unpack_hits(r.details[HITS_KEY]) for r in records if HITS_KEY in r.details]
+    if not hits or len(hits) != len(records) or len({len(h) for h in hits}) != 1:
+        return None
+    return np.mean(hits, axis=0)
+
+
+def _column_cells(column: Column, found: dict[RowKey, list[ResultRecord]]) -> dict[RowKey, Cell]:
+    """Every row's cell in `column`: values, interval, rank, the test against the best, and the
+    position between the baselines."""
+    values = {row: [r.metrics[column.metric] for r in recs] for row, recs in found.items()}
+    per_image = {row: _per_image(recs) for row, recs in found.items()}
+    means = {row: statistics.fmean(v) for row, v in values.items()}
+    ranks = fractional_ranks({row: m for row, m in means.items() if row.method not in BASELINES},
+                             get_task(column.task).higher_is_better)
+    best = min(ranks, key=lambda row: (ranks[row], row), default=None)
+    bounds = {(row.arch, BASELINES[row.method]): means[row] for row in means
+              if row.method in BASELINES}
+    cells = {}
+    for row, vals in values.items():
+        if len(vals) >= 2:
+            interval, kind = stats.seed_interval(vals), "seeds"
+        elif per_image[row] is not None:
+            interval, kind = stats.bootstrap_interval(per_image[row]), "bootstrap"
+        else:
+            interval, kind = None, ""
+        tied = None
+        if row in ranks:
+            tied = True if ranks[row] == ranks[best] else _indistinguishable(
+                values[best], vals, per_image[best], per_image[row])
+        floor, ceiling = bounds.get((row.arch, "floor")), bounds.get((row.arch, "ceiling"))
+        position = None
+        if row in ranks and floor is not None and ceiling is not None and ceiling != floor:
+            position = (means[row] - floor) / (ceiling - floor)
+        cells[row] = Cell(tuple(vals), ranks.get(row), interval, kind, tied, position)
+    return cells
+
+
+def _indistinguishable(best: list[float], other: list[float], best_images: np.ndarray | None,
+                       other_images: np.ndarray | None) -> bool | None:
+    """Paired over test images where both rows kept them, else Welch over seeds (n >= 2 each),
+    else None: no test is possible."""
+    if best_images is not None and other_images is not None \
+            and best_images.shape == other_images.shape:
+        return stats.indistinguishable_paired(best_images, other_images)
+    if len(best) >= 2 and len(other) >= 2:
+        return stats.indistinguishable_seeds(best, other)
+    return None
+
+
+def _row_labels(first: dict[RowKey, ResultRecord]) -> dict[RowKey, str]:
+    """Each row's run name; where several rows share one, each gets the pretraining config values
+    (dotted keys) in which they differ, e.g. `simclr [method.loss_form=exact]`."""
+    labels = {}
+    for key, record in first.items():
+        namesakes = [k for k in first if (k.method, k.arch, k.run) == (key.method, key.arch, key.run)]
+        if len(namesakes) == 1:
+            labels[key] = key.run
+            continue
+        configs = [_flatten(first[k].backbone.config) for k in namesakes]
+        mine = _flatten(record.backbone.config)
+        differ = [k for k in sorted(set().union(*configs)) if k not in RECIPE_IGNORED_KEYS
+                  and len({c.get(k, "(unset)") for c in configs}) > 1]
+        shown = ", ".join(f"{k}={mine.get(k, '(unset)')}" for k in differ) or key.recipe or "?"
+        labels[key] = f"{key.run} [{shown}]"
+    return labels
 
 
 def _labelled(columns: list[Column]) -> list[Column]:

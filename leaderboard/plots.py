@@ -39,7 +39,7 @@ def bar_chart(board: Board, task: str) -> bytes:
         for y, c in placed:
             ax.annotate(f"n={c.n}", (c.mean + (c.std or 0.0), y), xytext=(4, 0),
                         textcoords="offset points", va="center", fontsize=8)
-    ax.set_yticks(range(len(rows)), [_text(f"{r.key.run} ({r.key.method})") for r in rows])
+    ax.set_yticks(range(len(rows)), [_text(f"{r.label} ({r.key.method})") for r in rows])
     ax.invert_yaxis()  # best first, as in the table
     ax.set_xlabel(_text(f"{columns[0].metric} (mean ± std over n records)"))
     ax.set_title(_text(task))

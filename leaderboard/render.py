@@ -16,12 +16,23 @@ import html
 import io
 import json
 
-from .aggregate import Board, Cell, Column, ReferenceTable
+from .aggregate import Board, Cell, Column, ReferenceTable, Row
 
 INTRO = ("Each cell: mean ± sample std of the column's metric over n records (evaluation seeds "
          "and pretraining runs of the row's recipe) and the row's rank in the column. Rows are "
          "ordered by the number of columns they have, then by average rank over those columns. "
          "Numbers measured under different protocols are different columns, never averaged.")
+LEGEND = ("[lo, hi]: 95% interval: Student's t over the seeds where n ≥ 2; for a single run of a "
+          "classification task, a percentile bootstrap over the test images (2,000 resamples); "
+          "none where n=1 and the task keeps no per-image scores (detection, segmentation). "
+          "≈best: statistically indistinguishable from the column's best row: a paired "
+          "bootstrap over the same test images of the difference in per-image top-1 (its 95% "
+          "interval holds 0) for classification, Welch's t-test over seeds (p ≥ 0.05) otherwise; "
+          "no mark where neither test is possible. pos: where the cell falls between the "
+          "baselines of its architecture, random-init (0) and supervised (1).")
+BASELINE_INTRO = ("Baselines, not ranked: random-init (the same architecture, untrained: the "
+                  "floor) and supervised (the same backbone trained with labels under the SSL "
+                  "recipes' data, augmentation and step budget: the ceiling).")
 REFERENCE_INTRO = ("Published numbers, as printed in the seed papers. They were measured under "
                    "the papers' own protocols, so they are not ranked with the rows above.")
 
@@ -30,8 +41,32 @@ def _mean_std(cell: Cell) -> str:
     return f"{cell.mean:.2f}" + ("" if cell.std is None else f" ± {cell.std:.2f}")
 
 
+def _count_rank(cell: Cell) -> str:
+    return f"n={cell.n}" + ("" if cell.rank is None else f", rank {cell.rank:g}")
+
+
+def _uncertainty(cell: Cell) -> str:
+    """The interval, the mark against the best and the position between the baselines."""
+    parts = []
+    if cell.interval is not None:
+        parts.append(f"[{cell.interval[0]:.2f}, {cell.interval[1]:.2f}]")
+    if cell.tied_with_best and cell.rank != 1:
+        parts.append("≈best")
+    if cell.position is not None:
+        parts.append(f"pos {cell.position:.2f}")
+    return " ".join(parts)
+
+
 def _md_cell(cell: Cell | None) -> str:
-    return "–" if cell is None else f"{_mean_std(cell)} (n={cell.n}, rank {cell.rank:g})"
+    if cell is None:
+        return "–"
+    extra = _uncertainty(cell)
+    return f"{_mean_std(cell)} ({_count_rank(cell)})" + (f" {extra}" if extra else "")
+
+
+def _avg_rank(row: Row, board: Board) -> str:
+    shown = "–" if row.average_rank is None else f"{row.average_rank:.2f}"
+    return f"{shown} ({len(row.cells)}/{len(board.columns)})"
 
 
 def _number(value: float | None) -> str:
@@ -57,13 +92,18 @@ def _settings(board: Board, column: Column) -> str:
 def markdown(board: Board, reference: list[ReferenceTable], source: str) -> str:
     lines = ["# Leaderboard", "",
              f"{board.records} result records from `{_md(source)}`, {len(board.rows)} pretraining "
-             f"runs × {len(board.columns)} task protocols. {INTRO}", ""]
+             f"runs × {len(board.columns)} task protocols. {INTRO}", "", LEGEND, ""]
     header = ["run", "method", "arch", "avg rank"] + [
         f"{_md(c.label)} {_md(c.metric)}" for c in board.columns]
-    lines += _md_table(header, [
-        [_md(r.key.run), _md(r.key.method), _md(r.key.arch),
-         f"{r.average_rank:.2f} ({len(r.cells)}/{len(board.columns)})"]
-        + [_md_cell(r.cells.get(c.key)) for c in board.columns] for r in board.rows])
+
+    def table(rows: tuple[Row, ...]) -> list[str]:
+        return _md_table(header, [
+            [_md(r.label), _md(r.key.method), _md(r.key.arch), _avg_rank(r, board)]
+            + [_md_cell(r.cells.get(c.key)) for c in board.columns] for r in rows])
+
+    lines += table(board.rows)
+    if board.baselines:
+        lines += ["", "## Baselines", "", BASELINE_INTRO, ""] + table(board.baselines)
     lines += ["", "## Columns", ""]
     lines += _md_table(["column", "task", "dataset", "metric", "protocol id", "differs in"], [
         [_md(c.label), c.task, _md(c.dataset), _md(c.metric), c.protocol_id,
@@ -85,16 +125,26 @@ def csv_text(board: Board) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     names = [f"{c.task}:{c.protocol_id}:{c.metric}" for c in board.columns]
-    writer.writerow(["run", "method", "arch", "avg_rank", "columns"]
-                    + [f"{n}:{stat}" for n in names for stat in ("mean", "std", "n", "rank")])
-    for row in board.rows:
-        fields = [row.key.run, row.key.method, row.key.arch, repr(row.average_rank),
-                  len(row.cells)]
+    stats = ("mean", "std", "n", "rank", "lo", "hi", "interval", "tied_with_best", "position")
+    writer.writerow(["run", "method", "arch", "recipe", "baseline", "avg_rank", "columns"]
+                    + [f"{n}:{stat}" for n in names for stat in stats])
+
+    def blank(value) -> str:
+        return "" if value is None else value
+
+    for row in (*board.rows, *board.baselines):
+        fields = [row.label, row.key.method, row.key.arch, row.key.recipe, blank(row.baseline),
+                  blank(row.average_rank and repr(row.average_rank)), len(row.cells)]
         for column in board.columns:
             cell = row.cells.get(column.key)
-            fields += (["", "", "", ""] if cell is None else
-                       [repr(cell.mean), "" if cell.std is None else repr(cell.std), cell.n,
-                        f"{cell.rank:g}"])
+            if cell is None:
+                fields += [""] * len(stats)
+                continue
+            lo, hi = cell.interval or (None, None)
+            fields += [repr(cell.mean), blank(cell.std and repr(cell.std)), cell.n,
+                       "" if cell.rank is None else f"{cell.rank:g}",
+                       blank(lo and repr(lo)), blank(hi and repr(hi)), cell.interval_kind,
+                       blank(cell.tied_with_best), blank(cell.position and repr(cell.position))]
         writer.writerow(fields)
     return out.getvalue()
 
@@ -176,27 +226,30 @@ def _td(text: str, value: str | float | None = None, numeric: bool = False) -> s
     return f'<td{data}{" class=num" if numeric else ""}>{text}</td>'
 
 
-def _board_table(board: Board) -> str:
+def _board_table(board: Board, rows: tuple[Row, ...], table_id: str) -> str:
     head = [_th("run", "run", "text", "ascending"), _th("method", "method", "text", "ascending"),
             _th("arch", "arch", "text", "ascending"),
             _th("avg_rank", "avg rank", "number", "ascending", sort="ascending")]
     head += [_th(c.key, f"{_e(c.label)}<br><span class=meta>{_e(c.metric)}</span>", "number",
                  "descending") for c in board.columns]
     body = []
-    for r in board.rows:
-        cells = [_td(_e(r.key.run), r.key.run), _td(_e(r.key.method), r.key.method),
+    for r in rows:
+        rank = "–" if r.average_rank is None else f"{r.average_rank:.2f}"
+        cells = [_td(_e(r.label), r.label), _td(_e(r.key.method), r.key.method),
                  _td(_e(r.key.arch), r.key.arch),
-                 _td(f"{r.average_rank:.2f} <span class=meta>({len(r.cells)}/"
-                     f"{len(board.columns)})</span>", repr(r.average_rank), numeric=True)]
+                 _td(f"{rank} <span class=meta>({len(r.cells)}/{len(board.columns)})</span>",
+                     None if r.average_rank is None else repr(r.average_rank), numeric=True)]
         for c in board.columns:
             cell = r.cells.get(c.key)
             if cell is None:
                 cells.append(_td("–"))
                 continue
-            cells.append(_td(f"{_mean_std(cell)}<br><span class=meta>n={cell.n}, rank "
-                             f"{cell.rank:g}</span>", repr(cell.mean), numeric=True))
+            extra = _uncertainty(cell)
+            cells.append(_td(f"{_mean_std(cell)}<br><span class=meta>{_count_rank(cell)}"
+                             + (f"<br>{_e(extra)}" if extra else "") + "</span>",
+                             repr(cell.mean), numeric=True))
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return ('<table id="board" class="sortable">\n<thead><tr>' + "".join(head)
+    return (f'<table id="{table_id}" class="sortable">\n<thead><tr>' + "".join(head)
             + "</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>")
 
 
@@ -235,8 +288,12 @@ def html_page(board: Board, reference: list[ReferenceTable], source: str,
     body = ["<h1>Leaderboard</h1>",
             f"<p>{board.records} result records from <code>{_e(source)}</code>, "
             f"{len(board.rows)} pretraining runs × {len(board.columns)} task protocols. "
-            f"{_e(INTRO)} Click a header to sort.</p>",
-            _board_table(board), _columns_section(board), figures]
+            f"{_e(INTRO)} Click a header to sort.</p>", f"<p class=meta>{_e(LEGEND)}</p>",
+            _board_table(board, board.rows, "board")]
+    if board.baselines:
+        body += ["<h2>Baselines</h2>", f"<p>{_e(BASELINE_INTRO)}</p>",
+                 _board_table(board, board.baselines, "baselines")]
+    body += [_columns_section(board), figures]
     if reference:
         body.append(_reference_section(reference))
     return ("<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"

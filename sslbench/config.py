@@ -23,6 +23,8 @@ from .registry import closest
 # Keys that name or place a run but do not change what it computes.
 NON_SEMANTIC_KEYS = ("run.name", "run.output_dir", "data.num_workers", "train.log_every",
                      "train.checkpoint_every", "train.progress")
+# ... and the seed: runs of one recipe with different seeds share a recipe hash (one board row).
+RECIPE_IGNORED_KEYS = (*NON_SEMANTIC_KEYS, "run.seed")
 
 
 class ConfigError(ValueError):
@@ -150,6 +152,11 @@ def config_hash(cfg: DictConfig | dict, ignore: Sequence[str] = NON_SEMANTIC_KEY
             node.pop(leaf, None)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def recipe_hash(cfg: DictConfig | dict) -> str:
+    """config_hash without the seed: what a leaderboard row is keyed by."""
+    return config_hash(cfg, RECIPE_IGNORED_KEYS)
 
 
 def save_config(cfg: DictConfig, path: str | Path) -> None:

@@ -14,6 +14,8 @@ the process count.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import hashlib
 import importlib.metadata
@@ -24,15 +26,24 @@ import re
 import resource
 import sys
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import __version__
+from .config import recipe_hash
 from .io import write_json_atomic
 from .tasks import tasks
 
-SCHEMA_VERSION = 1
+# 2: the backbone's identity carries its pretraining config (hash and values) and, for an
+# imported checkpoint, the source file's sha256; version-1 records read with those unknown.
+SCHEMA_VERSION = 2
+# details[HITS_KEY]: the test split's per-image top-1 hits (pack_hits), in the split's order, so
+# the leaderboard can bootstrap a single run's interval and pair two rows on the same images.
+HITS_KEY = "test_top1_hits"
 VERSION_KEYS = ("python", "torch", "torchvision", "faiss", "sslbench")
 # pip distribution names faiss ships under; the first installed one is recorded.
 FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss")
@@ -51,15 +62,24 @@ def protocol_id(protocol: dict) -> str:
 
 @dataclass(frozen=True)
 class BackboneIdentity:
+    """Which backbone: its weights, and what made them. Seeds of one pretraining config share
+    `config_hash` (one leaderboard row); configs that differ never do."""
+
     weights_sha256: str
     method: str
     run_name: str | None
     arch: str
+    config_hash: str | None = None  # the pretraining recipe's (config.recipe_hash: no seed)
+    config: dict[str, Any] = field(default_factory=dict)  # that config, to label rows apart
+    source_sha256: str | None = None  # an imported checkpoint's source file
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "BackboneIdentity":
+        source = manifest.get("source") or {}
+        config = manifest.get("config") or {}
         return cls(manifest["weights_sha256"], manifest["method"], manifest.get("run_name"),
-                   manifest["arch"])
+                   manifest["arch"], recipe_hash(config) if config else None, config,
+                   source.get("sha256"))
 
 
 @dataclass(frozen=True)
@@ -139,9 +159,13 @@ def _check(ok: bool, source: str, where: str, problem: str, value: Any) -> None:
 
 
 def _sub(cls: type, obj: Any, source: str, where: str):
+    """A nested dataclass from JSON: every field without a default must be there (those with
+    one were added by a later schema version), and no unknown field."""
     _check(isinstance(obj, dict), source, where, "expected a JSON object", obj)
     names = [f.name for f in fields(cls)]
-    missing = [n for n in names if n not in obj]
+    required = [f.name for f in fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in obj]
     _check(not missing, source, ", ".join(f"{where}.{n}" for n in missing), "missing", None)
     unknown = sorted(set(obj) - set(names))
     _check(not unknown, source, ", ".join(f"{where}.{n}" for n in unknown), "unknown field", None)
@@ -186,6 +210,11 @@ def validate(record: ResultRecord, source: str = "record") -> None:
                "expected a non-empty string", value)
     _check(b.run_name is None or isinstance(b.run_name, str), s, "backbone.run_name",
            "expected a string or null", b.run_name)
+    for key in ("config_hash", "source_sha256"):
+        value = getattr(b, key)
+        _check(value is None or (isinstance(value, str) and bool(value)), s, f"backbone.{key}",
+               "expected a non-empty string or null", value)
+    _check(_json_object(b.config), s, "backbone.config", "expected a JSON object", None)
     _check(_json_object(r.protocol) and bool(r.protocol), s, "protocol",
            "expected a non-empty JSON object", None)
     d = r.dataset
@@ -216,11 +245,39 @@ def validate(record: ResultRecord, source: str = "record") -> None:
         _check(value is None or isinstance(value, str), s, f"versions.{key}",
                "expected a string or null", value)
     _check(_json_object(r.details), s, "details", "expected a JSON object", None)
+    if HITS_KEY in r.details:
+        try:
+            hits = unpack_hits(r.details[HITS_KEY])
+        except ValueError as err:
+            _check(False, s, f"details.{HITS_KEY}", str(err), None)
+        _check(len(hits) == d.splits.get("test"), s, f"details.{HITS_KEY}",
+               f"holds {len(hits)} images, the test split {d.splits.get('test')}", None)
     _check(isinstance(r.created, str), s, "created", "expected an ISO timestamp", r.created)
     try:
         datetime.datetime.fromisoformat(r.created)
     except ValueError:
         _check(False, s, "created", "expected an ISO timestamp", r.created)
+
+
+def pack_hits(hits: Any) -> dict[str, Any]:
+    """Per-image 0/1 hits as {"n": N, "bits": base64 of the packed bits}: 1,600 images take 268
+    characters, ImageNet's 50,000 about 8 kB."""
+    bits = np.asarray(hits, dtype=bool).ravel()
+    return {"n": int(bits.size), "bits": base64.b64encode(np.packbits(bits)).decode("ascii")}
+
+
+def unpack_hits(packed: Any) -> np.ndarray:
+    """The bool array `pack_hits` packed; ValueError when `packed` is not such an object."""
+    if not (isinstance(packed, dict) and set(packed) == {"n", "bits"} and _is_int(packed["n"])
+            and packed["n"] >= 0 and isinstance(packed["bits"], str)):
+        raise ValueError('expected {"n": count, "bits": base64}')
+    try:
+        raw = base64.b64decode(packed["bits"], validate=True)
+    except binascii.Error as err:
+        raise ValueError(f"bits are not base64 ({err})") from None
+    if len(raw) != (packed["n"] + 7) // 8:
+        raise ValueError(f"{len(raw)} bytes cannot hold exactly {packed['n']} bits")
+    return np.unpackbits(np.frombuffer(raw, np.uint8), count=packed["n"]).astype(bool)
 
 
 @dataclass(frozen=True)
