@@ -52,6 +52,9 @@ class KnnConfig:
     ivf_nlist: int = 1024
     ivf_nprobe: int = 32
     chunk_size: int = 4096  # queries searched at once: bounds memory, not the result
+    # auto: faiss on the CPU, chunked matmul + top-k in torch on a GPU (no faiss-gpu needed);
+    # faiss: faiss everywhere (on the GPU where faiss-gpu is installed); torch: torch everywhere
+    backend: str = "auto"
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Weighted kNN classification on frozen features (Wu et al. 2018; the DINO evaluation).
 
-Features are l2-normalised and searched with a faiss inner-product index (exact by default; IVF
-for very large banks; on the GPU when a GPU and faiss-gpu are present). Each of a query's k
+Features are l2-normalised and searched exactly by inner product: with faiss on the CPU (IVF for
+very large banks, approximate), and on a GPU by chunked matmul + top-k in torch, which needs no
+faiss-gpu and is as fast (faiss#3621); faiss-gpu stays an option (knn.backend=faiss). Each of a query's k
 nearest training samples votes for its class with weight exp(sim / T). Neighbours are searched
 once for the largest k and every (k, T) of the grid is scored from them; queries go in chunks,
 so memory stays bounded by chunk_size x max(k) whatever the number of queries. (k, T) is chosen
@@ -59,6 +60,52 @@ class NeighbourIndex:
         fewer than k pads with index -1 and similarity -3.4e38, whose vote weight is exactly 0."""
         sims, idx = self.index.search(_normalised(queries), k)
         return torch.from_numpy(sims), torch.from_numpy(idx)
+
+
+class TorchIndex:
+    """Exact inner-product search over the l2-normalised bank on `device`, by matmul + top-k over
+    bank chunks with a running merge: memory is bounded by queries x bank_chunk."""
+
+    def __init__(self, bank: torch.Tensor, device: torch.device, bank_chunk: int = 65536):
+        self.bank = F.normalize(bank.float(), dim=1).to(device)
+        self.device, self.bank_chunk = device, bank_chunk
+        self.description = f"TorchIndex({device})"
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, k) similarities and bank indices (CPU tensors), most similar first."""
+        q = F.normalize(queries.float(), dim=1).to(self.device)
+        best_sims = torch.empty(len(q), 0, device=self.device)
+        best_idx = torch.empty(len(q), 0, dtype=torch.long, device=self.device)
+        for lo in range(0, len(self.bank), self.bank_chunk):
+            sims = q @ self.bank[lo : lo + self.bank_chunk].T
+            top = sims.topk(min(k, sims.shape[1]), dim=1)
+            merged = torch.cat([best_sims, top.values], dim=1)
+            order = merged.topk(min(k, merged.shape[1]), dim=1).indices
+            best_sims = merged.gather(1, order)
+            best_idx = torch.cat([best_idx, top.indices + lo], dim=1).gather(1, order)
+        return best_sims.cpu(), best_idx.cpu()
+
+
+BACKENDS = ("auto", "faiss", "torch")
+
+
+def build_index(bank: torch.Tensor, device: torch.device, backend: str = "auto",
+                kind: str = "flat", nlist: int = 1024, nprobe: int = 32):
+    """faiss on the CPU, torch on a GPU ("auto"); faiss searches on the GPU where faiss-gpu is
+    installed and asked for (backend="faiss"). IVF (approximate) is faiss's only."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown knn.backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        backend = "torch" if device.type == "cuda" and kind == "flat" else "faiss"
+    if backend == "torch":
+        if kind != "flat":
+            raise ValueError(f"knn.index={kind!r} needs knn.backend=faiss (the torch search is "
+                             "exact only)")
+        return TorchIndex(bank, device)
+    on_gpu = device.type == "cuda" and faiss_gpu_available()
+    gpu = (device.index or 0) if on_gpu else None
+    return NeighbourIndex(bank, kind, nlist, nprobe, gpu)
 
 
 def faiss_gpu_available() -> bool:
@@ -137,7 +184,8 @@ class KnnResult:
 def evaluate_knn(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
                  test: tuple[torch.Tensor, torch.Tensor], num_classes: int, ks: list[int],
                  temperatures: list[float], *, index: str = "flat", ivf_nlist: int = 1024,
-                 ivf_nprobe: int = 32, chunk_size: int = 4096, gpu: int | None = None,
+                 ivf_nprobe: int = 32, chunk_size: int = 4096,
+                 device: torch.device = torch.device("cpu"), backend: str = "auto",
                  progress: bool = True) -> KnnResult:
     """Choose (k, T) by val top-1 (then top-5, then smaller k, then smaller T); score test with it.
 
@@ -152,7 +200,7 @@ def evaluate_knn(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tens
     if ks[-1] > len(bank):
         notes.append(f"k values {sorted(k for k in ks if k > len(bank))} exceed the bank size "
                      f"{len(bank)} and were clipped to it")
-    index_ = NeighbourIndex(bank, index, ivf_nlist, ivf_nprobe, gpu)
+    index_ = build_index(bank, device, backend, index, ivf_nlist, ivf_nprobe)
     grid = knn_grid(index_, bank_labels, *val, clipped, temperatures, num_classes, chunk_size,
                     progress, "knn val")
     order = list(grid)
@@ -172,11 +220,11 @@ def run(ctx: EvalContext) -> TaskOutput:
     """The kNN evaluator: cached features of train (the bank), val and test."""
     cfg = ctx.cfg.knn
     train, val, test = (ctx.features(split) for split in ("train", "val", "test"))
-    gpu = ctx.device.index if ctx.device.type == "cuda" and faiss_gpu_available() else None
     result = evaluate_knn((train.features, train.labels), (val.features, val.labels),
                           (test.features, test.labels), ctx.num_classes, list(cfg.k),
                           list(cfg.temperature), index=cfg.index, ivf_nlist=cfg.ivf_nlist,
-                          ivf_nprobe=cfg.ivf_nprobe, chunk_size=cfg.chunk_size, gpu=gpu,
+                          ivf_nprobe=cfg.ivf_nprobe, chunk_size=cfg.chunk_size,
+                          device=ctx.device, backend=cfg.backend,
                           progress=ctx.cfg.run.progress)
     protocol = {"k": sorted(cfg.k), "temperature": sorted(cfg.temperature), "index": cfg.index}
     if cfg.index == "ivf":

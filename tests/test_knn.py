@@ -129,3 +129,36 @@ def test_ties_count_against_the_true_class():
     hits = topk_hits(votes, torch.tensor([1, 4, 1]), (1, 5))
     # an unvoted class is never a top-5 hit; a tie for first is not a top-1 hit
     assert hits.tolist() == [[0.0, 1.0], [0.0, 0.0], [0.0, 1.0]]
+
+
+@pytest.mark.parametrize("bank_chunk", [7, 600, 4096])  # several chunks, one exact, one larger
+def test_torch_search_equals_faiss_on_cpu_tensors(bank_chunk):
+    """The GPU path (chunked matmul + top-k with a running merge), run on CPU tensors: the same
+    neighbours as faiss, the same similarities to float32 rounding, the same kNN grid."""
+    from evaluators.knn import TorchIndex
+
+    bank, bank_y = random_split(600)
+    queries, query_y = random_split(150, seed=1)
+    faiss_index = NeighbourIndex(bank)
+    torch_index = TorchIndex(bank, torch.device("cpu"), bank_chunk=bank_chunk)
+    for k in (1, 20, 200):
+        f_sims, f_idx = faiss_index.search(queries, k)
+        t_sims, t_idx = torch_index.search(queries, k)
+        assert torch.equal(f_idx, t_idx)
+        torch.testing.assert_close(t_sims, f_sims, rtol=0, atol=1e-5)
+    grids = [knn_grid(index, bank_y, queries, query_y, [10, 200], [0.07, 0.5], CLASSES,
+                      chunk_size=64, progress=False) for index in (faiss_index, torch_index)]
+    assert grids[0] == grids[1]
+
+
+def test_backend_choice_and_its_errors():
+    from evaluators.knn import TorchIndex, build_index
+
+    bank, _ = random_split(50)
+    cpu = torch.device("cpu")
+    assert isinstance(build_index(bank, cpu), NeighbourIndex)  # auto on the CPU: faiss
+    assert isinstance(build_index(bank, cpu, "torch"), TorchIndex)
+    with pytest.raises(ValueError, match="knn.backend=faiss"):
+        build_index(bank, cpu, "torch", kind="ivf")
+    with pytest.raises(ValueError, match="unknown knn.backend 'gpu'"):
+        build_index(bank, cpu, "gpu")
