@@ -3,8 +3,9 @@
 `infer` runs a model over a dataset in eval mode; under torchrun each process takes one
 contiguous shard and the shards are gathered in rank order, so every process ends with exactly
 the single-process result. `cached_features` stores a backbone's features under a key made of
-everything that determines them (weights sha256, dataset description, transform), so one
-extraction serves every evaluator and every protocol that reads the same features.
+everything that determines them (weights sha256, how they are read out, dataset description,
+transform), so one extraction serves every evaluator and every protocol that reads the same
+features.
 """
 
 from __future__ import annotations
@@ -78,9 +79,19 @@ class Features:
     from_cache: bool = False
 
 
-def cache_key(weights_sha256: str, dataset: LabeledDataset) -> dict:
+def readout(backbone: nn.Module) -> dict:
+    """What turns the weights into features beyond the weights themselves: a ViT's pooling (CLS
+    token or patch average, from its facts), {"readout": {"pool": ...}}; {} for a ResNet or a
+    module without facts. Evaluators add it to the protocol: the same weights read two ways
+    are two protocols."""
+    facts = getattr(backbone, "facts", None)
+    pool = facts.structure.get("pool") if facts is not None else None
+    return {"readout": {"pool": pool}} if pool else {}
+
+
+def cache_key(weights_sha256: str, dataset: LabeledDataset, backbone_readout: dict) -> dict:
     """Everything that determines a backbone's features on a dataset split."""
-    return {"version": CACHE_VERSION, "weights_sha256": weights_sha256,
+    return {"version": CACHE_VERSION, "weights_sha256": weights_sha256, **backbone_readout,
             "dataset": dataset.describe(), "transform": repr(dataset.transform)}
 
 
@@ -96,7 +107,7 @@ def cached_features(backbone: nn.Module, weights_sha256: str, dataset: LabeledDa
                     num_workers: int = 0, progress: bool = True) -> Features:
     """The backbone's features on `dataset`, read from `cache_dir` when present, else extracted
     (and written there atomically by the main process). cache_dir=None disables the cache."""
-    key = cache_key(weights_sha256, dataset)
+    key = cache_key(weights_sha256, dataset, readout(backbone))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = None if cache_dir is None else Path(cache_dir) / f"{dataset.split}-{digest}.safetensors"
     labels = torch.tensor(dataset.targets, dtype=torch.int64)

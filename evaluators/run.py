@@ -16,13 +16,13 @@ import torch
 from omegaconf import DictConfig
 
 from sslbench import distributed as D
-from sslbench.artifact import load_backbone
+from sslbench.artifact import input_normalization, load_backbone
 from sslbench.results import DatasetInfo, build_record, write_record
 from sslbench.tasks import get_task
 from sslbench.transforms import build_eval_transform
 
 from .context import EvalContext, load_splits
-from .features import cache_location
+from .features import cache_location, readout
 
 
 def data_protocol(image_size: int, datasets: dict) -> dict:
@@ -57,7 +57,7 @@ def _evaluate(task: str, cfg: DictConfig, backbone_dir: Path, out_dir: Path,
     started = time.perf_counter()
     backbone, manifest = load_backbone(backbone_dir)
     backbone.to(env.device).eval()
-    transform = build_eval_transform(cfg.data.image_size)
+    transform = build_eval_transform(cfg.data.image_size, *input_normalization(manifest))
     with D.main_process_first():  # a synthetic dataset is generated once
         datasets = load_splits(cfg.data, transform)
     cache_dir = cache_location(cfg.features.cache, cfg.features.cache_dir, out_dir)
@@ -68,7 +68,8 @@ def _evaluate(task: str, cfg: DictConfig, backbone_dir: Path, out_dir: Path,
         return None
     train = datasets["train"]
     output = dataclasses.replace(
-        output, protocol={"data": data_protocol(cfg.data.image_size, datasets), **output.protocol},
+        output, protocol={"data": data_protocol(cfg.data.image_size, datasets),
+                          **readout(backbone), **output.protocol},
         dataset=DatasetInfo(train.name, train.num_classes,
                             {**{s: len(ds) for s, ds in datasets.items()}, **output.splits},
                             train.describe()),

@@ -1,9 +1,13 @@
 """The backbone artifact (DESIGN.md contract 1): what pretraining writes and every evaluator reads.
 
 A run directory holds `backbone.safetensors` (weights only; loading it cannot run code) and
-`backbone.json` (the manifest: architecture and its arguments, how the weights were made, and
-their sha256). `load_backbone` rebuilds the network from the manifest alone and refuses weights
-whose hash or shapes do not match it.
+`backbone.json` (the manifest: architecture and its arguments, the backbone's facts (feature
+width, stages, family structure), the input normalisation its weights expect, how the weights
+were made, and their sha256). `load_backbone` rebuilds the network from the manifest alone and
+refuses weights whose hash or shapes do not match it.
+
+Format version 2 added "structure" and "normalize"; a version-1 manifest still loads, with the
+facts read from the rebuilt architecture and the ImageNet normalisation every v1 backbone used.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .backbones import BACKBONES, build_backbone
+from .backbones import BackboneFacts, build_backbone, constructor
 from .io import atomic_path, sha256_file, write_json_atomic
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 FORMAT = "sslbench.backbone"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "backbone.safetensors"
 MANIFEST_FILE = "backbone.json"
 REQUIRED_KEYS = ("format", "format_version", "arch", "arch_kwargs", "feature_dim", "method",
@@ -35,11 +40,13 @@ class ArtifactError(ValueError):
 
 
 def save_backbone(run_dir: str | Path, backbone: nn.Module, *, arch: str, arch_kwargs: dict,
-                  method: str, **provenance: Any) -> Path:
+                  method: str, mean: tuple[float, ...] = IMAGENET_MEAN,
+                  std: tuple[float, ...] = IMAGENET_STD, **provenance: Any) -> Path:
     """Write weights then manifest (each atomically); the manifest's presence marks completion.
 
-    `provenance` holds the rest of the manifest: config, config_hash, dataset, epochs, steps,
-    seed, diagnostics.
+    mean/std: the input normalisation the weights expect (of [0, 1] RGB). `provenance` holds the
+    rest of the manifest: config, config_hash, dataset, epochs, steps, seed, diagnostics; or, for
+    an imported checkpoint, `imported` and `source`.
     """
     run_dir = Path(run_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
@@ -54,6 +61,8 @@ def save_backbone(run_dir: str | Path, backbone: nn.Module, *, arch: str, arch_k
         "arch": arch,
         "arch_kwargs": dict(arch_kwargs),
         "feature_dim": int(backbone.feature_dim),
+        "structure": backbone.facts.to_dict(),
+        "normalize": {"mean": [float(m) for m in mean], "std": [float(v) for v in std]},
         "method": method,
         "weights_sha256": sha256_file(weights),
         "code_version": __version__,
@@ -87,10 +96,28 @@ def read_manifest(run_dir: str | Path) -> dict:
     if manifest["format_version"] > FORMAT_VERSION:
         raise ArtifactError(f"{path}: format version {manifest['format_version']} is newer than "
                             f"this sslbench reads ({FORMAT_VERSION}); upgrade sslbench")
-    if manifest["arch"] not in BACKBONES:
-        raise ArtifactError(f"{path}: unknown architecture {manifest['arch']!r}; "
-                            f"known: {BACKBONES.names()}")
+    try:
+        constructor(manifest["arch"])
+    except KeyError as err:  # its message names the closest known architecture
+        raise ArtifactError(f"{path}: {err.args[0]}") from None
+    manifest.setdefault("structure", backbone_facts(manifest).to_dict())
+    manifest.setdefault("normalize", {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
     return manifest
+
+
+def backbone_facts(manifest: dict) -> BackboneFacts:
+    """What the manifest's backbone is: its recorded facts, or for a manifest without them
+    (format version 1), those of its architecture built on the meta device (no memory)."""
+    if "structure" in manifest:
+        return BackboneFacts.from_dict(manifest["structure"])
+    with torch.device("meta"):
+        return build_backbone(manifest["arch"], **manifest["arch_kwargs"]).facts
+
+
+def input_normalization(manifest: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of [0, 1] RGB input the backbone expects; ImageNet's when not recorded."""
+    entry = manifest.get("normalize") or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    return tuple(entry["mean"]), tuple(entry["std"])
 
 
 def load_backbone(run_dir: str | Path, expected_arch: str | None = None,

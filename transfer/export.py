@@ -8,81 +8,58 @@
   names by suffix, so one file serves the FPN backbone (backbone.bottom_up.res5...) and the C4
   head (roi_heads.res5...). Writing a pickle is safe (it is our own numpy data); this module never
   reads one.
-- torchvision: a plain state dict for torchvision.models.resnet{18,50} without `fc`, written with
-  torch.save so `torch.load(path, weights_only=True)` reads it.
+- torchvision: a plain state dict for torchvision.models' ResNet of the same depth without
+  `fc`, written with torch.save so `torch.load(path, weights_only=True)` reads it.
 
-Only the backbone is exported: an artifact holds no projector or predictor.
+Both take any ResNet artifact with the ImageNet stem (the manifest's facts say which); the
+names come from sslbench/importers/names.py, whose table `sslbench import detectron2` reads
+the other way. Only the backbone is exported: an artifact holds no projector or predictor.
 """
 
 from __future__ import annotations
 
 import argparse
 import pickle
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from sslbench.artifact import ArtifactError, describe_arch, load_backbone
+from sslbench.artifact import ArtifactError, backbone_facts, describe_arch, load_backbone
+from sslbench.importers.names import to_detectron2
 from sslbench.io import atomic_path
 
 FORMATS = ("detectron2", "torchvision")
 DEFAULT_FILES = {"detectron2": "backbone.detectron2.pkl", "torchvision": "backbone.torchvision.pth"}
 AUTHOR = "sslbench"
-_BLOCK = re.compile(r"layer([1-4])\.(\d+)\.(.+)")
-_BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
+COUNTER = "num_batches_tracked"  # BatchNorm's step counter: detectron2 has no use for it
 
 
-def detectron2_name(key: str) -> str | None:
-    """detectron2's name for a torchvision ResNet state-dict key; None for keys it has no use for
-    (BatchNorm's num_batches_tracked). Raises on a key that is not part of a ResNet."""
-    if key.endswith(".num_batches_tracked"):
-        return None
-    module, _, param = key.rpartition(".")
-    if module == "conv1" and param == "weight":
-        return "stem.conv1.weight"
-    if module == "bn1" and param in _BN_PARAMS:
-        return f"stem.conv1.norm.{param}"
-    match = _BLOCK.fullmatch(module)
-    if match:
-        stage, block, layer = match.groups()
-        prefix = f"res{int(stage) + 1}.{block}"
-        conv = re.fullmatch(r"conv(\d)", layer)
-        bn = re.fullmatch(r"bn(\d)", layer)
-        if conv and param == "weight":
-            return f"{prefix}.{layer}.weight"
-        if bn and param in _BN_PARAMS:
-            return f"{prefix}.conv{bn.group(1)}.norm.{param}"
-        if layer == "downsample.0" and param == "weight":
-            return f"{prefix}.shortcut.weight"
-        if layer == "downsample.1" and param in _BN_PARAMS:
-            return f"{prefix}.shortcut.norm.{param}"
-    raise ArtifactError(f"state-dict key {key!r} is not part of a torchvision ResNet; "
-                        "cannot name it for detectron2")
-
-
-def to_detectron2(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+def detectron2_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """The state dict under detectron2's names, as numpy arrays with the same bits."""
     out = {}
     for key, value in state.items():
-        name = detectron2_name(key)
-        if name is not None:
-            out[name] = value.detach().cpu().numpy().copy()
+        if key.endswith(COUNTER):
+            continue
+        name = to_detectron2(key)
+        if name is None:
+            raise ArtifactError(f"state-dict key {key!r} is not part of a torchvision ResNet; "
+                                "cannot name it for detectron2")
+        out[name] = value.detach().cpu().numpy().copy()
     return out
 
 
 def check_exportable(manifest: dict, fmt: str) -> None:
     """Refuse backbones the target framework's ResNet cannot hold, naming what differs."""
-    kwargs = manifest["arch_kwargs"]
+    facts = backbone_facts(manifest)
     what = describe_arch(manifest)
-    if manifest["arch"] not in ("resnet18", "resnet50"):
-        raise ArtifactError(f"cannot export {what} to {fmt}: only resnet18 and resnet50 are "
-                            "supported")
-    if kwargs.get("stem", "imagenet") != "imagenet":
+    if facts.family != "resnet":
+        raise ArtifactError(f"cannot export {what} to {fmt}: only ResNets are supported (this "
+                            f"backbone is a {facts.family})")
+    if facts.structure["stem"] != "imagenet":
         raise ArtifactError(f"cannot export {what} to {fmt}: its 3x3 'small' stem has no "
                             f"counterpart in {fmt}'s ResNet (7x7 conv, stride 2, max-pool)")
-    if fmt == "torchvision" and kwargs.get("width", 64) != 64:
+    if fmt == "torchvision" and facts.structure["stem_channels"] != 64:
         raise ArtifactError(f"cannot export {what} to torchvision: torchvision's ResNets have "
                             "width 64")
 
@@ -97,7 +74,7 @@ def export_backbone(run_dir: str | Path, fmt: str, path: str | Path | None = Non
     state = backbone.state_dict()
     with atomic_path(path) as tmp:
         if fmt == "detectron2":
-            blob = {"model": to_detectron2(state), "__author__": AUTHOR,
+            blob = {"model": detectron2_state(state), "__author__": AUTHOR,
                     "matching_heuristics": True}
             with open(tmp, "wb") as f:
                 pickle.dump(blob, f, protocol=pickle.HIGHEST_PROTOCOL)

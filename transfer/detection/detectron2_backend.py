@@ -20,7 +20,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from sslbench.artifact import ArtifactError, describe_arch, read_manifest
+from sslbench.artifact import (ArtifactError, backbone_facts, describe_arch, input_normalization,
+                               read_manifest)
 from sslbench.config import ConfigError
 from sslbench.distributed import device_name, resolve_device
 from sslbench.transforms import pixel_stats
@@ -29,6 +30,7 @@ from ..export import export_backbone
 from .config import scale_to_world
 from .data import AnnotationSet, DetectionData, DetectionDataset, load_data
 from .evaluate import STATS
+from .model import require_resnet
 from .outcome import Outcome
 
 INSTALL_HINT = (
@@ -40,7 +42,6 @@ INSTALL_HINT = (
     "backend=torchvision.")
 BASE_CONFIGS = {"c4": "Base-RCNN-C4.yaml", "fpn": "Base-RCNN-FPN.yaml"}  # detectron2 model zoo
 RESULTS_FILE = "eval_results.json"
-BLOCKS = {"resnet18": 18, "resnet50": 50}
 
 
 def require_detectron2() -> str:
@@ -55,19 +56,19 @@ def require_detectron2() -> str:
 def resnet_options(manifest: dict, head: str) -> dict[str, Any]:
     """MODEL.RESNETS values that rebuild the artifact's network in detectron2, or a clear error."""
     what = describe_arch(manifest)
-    arch, kwargs = manifest["arch"], manifest["arch_kwargs"]
-    if arch not in BLOCKS:
-        raise ArtifactError(f"backbone {what}: detectron2 recipes take resnet18 or resnet50")
-    width = kwargs.get("width", 64)
-    if arch == "resnet18" and (width != 64 or head == "c4"):
-        raise ArtifactError(f"backbone {what} cannot be built by detectron2: its ResNet-18 needs "
-                            "width 64 (RES2_OUT_CHANNELS=64) and has no C4 res5 head (that head is "
-                            "built of bottleneck blocks); use a resnet50 backbone")
-    expansion = 1 if arch == "resnet18" else 4
-    return {"MODEL.RESNETS.DEPTH": BLOCKS[arch], "MODEL.RESNETS.STRIDE_IN_1X1": False,
-            "MODEL.RESNETS.NUM_GROUPS": 1, "MODEL.RESNETS.WIDTH_PER_GROUP": width,
-            "MODEL.RESNETS.STEM_OUT_CHANNELS": width,
-            "MODEL.RESNETS.RES2_OUT_CHANNELS": width * expansion}
+    facts = backbone_facts(manifest)
+    require_resnet(facts, what)
+    r = facts.structure
+    if r["block"] == "basic" and (r["stem_channels"] != 64 or head == "c4"):
+        raise ArtifactError(f"backbone {what} cannot be built by detectron2: its ResNet-"
+                            f"{r['depth']} needs width 64 (RES2_OUT_CHANNELS=64) and has no C4 "
+                            "res5 head (that head is built of bottleneck blocks); use a "
+                            "bottleneck ResNet (resnet50 or deeper)")
+    return {"MODEL.RESNETS.DEPTH": r["depth"], "MODEL.RESNETS.STRIDE_IN_1X1": False,
+            "MODEL.RESNETS.NUM_GROUPS": 1,  # detectron2's bottleneck width: groups x this
+            "MODEL.RESNETS.WIDTH_PER_GROUP": r["stem_channels"] * r["width_per_group"] // 64,
+            "MODEL.RESNETS.STEM_OUT_CHANNELS": r["stem_channels"],
+            "MODEL.RESNETS.RES2_OUT_CHANNELS": facts.stages[0].channels}
 
 
 def detectron2_options(cfg: DictConfig, manifest: dict, *, weights: str, train: list[str],
@@ -75,7 +76,7 @@ def detectron2_options(cfg: DictConfig, manifest: dict, *, weights: str, train: 
                        device: str) -> dict[str, Any]:
     """detectron2 config values (KEY.PATH -> value) for the recipe, applied over BASE_CONFIGS."""
     m, i, s, t = cfg.model, cfg.input, cfg.solver, cfg.test
-    mean, std = pixel_stats()
+    mean, std = pixel_stats(*input_normalization(manifest))
     fpn = m.head == "fpn"
     options: dict[str, Any] = {
         "MODEL.WEIGHTS": weights, "MODEL.DEVICE": device, "MODEL.MASK_ON": m.arch == "mask_rcnn",

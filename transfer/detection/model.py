@@ -1,13 +1,16 @@
 """Mask R-CNN / Faster R-CNN with a ResNet-FPN built on the artifact's backbone (torchvision).
 
-The artifact's network is a torchvision ResNet, so its stages feed torchvision's FPN directly
-(layer1..layer4 = detectron2's res2..res5). Norm choices follow detectron2's names: FrozenBN
-(statistics and affine fixed, the torchvision default), BN (per-process batch statistics) and
-SyncBN (statistics over all processes); `head_norm` puts BN or SyncBN in the FPN, the
-4conv1fc box head and the mask head, as in detectron2's SyncBN baselines.
+The artifact's network is a torchvision ResNet, so the stages its facts list feed torchvision's
+FPN directly (layer1..layer4 = detectron2's res2..res5). Detection with a ViT backbone is not
+supported: `require_resnet` says so before anything is built. Norm choices follow detectron2's
+names: FrozenBN (statistics and affine fixed, the torchvision default), BN (per-process batch
+statistics) and SyncBN (statistics over all processes); `head_norm` puts BN or SyncBN in the
+FPN, the 4conv1fc box head and the mask head, as in detectron2's SyncBN baselines.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -21,11 +24,12 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FrozenBatchNorm2d
 
 from sslbench import distributed as D
-from sslbench.backbones import ResNetBackbone
+from sslbench.artifact import ArtifactError
+from sslbench.backbones import BackboneFacts, ResNetBackbone
 from sslbench.config import ConfigError
 from sslbench.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-STAGES = ("layer1", "layer2", "layer3", "layer4")
+STAGES = ("layer1", "layer2", "layer3", "layer4")  # what FREEZE_AT counts, after the stem
 TORCHVISION_NORMS = ("FrozenBN", "BN", "SyncBN")
 
 
@@ -55,12 +59,21 @@ def freeze_stages(backbone: ResNetBackbone, freeze_at: int) -> None:
             setattr(backbone, name, freeze_batchnorm(child))
 
 
+def require_resnet(facts: BackboneFacts, what: str) -> None:
+    """Detection transfer builds on ResNets only; anything else is an ArtifactError saying so."""
+    if facts.family != "resnet":
+        raise ArtifactError(f"detection transfer with a {facts.family} backbone ({what}) is not "
+                            "supported: both backends build ResNet-FPN / C4 detectors")
+
+
 def build_detector(backbone: nn.Module, model_cfg: DictConfig, input_cfg: DictConfig,
-                   test_cfg: DictConfig, num_classes: int, device: torch.device) -> nn.Module:
-    """The detector for `num_classes` object classes (plus background), on `device`."""
+                   test_cfg: DictConfig, num_classes: int, device: torch.device, *,
+                   mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> nn.Module:
+    """The detector for `num_classes` object classes (plus background), on `device`; mean/std:
+    the backbone's input normalisation (of [0, 1] RGB; torchvision's transform takes it so)."""
     m = model_cfg
-    if not isinstance(backbone, ResNetBackbone):
-        raise ConfigError(f"the torchvision backend builds on a ResNet; got {type(backbone).__name__}")
+    require_resnet(backbone.facts, type(backbone).__name__)
     if m.head != "fpn":
         raise ConfigError(f"model.head={m.head!r} needs the detectron2 backend (backend="
                           "detectron2); the torchvision backend builds ResNet-FPN")
@@ -70,16 +83,16 @@ def build_detector(backbone: nn.Module, model_cfg: DictConfig, input_cfg: DictCo
             raise ConfigError(f"{key}={value!r} is detectron2-only; the torchvision backend takes "
                               f"{', '.join(map(repr, allowed))} (its SyncBN already weighs "
                               "processes by their sample count, as naiveSyncBN does)")
-    if len(m.anchor_sizes) != len(STAGES) + 1:
+    stages = backbone.facts.stages
+    if len(m.anchor_sizes) != len(stages) + 1:
         raise ConfigError(f"model.anchor_sizes needs one size per FPN level (P2..P6): 5 values, "
                           f"got {list(m.anchor_sizes)}")
     if m.norm == "FrozenBN":
         freeze_batchnorm(backbone)
     freeze_stages(backbone, m.freeze_at)
-    stage_channels = [_out_channels(getattr(backbone, s)) for s in STAGES]
     head_norm = nn.BatchNorm2d if m.head_norm else None
-    body = BackboneWithFPN(backbone, {s: str(k) for k, s in enumerate(STAGES)}, stage_channels,
-                           m.fpn_channels, norm_layer=head_norm)
+    body = BackboneWithFPN(backbone, {s.module: str(k) for k, s in enumerate(stages)},
+                           [s.channels for s in stages], m.fpn_channels, norm_layer=head_norm)
     anchors = AnchorGenerator(tuple((int(s),) for s in m.anchor_sizes),
                               (tuple(float(r) for r in m.aspect_ratios),) * len(m.anchor_sizes))
     roi = 7  # torchvision's and detectron2's box pooler resolution
@@ -90,7 +103,7 @@ def build_detector(backbone: nn.Module, model_cfg: DictConfig, input_cfg: DictCo
         box_head = TwoMLPHead(m.fpn_channels * roi * roi, m.box_head_dim)
     kwargs = dict(
         min_size=tuple(input_cfg.min_size_train), max_size=input_cfg.max_size_train,
-        image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+        image_mean=list(mean), image_std=list(std),
         rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=m.rpn_pre_nms_topk_train,
         rpn_pre_nms_top_n_test=m.rpn_pre_nms_topk_test,
@@ -113,11 +126,6 @@ def build_detector(backbone: nn.Module, model_cfg: DictConfig, input_cfg: DictCo
         model.backbone.fpn = D.convert_sync_batchnorm(model.backbone.fpn, device)
         model.roi_heads = D.convert_sync_batchnorm(model.roi_heads, device)
     return model.to(device)
-
-
-def _out_channels(stage: nn.Sequential) -> int:
-    last = stage[-1]
-    return (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
 
 
 def use_test_sizes(model: nn.Module, input_cfg: DictConfig) -> None:

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from sslbench import distributed as D
-from sslbench.artifact import load_backbone
+from sslbench.artifact import input_normalization, load_backbone
 from sslbench.io import atomic_path, write_json_atomic, write_text_atomic
 
 from .config import scale_to_world
@@ -41,13 +41,15 @@ def _run(cfg: DictConfig, backbone_dir: Path, work_dir: Path, env: D.DistEnv) ->
         torch.set_num_threads(cfg.run.threads)
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
-    backbone, _ = load_backbone(backbone_dir, expected_arch=cfg.backbone.arch)
+    backbone, manifest = load_backbone(backbone_dir, expected_arch=cfg.backbone.arch)
     with D.main_process_first():  # synthetic data is generated once
         data = load_data(cfg.data, cfg.run.progress)
     schedule = scale_to_world(cfg.solver, env.world_size)
     torch.manual_seed(cfg.run.seed)  # new layers start alike on every process
     masks = cfg.model.arch == "mask_rcnn"
-    model = build_detector(backbone, cfg.model, cfg.input, cfg.test, len(data.classes), env.device)
+    mean, std = input_normalization(manifest)
+    model = build_detector(backbone, cfg.model, cfg.input, cfg.test, len(data.classes), env.device,
+                           mean=mean, std=std)
     torch.manual_seed(cfg.run.seed * 1000 + env.rank)  # per-process draws (multi-scale sizes)
     train_set = DetectionDataset(data.train, train=True, masks=masks, flip=cfg.input.flip,
                                  seed=cfg.run.seed)

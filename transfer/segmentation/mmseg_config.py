@@ -2,9 +2,10 @@
 
 Plain dicts (no mmseg import), so a recipe's translation can be read and tested on its own; the
 run dumps it to the work directory as mmengine's config file. Protocol values fixed by the
-artifact rather than the recipe: RGB input normalised with the torchvision mean/std the backbone
-was pretrained with, and mmseg's `ResNet` in 'pytorch' style (stride in the 3x3 conv, like
-torchvision's), whose parameter names are torchvision's, so the weights load with no renaming.
+artifact rather than the recipe: RGB input normalised with the mean/std its manifest records,
+and mmseg's `ResNet` in 'pytorch' style (stride in the 3x3 conv, like torchvision's), whose
+parameter names are torchvision's, so the weights load with no renaming; its depth, widths and
+stem come from the manifest's facts.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig
 
-from sslbench.artifact import ArtifactError, describe_arch
+from sslbench.artifact import ArtifactError, backbone_facts, describe_arch, input_normalization
 from sslbench.transforms import pixel_stats
 
-DEPTHS = {"resnet18": 18, "resnet50": 50}
-EXPANSION = {"resnet18": 1, "resnet50": 4}  # BasicBlock / Bottleneck
 # mmseg's ResNet for the imagenet stem (7x7/2 conv + max-pool); our subclass for the small one.
 BACKBONE_TYPES = {"imagenet": "ResNet", "small": "SmallStemResNet"}
 DATASET_TYPES = {"voc12aug": "PascalVOCDataset", "cityscapes": "CityscapesDataset",
@@ -32,21 +31,24 @@ def backbone_config(manifest: dict, dilated: bool, norm_cfg: dict) -> dict[str, 
     Dilated: stages 3 and 4 keep stride 8 with dilations 2 and 4, the first block of each at
     half the dilation (contract_dilation, as torchvision's replace_stride_with_dilation does).
     """
-    arch, kwargs = manifest["arch"], manifest["arch_kwargs"]
-    if arch not in DEPTHS:
-        raise ArtifactError(f"backbone {describe_arch(manifest)}: segmentation transfer takes "
-                            f"{' or '.join(DEPTHS)}")
-    width = kwargs.get("width", 64)
-    return {"type": BACKBONE_TYPES[kwargs.get("stem", "imagenet")], "depth": DEPTHS[arch],
-            "stem_channels": width, "base_channels": width, "num_stages": 4,
+    facts, what = backbone_facts(manifest), describe_arch(manifest)
+    if facts.family != "resnet":
+        raise ArtifactError(f"backbone {what}: segmentation transfer takes ResNets; this is a "
+                            f"{facts.family}")
+    r = facts.structure
+    if r["width_per_group"] != 64:
+        raise ArtifactError(f"backbone {what}: mmseg's ResNet has no wide bottleneck "
+                            f"(width_per_group {r['width_per_group']})")
+    return {"type": BACKBONE_TYPES[r["stem"]], "depth": r["depth"],
+            "stem_channels": r["stem_channels"], "base_channels": r["stem_channels"],
+            "num_stages": 4,
             "out_indices": (0, 1, 2, 3), "strides": (1, 2, 1, 1) if dilated else (1, 2, 2, 2),
             "dilations": (1, 1, 2, 4) if dilated else (1, 1, 1, 1), "contract_dilation": True,
             "style": "pytorch", "norm_cfg": norm_cfg, "norm_eval": False}
 
 
 def stage_channels(manifest: dict) -> list[int]:
-    width = manifest["arch_kwargs"].get("width", 64)
-    return [width * 2**i * EXPANSION[manifest["arch"]] for i in range(4)]
+    return [stage.channels for stage in backbone_facts(manifest).stages]
 
 
 def model_config(cfg: DictConfig, manifest: dict, num_classes: int, norm: str) -> dict[str, Any]:
@@ -64,7 +66,7 @@ def model_config(cfg: DictConfig, manifest: dict, num_classes: int, norm: str) -
         decode = {"type": "UPerHead", "in_channels": channels, "in_index": [0, 1, 2, 3],
                   "pool_scales": tuple(m.pool_scales), "channels": m.channels}
     decode.update(common, loss_decode=_cross_entropy(1.0))
-    mean, std = pixel_stats()
+    mean, std = pixel_stats(*input_normalization(manifest))
     model = {"type": "EncoderDecoder",
              "data_preprocessor": {"type": "SegDataPreProcessor", "mean": mean, "std": std,
                                    "bgr_to_rgb": True, "pad_val": 0, "seg_pad_val": SEG_IGNORE,

@@ -1,21 +1,31 @@
-"""Backbones: torchvision ResNets with an ImageNet or a small-image stem, minus the classifier.
+"""torchvision's ResNets with an ImageNet or a small-image stem, minus the classifier.
 
-Every backbone maps images to a flat feature vector and exposes `feature_dim`. Parameter names
-are torchvision's (conv1, bn1, layer1..4), so exporters and importers can rely on them.
+Parameter names are torchvision's (conv1, bn1, layer1..4), so torchvision's weights, the SSL
+codebases built on them (MoCo, DINO, solo-learn, VISSL, lightly) and the exporters all share
+one naming.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from functools import partial
 
 import torch
 from torch import nn
 from torchvision.models import resnet
 
-from .registry import Registry
+from .base import BACKBONES, BackboneFacts, Stage
 
-BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
 STEMS = ("imagenet", "small")
+STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
+# name -> (block, blocks per stage, width_per_group): torchvision's table
+ARCHS = {
+    "resnet18": (resnet.BasicBlock, (2, 2, 2, 2), 64),
+    "resnet34": (resnet.BasicBlock, (3, 4, 6, 3), 64),
+    "resnet50": (resnet.Bottleneck, (3, 4, 6, 3), 64),
+    "resnet101": (resnet.Bottleneck, (3, 4, 23, 3), 64),
+    "resnet152": (resnet.Bottleneck, (3, 8, 36, 3), 64),
+    "wide_resnet50_2": (resnet.Bottleneck, (3, 4, 6, 3), 128),
+}
 
 
 class ResNetBackbone(resnet.ResNet):
@@ -26,18 +36,20 @@ class ResNetBackbone(resnet.ResNet):
 
     width is the stem's channel count (64 in every paper); each stage keeps torchvision's
     doubling. Narrower networks (e.g. 16: 1/16 of the compute) exist for CPU smoke runs only.
+    width_per_group is torchvision's bottleneck width knob (128: wide_resnet50_2).
     """
 
     width = 64
 
     def __init__(self, block, layers, stem: str = "imagenet", zero_init_residual: bool = False,
-                 width: int = 64):
+                 width: int = 64, width_per_group: int = 64):
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; expected one of {STEMS}")
         if width < 1:
             raise ValueError(f"backbone width must be a positive channel count, got {width}")
         self.width = width  # read by _make_layer during torchvision's constructor
-        super().__init__(block, layers, zero_init_residual=zero_init_residual)
+        super().__init__(block, list(layers), zero_init_residual=zero_init_residual,
+                         width_per_group=width_per_group)
         self.stem = stem
         if stem == "small":
             self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
@@ -47,8 +59,16 @@ class ResNetBackbone(resnet.ResNet):
         if width != 64:
             self.bn1 = nn.BatchNorm2d(width)
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
-        self.feature_dim = 8 * width * block.expansion  # the last stage's channels
         del self.fc
+        stem_stride = 4 if stem == "imagenet" else 1
+        stages = tuple(Stage(name, width * 2**i * block.expansion, stem_stride * 2**i)
+                       for i, name in enumerate(STAGE_NAMES))
+        self.feature_dim = stages[-1].channels
+        convs = 3 if block is resnet.Bottleneck else 2
+        self.facts = BackboneFacts("resnet", self.feature_dim, stages, {
+            "classifier": "fc", "depth": convs * sum(layers) + 2, "layers": list(layers),
+            "block": "bottleneck" if block is resnet.Bottleneck else "basic",
+            "stem": stem, "stem_channels": width, "width_per_group": width_per_group})
 
     def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
         """torchvision's stage builder with every stage's width scaled by width/64."""
@@ -60,7 +80,7 @@ class ResNetBackbone(resnet.ResNet):
         """The four stage outputs (for dense transfer tasks)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         out = {}
-        for name in ("layer1", "layer2", "layer3", "layer4"):
+        for name in STAGE_NAMES:
             x = getattr(self, name)(x)
             out[name] = x
         return out
@@ -71,16 +91,6 @@ class ResNetBackbone(resnet.ResNet):
         return torch.flatten(self.avgpool(x), 1)
 
 
-@BACKBONES.register("resnet18")
-def resnet18(stem: str = "imagenet", zero_init_residual: bool = False, width: int = 64) -> ResNetBackbone:
-    return ResNetBackbone(resnet.BasicBlock, [2, 2, 2, 2], stem, zero_init_residual, width)
-
-
-@BACKBONES.register("resnet50")
-def resnet50(stem: str = "imagenet", zero_init_residual: bool = False, width: int = 64) -> ResNetBackbone:
-    return ResNetBackbone(resnet.Bottleneck, [3, 4, 6, 3], stem, zero_init_residual, width)
-
-
-def build_backbone(arch: str, **kwargs) -> nn.Module:
-    """Build a registered backbone; it has a `feature_dim` attribute."""
-    return BACKBONES.get(arch)(**kwargs)
+for _name, (_block, _layers, _width_per_group) in ARCHS.items():
+    BACKBONES.register(_name)(partial(ResNetBackbone, _block, _layers,
+                                      width_per_group=_width_per_group))
