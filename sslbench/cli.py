@@ -21,6 +21,8 @@ COMMANDS = {
                     "aggregate result records into leaderboard.md / .csv / .html and bar charts"),
     "transfer": ("transfer.cli", "transfer a backbone to a dense task (detection, segmentation); writes a result record"),
     "export": ("transfer.export", "export a backbone to detectron2 (.pkl) or torchvision (.pth)"),
+    "import": ("sslbench.importers.cli", "import another codebase's checkpoint (torchvision, "
+               "timm, MoCo, DINO, solo-learn, ...) as a backbone artifact"),
     "run": ("sslbench.pipeline.cli", "run a pipeline: pretraining recipes x evaluation/transfer "
             "tasks x seeds, then the leaderboard"),
 }
