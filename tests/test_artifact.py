@@ -7,7 +7,8 @@ import pickle
 import pytest
 import torch
 
-from sslbench.artifact import ArtifactError, load_backbone, read_manifest, save_backbone
+from sslbench.artifact import (ArtifactError, input_normalization, load_backbone, read_manifest,
+                               save_backbone)
 from sslbench.backbones import build_backbone
 from sslbench.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -86,3 +87,40 @@ def test_checkpoint_round_trip(tmp_path):
     save_checkpoint(tmp_path / "c.pt", state)
     loaded = load_checkpoint(tmp_path / "c.pt")
     assert loaded["step"] == 7 and torch.equal(loaded["method"]["w"], torch.arange(3.0))
+
+
+def test_format_1_manifest_still_loads_with_facts_and_imagenet_normalisation(tmp_path):
+    """A manifest written before "structure" and "normalize" existed (format version 1)."""
+    model = _save(tmp_path, "resnet50")
+    written = json.loads((tmp_path / "backbone.json").read_text())
+    old = {k: v for k, v in written.items() if k not in ("structure", "normalize")}
+    (tmp_path / "backbone.json").write_text(json.dumps({**old, "format_version": 1}))
+    loaded, manifest = load_backbone(tmp_path)
+    assert manifest["structure"] == written["structure"]
+    assert manifest["structure"]["stages"][3] == {"module": "layer4", "channels": 2048,
+                                                  "stride": 8}
+    assert manifest["normalize"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    assert input_normalization(old) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_vit_round_trip_keeps_its_readout_and_normalisation(tmp_path):
+    torch.manual_seed(0)
+    kwargs = {"pool": "avg", "img_size": 32, "patch_size": 8}
+    model = build_backbone("vit_tiny_patch16_224", **kwargs).eval()
+    save_backbone(tmp_path, model, arch="vit_tiny_patch16_224", arch_kwargs=kwargs,
+                  method="dino", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    loaded, manifest = load_backbone(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)
+    assert manifest["structure"]["pool"] == "avg" and manifest["feature_dim"] == 192
+    assert input_normalization(manifest) == ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def test_unknown_architecture_is_named(tmp_path):
+    _save(tmp_path)
+    manifest = json.loads((tmp_path / "backbone.json").read_text())
+    manifest["arch"] = "timm:resnet5O"
+    (tmp_path / "backbone.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="unknown timm model 'resnet5O'"):
+        read_manifest(tmp_path)

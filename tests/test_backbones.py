@@ -1,4 +1,5 @@
 import pytest
+import timm
 import torch
 import torchvision
 
@@ -42,3 +43,105 @@ def test_bad_width_and_stem_are_errors():
         build_backbone("resnet18", width=0)
     with pytest.raises(ValueError, match="stem"):
         build_backbone("resnet18", stem="tiny")
+
+
+@pytest.mark.parametrize("arch", ["resnet34", "resnet101", "resnet152", "wide_resnet50_2"])
+def test_every_torchvision_resnet_keeps_torchvision_names_and_shapes(arch):
+    ours = build_backbone(arch).state_dict()
+    ref = {k: v for k, v in getattr(torchvision.models, arch)().state_dict().items()
+           if not k.startswith("fc.")}
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
+
+
+@pytest.mark.parametrize("arch,kwargs,size", [
+    ("resnet18", {"stem": "small", "width": 16}, 16), ("resnet50", {}, 64),
+    ("wide_resnet50_2", {"width": 8}, 32)])
+def test_resnet_facts_are_what_its_stages_output(arch, kwargs, size):
+    """Stage channels and strides as reported equal the shapes the stages produce."""
+    net = build_backbone(arch, **kwargs).eval()
+    with torch.no_grad():
+        maps = net.forward_maps(torch.randn(1, 3, size, size))
+    facts = net.facts
+    assert [s.module for s in facts.stages] == list(maps)
+    assert [(s.channels, size // s.stride) for s in facts.stages] == [
+        (m.shape[1], m.shape[-1]) for m in maps.values()]
+    assert facts.feature_dim == net.feature_dim == maps["layer4"].shape[1]
+    assert facts.family == "resnet" and facts.structure["depth"] == {
+        "resnet18": 18, "resnet50": 50, "wide_resnet50_2": 50}[arch]
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_vit_is_timms_vit_read_out_as_asked(pool):
+    """Same names and shapes as timm's model (norm stays `norm` for both readouts), and the
+    feature is timm's final-normed CLS token or the mean of its final-normed patch tokens."""
+    net = build_backbone("vit_small_patch16_224", pool=pool, img_size=32).eval()
+    ref = timm.create_model("vit_small_patch16_224", img_size=32, num_classes=0).eval()
+    assert {k: v.shape for k, v in net.state_dict().items()} == {
+        k: v.shape for k, v in ref.state_dict().items()}
+    ref.load_state_dict(net.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = ref.forward_features(x)
+        expected = tokens[:, 0] if pool == "token" else tokens[:, 1:].mean(1)
+        torch.testing.assert_close(net(x), expected, rtol=0, atol=1e-6)
+    facts = net.facts
+    assert facts.family == "vit" and facts.feature_dim == 384 and facts.structure["pool"] == pool
+    assert [(s.module, s.channels, s.stride) for s in facts.stages] == [
+        (f"blocks.{i}", 384, 16) for i in range(12)]
+    assert facts.structure["num_heads"] == 6 and facts.structure["classifier"] == "head"
+
+
+def test_tiny_vit_reads_small_images_of_any_size():
+    """img_size/patch_size make a CPU-sized ViT; the position embedding resamples (as DINO's
+    interpolate_pos_encoding does) for other sizes."""
+    net = build_backbone("vit_tiny_patch16_224", img_size=32, patch_size=4).eval()
+    assert net.facts.stages[0].stride == 4 and net.state_dict()["pos_embed"].shape == (1, 65, 192)
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, 32, 32)).shape == net(torch.randn(2, 3, 16, 16)).shape == (
+            2, 192)
+
+
+def test_any_timm_model_by_name():
+    net = build_backbone("timm:convnext_atto")
+    assert net.facts.family == "timm" and net.feature_dim == 320
+    assert [(s.module, s.channels, s.stride) for s in net.facts.stages] == [
+        (info["module"], info["num_chs"], info["reduction"]) for info in net.feature_info]
+    assert net(torch.randn(1, 3, 32, 32)).shape == (1, 320)
+    with pytest.raises(KeyError, match="unknown timm model 'convnext_atoo' .*'convnext_atto'"):
+        build_backbone("timm:convnext_atoo")
+    with pytest.raises(ValueError, match="pool='avg' applies to ViTs"):
+        build_backbone("timm:convnext_atto", pool="avg")
+    with pytest.raises(KeyError, match="unknown backbone namespace 'tim'"):
+        build_backbone("tim:convnext_atto")
+
+
+def test_dense_tasks_read_the_facts():
+    """Depth, widths and stage channels come from the manifest's facts, for any ResNet; a ViT
+    is refused by detection with a clear error, not a crash."""
+    from omegaconf import OmegaConf
+
+    from sslbench.artifact import ArtifactError
+    from transfer.detection.detectron2_backend import resnet_options
+    from transfer.detection.model import build_detector
+    from transfer.segmentation.mmseg_config import backbone_config, stage_channels
+
+    wide = {"arch": "wide_resnet50_2", "arch_kwargs": {}}
+    assert resnet_options(wide, "c4") == {
+        "MODEL.RESNETS.DEPTH": 50, "MODEL.RESNETS.STRIDE_IN_1X1": False,
+        "MODEL.RESNETS.NUM_GROUPS": 1, "MODEL.RESNETS.WIDTH_PER_GROUP": 128,
+        "MODEL.RESNETS.STEM_OUT_CHANNELS": 64, "MODEL.RESNETS.RES2_OUT_CHANNELS": 256}
+    r34 = {"arch": "resnet34", "arch_kwargs": {"stem": "small", "width": 16}}
+    assert stage_channels(r34) == [16, 32, 64, 128]
+    config = backbone_config(r34, dilated=False, norm_cfg={"type": "BN"})
+    assert (config["type"], config["depth"], config["stem_channels"]) == ("SmallStemResNet", 34,
+                                                                          16)
+    vit = {"arch": "vit_tiny_patch16_224", "arch_kwargs": {"img_size": 32}}
+    with pytest.raises(ArtifactError, match="detection transfer with a vit backbone .* is not "
+                                            "supported"):
+        resnet_options(vit, "fpn")
+    with pytest.raises(ArtifactError, match="segmentation transfer takes ResNets; this is a vit"):
+        backbone_config(vit, dilated=False, norm_cfg={})
+    model_cfg = OmegaConf.create({"head": "fpn"})
+    with pytest.raises(ArtifactError, match="is not supported"):
+        build_detector(build_backbone("vit_tiny_patch16_224", img_size=32), model_cfg, None, None,
+                       2, torch.device("cpu"))

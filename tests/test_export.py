@@ -105,3 +105,28 @@ def test_a_backbone_the_target_cannot_hold_is_refused(tmp_path, fmt, kwargs, mes
     proc = sslbench("export", "--to", fmt, "--backbone", str(run_dir), cwd=tmp_path, check=False)
     assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not list(run_dir.glob("backbone.*.p*"))
+
+
+def test_any_torchvision_resnet_exports_by_its_facts(tmp_path):
+    """Depth is read from the manifest, not from a table of two names: a ResNet-34 loads into
+    torchvision's resnet34, and its detectron2 names stop at two convs per block."""
+    run_dir = _artifact(tmp_path, "resnet34")
+    state = torch.load(export_backbone(run_dir, "torchvision", tmp_path / "tv.pth"),
+                       weights_only=True)
+    missing, unexpected = torchvision.models.resnet34().load_state_dict(state, strict=False)
+    assert unexpected == [] and sorted(missing) == ["fc.bias", "fc.weight"]
+    with open(export_backbone(run_dir, "detectron2", tmp_path / "r34.pkl"), "rb") as f:
+        model = pickle.load(f)["model"]  # our own file
+    assert "res4.5.conv2.norm.running_var" in model and "res4.0.conv3.weight" not in model
+
+
+def test_a_vit_is_refused_by_both_exports(tmp_path):
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_tiny_patch16_224", img_size=32)
+    save_backbone(tmp_path / "vit", backbone, arch="vit_tiny_patch16_224",
+                  arch_kwargs={"img_size": 32}, method="dino")
+    for fmt in ("detectron2", "torchvision"):
+        proc = sslbench("export", "--to", fmt, "--backbone", str(tmp_path / "vit"), cwd=tmp_path,
+                        check=False)
+        assert proc.returncode == 1 and "only ResNets are supported (this backbone is a vit)" \
+            in proc.stderr
