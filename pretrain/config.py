@@ -8,9 +8,10 @@ from typing import Any, Dict, Optional, Sequence
 
 from omegaconf import DictConfig
 
-from sslbench.config import build_config
+from sslbench.config import ConfigError, build_config
 
 from .methods import method_config_class
+from .unified import check_loss_form
 
 
 @dataclass
@@ -86,4 +87,9 @@ class PretrainConfig:
 
 
 def load_pretrain_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> DictConfig:
-    return build_config(PretrainConfig, paths, overrides, variants={"method": method_config_class})
+    cfg = build_config(PretrainConfig, paths, overrides, variants={"method": method_config_class})
+    try:  # before any data is read: a loss form the method lacks fails at once
+        check_loss_form(cfg.method.name, cfg.method.loss_form)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return cfg

@@ -3,8 +3,9 @@
 Used by the distributed tests: `python tests/dist_step.py OUT [method overrides]` and
 `torchrun --nproc_per_node=2 tests/dist_step.py OUT [...]` must write the same loss and the same
 updated parameters. Several configs separated by `--next` run one after the other in the same
-processes (each from the same seed), so a test module pays the start-up of torchrun once. Process r takes the r-th contiguous chunk of the global batch (as the
-engine's sampler does), BatchNorm runs over the global batch, and DDP averages gradients.
+processes (each from the same seed), so a test module pays the start-up of torchrun once.
+Process r takes the r-th contiguous chunk of the global batch (as the engine's sampler does),
+BatchNorm runs over the global batch, and DDP averages gradients.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
-"""BYOL and SimSiam: the predictor branch's unified gradient, the loss-form and momentum-encoder
-switches, and short real pretraining runs."""
+"""BYOL and SimSiam: the predictor branch's exact gradient in UniGrad's notation, the loss-form
+and momentum-encoder switches. (Short real runs: test_methods_all.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from method_checks import loss_and_gradient, rel_err, tiny_method, tiny_views
 
-from method_checks import assert_learns_without_collapse, loss_and_gradient, rel_err, tiny_method, tiny_views
 from pretrain.methods.byol import BYOL, BYOLConfig
 from pretrain.methods.simsiam import negative_cosine, negative_cosine_grad
 from pretrain.momentum import momentum_at
@@ -58,19 +58,21 @@ def test_byol_loss_is_two_minus_two_cosine_over_both_directions():
 
 def test_byol_defaults_are_the_papers():
     cfg = BYOLConfig()
-    assert (cfg.momentum_encoder, cfg.base_momentum, cfg.momentum_schedule) == (True, 0.99, "cosine")
-    assert (cfg.proj_hidden_dim, cfg.out_dim, cfg.pred_hidden_dim, cfg.proj_layers) == (4096, 256, 4096, 2)
+    assert (cfg.momentum_encoder, cfg.base_momentum, cfg.momentum_schedule) == \
+        (True, 0.99, "cosine")
+    assert (cfg.proj_hidden_dim, cfg.out_dim, cfg.pred_hidden_dim, cfg.proj_layers) == \
+        (4096, 256, 4096, 2)
     assert not cfg.proj_last_bn and cfg.stop_gradient
 
 
 @pytest.mark.parametrize("momentum", [False, True])
 @pytest.mark.parametrize("name", METHODS)
-def test_gradient_form_gives_the_original_parameter_gradients(name, momentum):
+def test_exact_form_gives_the_original_parameter_gradients(name, momentum):
     views = tiny_views()
     fields = dict(SMALL, momentum_encoder=momentum)
     loss, grad = loss_and_gradient(tiny_method(name, loss_form="original", **fields), views)
-    loss_g, grad_g = loss_and_gradient(tiny_method(name, loss_form="gradient", **fields), views)
-    torch.testing.assert_close(loss_g, loss, rtol=0, atol=0)  # the gradient form logs L itself
+    loss_g, grad_g = loss_and_gradient(tiny_method(name, loss_form="exact", **fields), views)
+    torch.testing.assert_close(loss_g, loss, rtol=0, atol=0)  # the exact form logs L itself
     assert rel_err(grad_g, grad) < RTOL
 
 
@@ -80,7 +82,8 @@ def test_momentum_encoder_switch(name):
     off = tiny_method(name, momentum_encoder=False, **SMALL)
     assert off.target is None and not any(k.startswith("target.") for k in off.state_dict())
     on = tiny_method(name, momentum_encoder=True, base_momentum=0.9, **SMALL)
-    # At init the EMA copy equals the online branch: only the target differs, so the gradients agree.
+    # At init the EMA copy equals the online branch: only the target differs, so the gradients
+    # agree.
     assert rel_err(loss_and_gradient(on, views)[1], loss_and_gradient(off, views)[1]) < RTOL
     before = [p.clone() for p in on.target.parameters()]
     with torch.no_grad():
@@ -105,13 +108,14 @@ def test_simsiam_stop_gradient_ablation_sends_gradient_through_the_target():
 
 
 def test_fixed_predictor_lr_group():
-    assert tiny_method("simsiam", **SMALL).param_group_overrides() == {"predictor.": {"fixed_lr": True}}
+    assert tiny_method("simsiam", **SMALL).param_group_overrides() == \
+        {"predictor.": {"fixed_lr": True}}
     assert tiny_method("byol", **SMALL).param_group_overrides() == {}
 
 
 @pytest.mark.parametrize("name, fields, field", [
     ("simsiam", {"stop_gradient": False, "momentum_encoder": True}, "method.stop_gradient"),
-    ("simsiam", {"stop_gradient": False, "loss_form": "gradient"}, "method.stop_gradient"),
+    ("simsiam", {"stop_gradient": False, "loss_form": "exact"}, "method.stop_gradient"),
     ("byol", {"loss_form": "grad"}, "method.loss_form"),
     ("byol", {"base_momentum": 0.0}, "method.base_momentum"),
     ("byol", {"momentum_schedule": "linear"}, "method.momentum_schedule"),
@@ -119,10 +123,3 @@ def test_fixed_predictor_lr_group():
 def test_unsupported_settings_name_the_field(name, fields, field):
     with pytest.raises(ValueError, match=field):
         tiny_method(name, **dict(SMALL, **fields))
-
-
-@pytest.mark.integration
-@pytest.mark.parametrize("name", METHODS)
-def test_short_pretraining_beats_random_init_without_collapse(name, shapes_root, knn_shapes_root,
-                                                                 tmp_path):
-    assert_learns_without_collapse(name, shapes_root, knn_shapes_root, tmp_path)

@@ -21,7 +21,7 @@ class MethodConfig:
     """Fields every method has; each method's config subclasses this."""
 
     name: str = "?"
-    loss_form: str = "original"  # "original" | "gradient" (pretrain/unified.py)
+    loss_form: str = "original"  # "original" | "exact" | "unigrad" (pretrain/unified.py)
     momentum_encoder: bool = False  # target = EMA copy (True) or sg(online) (False)
     base_momentum: float = 0.99
     momentum_schedule: str = "cosine"  # "cosine" | "constant"
@@ -30,7 +30,7 @@ class MethodConfig:
 @dataclass(frozen=True)
 class MethodEntry:
     config: type
-    build: Callable[[nn.Module, MethodConfig], "Method"]
+    build: Callable[[nn.Module, MethodConfig], Method]
 
 
 METHODS: Registry[MethodEntry] = Registry("method")
@@ -48,7 +48,7 @@ def method_config_class(name: str) -> type:
     return METHODS.get(name).config
 
 
-def build_method(backbone: nn.Module, cfg: MethodConfig) -> "Method":
+def build_method(backbone: nn.Module, cfg: MethodConfig) -> Method:
     return METHODS.get(cfg.name).build(backbone, cfg)
 
 

@@ -3,7 +3,7 @@
 L = Σ over both directions of ‖q̂ − ẑ'‖² = 2 − 2cos(q_θ(z1), sg(z̄2))  (BYOL Eq. 2 and its
 symmetrisation). The target follows τ_k = 1 − (1 − τ_base)(cos(πk/K) + 1)/2 with τ_base = 0.99
 (0.996 for 1000 epochs). Projector 2048→4096 (BN, ReLU)→256, predictor 256→4096 (BN, ReLU)→256.
-The gradient form and both switches are SimSiam's (see simsiam.py).
+The exact and unigrad forms and both switches are SimSiam's (see simsiam.py).
 """
 
 from __future__ import annotations

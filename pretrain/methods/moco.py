@@ -2,11 +2,13 @@
 
 Both encode the keys with a momentum (EMA) copy of backbone + projector. With
 `momentum_encoder: false` no copy exists and the keys are sg(online encoder) instead.
+`loss_form: unigrad` is UniGrad's contrastive form (contrastive.py), without MoCo v2's queue and
+MoCo v3's predictor.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,7 @@ from sslbench import distributed as D
 from ..heads import build_mlp
 from ..queue import KeyQueue
 from .base import MethodConfig, register_method
-from .contrastive import ContrastiveMethod, mean_logs
+from .contrastive import ContrastiveForm, ContrastiveMethod, mean_logs
 from .siamese import upcast
 
 
@@ -52,10 +54,12 @@ class MoCoV2Config(MethodConfig):
     base_momentum: float = 0.999
     momentum_schedule: str = "constant"
     proj_hidden_dim: int = 2048  # 2048→2048 (ReLU)→128, no BN
+    proj_layers: int = 2
     out_dim: int = 128
     temperature: float = 0.2
     queue_size: int = 65536
     symmetric: bool = False  # official: asymmetric; SimSiam's reproduction symmetrises
+    unigrad: ContrastiveForm = field(default_factory=ContrastiveForm)
 
 
 @register_method("mocov2", MoCoV2Config)
@@ -65,10 +69,13 @@ class MoCoV2(ContrastiveMethod):
     Returned embeddings are (online z1, z2), where z2 is the key encoder's when asymmetric."""
 
     def __init__(self, backbone: nn.Module, cfg: MoCoV2Config):
-        projector = build_mlp(backbone.feature_dim, cfg.proj_hidden_dim, cfg.out_dim, 2,
-                              hidden_bn=False)
-        super().__init__(backbone, cfg, projector)
-        self.queue = KeyQueue(cfg.queue_size, cfg.out_dim)
+        super().__init__(backbone, cfg)
+        if not self.unigrad_form:
+            self.queue = KeyQueue(cfg.queue_size, cfg.out_dim)
+
+    def build_projector(self, in_dim: int) -> nn.Module:
+        cfg = self.cfg
+        return build_mlp(in_dim, cfg.proj_hidden_dim, cfg.out_dim, cfg.proj_layers, hidden_bn=False)
 
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
         encoder = self.target if self.target is not None else self._online()
@@ -82,7 +89,7 @@ class MoCoV2(ContrastiveMethod):
         in_batch[:, :n] = ~torch.eye(n, dtype=torch.bool, device=q.device)  # not negatives
         return self.infonce(q, keys, pos, exclude=in_batch)
 
-    def forward(self, views: list[torch.Tensor]) -> dict:
+    def loss_forward(self, views: list[torch.Tensor]) -> dict:
         x1, x2 = views[:2]
         z1 = upcast(self.projector(self.backbone(x1)))
         k2 = self._keys(x2)
@@ -108,9 +115,11 @@ class MoCoV3Config(MethodConfig):
     base_momentum: float = 0.99
     momentum_schedule: str = "cosine"
     proj_hidden_dim: int = 4096  # 2048→4096 (BN, ReLU)→256→BN(no affine)
+    proj_layers: int = 2
     out_dim: int = 256
     pred_hidden_dim: int = 4096  # 256→4096 (BN, ReLU)→256
     temperature: float = 1.0
+    unigrad: ContrastiveForm = field(default_factory=ContrastiveForm)
 
 
 @register_method("mocov3", MoCoV3Config)
@@ -120,18 +129,23 @@ class MoCoV3(ContrastiveMethod):
     Without momentum encoder the keys are sg(online projector output)."""
 
     def __init__(self, backbone: nn.Module, cfg: MoCoV3Config):
-        projector = build_mlp(backbone.feature_dim, cfg.proj_hidden_dim, cfg.out_dim, 2,
-                              last_bn=True, last_bn_affine=False)
-        super().__init__(backbone, cfg, projector)
-        self.predictor = build_mlp(cfg.out_dim, cfg.pred_hidden_dim, cfg.out_dim, 2,
-                                   last_bias=False)
+        super().__init__(backbone, cfg)
+        if not self.unigrad_form:
+            self.predictor = build_mlp(cfg.out_dim, cfg.pred_hidden_dim, cfg.out_dim, 2,
+                                       last_bias=False)
 
-    def forward(self, views: list[torch.Tensor]) -> dict:
+    def build_projector(self, in_dim: int) -> nn.Module:
+        cfg = self.cfg
+        return build_mlp(in_dim, cfg.proj_hidden_dim, cfg.out_dim, cfg.proj_layers, last_bn=True,
+                         last_bn_affine=False)
+
+    def loss_forward(self, views: list[torch.Tensor]) -> dict:
         z = [upcast(zi) for zi in self.embed(views)]
         q = [F.normalize(upcast(self.predictor(zi)), dim=1) for zi in z]
         keys = [D.gather_no_grad(F.normalize(upcast(t), dim=1)) for t in self.targets(views, z)]
         n, t = q[0].shape[0], self.cfg.temperature
         pos = torch.arange(n, device=q[0].device) + D.rank() * n
-        (l12, logs12), (l21, logs21) = self.infonce(q[0], keys[1], pos), self.infonce(q[1], keys[0], pos)
+        (l12, logs12) = self.infonce(q[0], keys[1], pos)
+        (l21, logs21) = self.infonce(q[1], keys[0], pos)
         return {"loss": 2 * t * (l12 + l21), "logs": mean_logs(logs12, logs21),
                 "embeddings": (z[0].detach(), z[1].detach())}

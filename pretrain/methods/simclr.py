@@ -11,14 +11,15 @@ anchors, so DDP's averaging yields exactly the global-batch gradient.
 The method name picks the similarity of the negatives (contrastive.py): `simclr` (cosine),
 `simclr_abs` (|cosine|), `simclr_sq` (cosine²).
 
-`momentum_encoder: true` takes the keys from an EMA copy of backbone + projector (UniGrad's
-"with momentum encoder" column); the anchor's own momentum key stays masked, so the loss is
-still "every other view is a negative", and the keys carry no gradient.
+`momentum_encoder: true` takes the keys from an EMA copy of backbone + projector; the anchor's
+own momentum key stays masked, so the loss is still "every other view is a negative", and the
+keys carry no gradient. `loss_form: unigrad` is UniGrad's contrastive form (contrastive.py); the
+duality variants have none.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from sslbench import distributed as D
 
 from ..heads import build_mlp
 from .base import MethodConfig, register_method
-from .contrastive import ContrastiveMethod
+from .contrastive import ContrastiveForm, ContrastiveMethod
 from .siamese import upcast
 
 SIMILARITY_OF = {"simclr": "dot", "simclr_abs": "abs", "simclr_sq": "sq"}
@@ -41,6 +42,7 @@ class SimCLRConfig(MethodConfig):
     proj_layers: int = 2
     out_dim: int = 128
     temperature: float = 0.1
+    unigrad: ContrastiveForm = field(default_factory=ContrastiveForm)
 
 
 @dataclass
@@ -65,12 +67,14 @@ def simclr_pairs(n: int, rank: int, total: int, device: torch.device
 
 class SimCLR(ContrastiveMethod):
     def __init__(self, backbone: nn.Module, cfg: SimCLRConfig):
-        projector = build_mlp(backbone.feature_dim, cfg.proj_hidden_dim, cfg.out_dim,
-                              cfg.proj_layers, last_bn=True)
-        super().__init__(backbone, cfg, projector)
+        super().__init__(backbone, cfg)
         self.similarity = SIMILARITY_OF[cfg.name]
 
-    def forward(self, views: list[torch.Tensor]) -> dict:
+    def build_projector(self, in_dim: int) -> nn.Module:
+        cfg = self.cfg
+        return build_mlp(in_dim, cfg.proj_hidden_dim, cfg.out_dim, cfg.proj_layers, last_bn=True)
+
+    def loss_forward(self, views: list[torch.Tensor]) -> dict:
         n = views[0].shape[0]
         x = torch.cat(views[:2])
         z = upcast(self.projector(self.backbone(x)))

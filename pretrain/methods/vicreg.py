@@ -22,16 +22,34 @@ not retrievable, METHODS.md §6):
 - τ is a config field, default 0.15: Garrido's tuned SimCLR temperature, the method VICReg-ctr
   interpolates towards; it is our choice, not the paper's Table S6 value.
 
-Gradient form: the exact ∂ℓ/∂x (METHODS.md §3.5),
+Exact form: the exact ∂ℓ/∂x,
     2λ(x_b − y_b)/(ND) + x̃_b·(G + Gᵀ)·ν/(N − 1) − μ/(2D(N − 1))·Σ_j 1[s_j < 1](x̃_bj/s_j)e_j,
 where G = ∂c/∂C: 2·OffDiag(C)/D for VICReg, softmax_{j≠i}(C_ij/τ)/(Dτ) for c_exp. The negative
 weights come from the same branch. For VICReg-ctr the same expression is taken on the transpose
 and mapped back through the transpose and the dimension centring.
+
+Unigrad form (VICReg only) — our derivation, not the paper's: the official code has no VICReg
+form and the paper's VICReg gradient was not available here (UNIFIED_FORMS marks it `derived`).
+Take the invariance and covariance terms on ℓ2 features scaled to unit average variance per
+dimension, x = √D·u, C_u the covariance of u:
+
+    ∂ℓ/∂u_b = (2λ/N)[u_b − u2_b + (2νD/λ)·(N/(N − 1))·OffDiag(C_u)ũ_b].
+
+Then, as UniGrad simplifies Barlow Twins: drop u_b (parallel to u_b: the normalisation's backward
+removes it), the scale 2λ/N, the factor N/(N − 1) and the diagonal exclusion; replace the
+centred covariance by the uncentred correlation of the target branch of the same view:
+
+    g1 = −ū2 + λ_u F1 u1,   F1 = (1/N) Σ_v ū1_v ū1_vᵀ (global batch, no EMA),   λ_u = 2νD/λ,
+
+g2 alike (λ_u = 40.96 for ν = 1, λ = 25, D = 512). It is UniGrad's shape with a same-branch
+correlation of the current batch. The variance hinge is dropped too; F1's uncentred mean part
+repels u1 from the batch mean, the collapse the hinge guards against. `method.unigrad.lambd`
+overrides λ_u.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -48,6 +66,13 @@ STD_EPS = 1e-4
 
 
 @dataclass
+class VICRegForm:
+    """The unigrad form's constant (`method.unigrad.*`): ours, see the module docstring."""
+
+    lambd: Optional[float] = None  # λ_u; None: 2·cov_coeff·out_dim / sim_coeff
+
+
+@dataclass
 class VICRegConfig(MethodConfig):
     name: str = "vicreg"
     proj_hidden_dim: int = 8192
@@ -56,6 +81,7 @@ class VICRegConfig(MethodConfig):
     sim_coeff: float = 25.0  # λ
     std_coeff: float = 25.0  # μ
     cov_coeff: float = 1.0  # ν
+    unigrad: VICRegForm = field(default_factory=VICRegForm)
 
 
 @dataclass
@@ -83,7 +109,8 @@ def _off_diagonal_logits(c: torch.Tensor, temperature: float) -> torch.Tensor:
     return (c / temperature).masked_fill(eye, float("-inf"))
 
 
-def regularisers(x: torch.Tensor, temperature: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+def regularisers(x: torch.Tensor, temperature: Optional[float]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(v(x), c(x)) of an N × D matrix; c is c_exp when a temperature is given."""
     _, c = _covariance(x)
     v = F.relu(1 - torch.sqrt(torch.diagonal(c) + STD_EPS)).mean()
@@ -97,7 +124,7 @@ def regularisers(x: torch.Tensor, temperature: Optional[float]) -> tuple[torch.T
 
 def regulariser_grad(x: torch.Tensor, std_coeff: float, cov_coeff: float,
                      temperature: Optional[float]) -> torch.Tensor:
-    """∂/∂x of std_coeff·v(x)/2 + cov_coeff·c(x) (METHODS.md §3.5).
+    """∂/∂x of std_coeff·v(x)/2 + cov_coeff·c(x).
 
     Every row sum of the result over the batch is 0 (it is x̃ times a matrix), so the batch
     centring inside v and c passes it through unchanged.
@@ -127,7 +154,8 @@ class VICRegCriterion:
         """The matrix v and c act on: x, or for VICReg-ctr the dimension-centred xᵀ."""
         return _centred(x).T if self.transpose else x
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, x: torch.Tensor, y: torch.Tensor
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         invariance = F.mse_loss(x, y)
         (vx, cx), (vy, cy) = (regularisers(self.regularised(k), self.temperature) for k in (x, y))
         variance, covariance = (vx + vy) / 2, cx + cy
@@ -137,10 +165,19 @@ class VICRegCriterion:
         return loss, {k: v.detach() for k, v in terms.items()}
 
     def grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        reg = regulariser_grad(self.regularised(x), self.std_coeff, self.cov_coeff, self.temperature)
+        reg = regulariser_grad(self.regularised(x), self.std_coeff, self.cov_coeff,
+                               self.temperature)
         if self.transpose:  # back through the transpose and the (self-adjoint) centring
             reg = _centred(reg.T)
         return 2 * self.sim_coeff * (x - y) / x.numel() + reg
+
+
+@torch.no_grad()
+def vicreg_unigrad(u: torch.Tensor, positive: torch.Tensor, same: torch.Tensor,
+                   lambd: float) -> torch.Tensor:
+    """g = −positive + λ_u·u·F, F the correlation of `same` (this view's targets) over the
+    global batch."""
+    return -positive + lambd * u @ D.all_reduce_mean(same.T @ same / same.shape[0])
 
 
 # name → (LogSumExp repulsion, criteria on the transpose)
@@ -158,12 +195,25 @@ class VICReg(SiameseMethod):
             require(cfg.temperature > 0, "temperature", f"must be > 0, got {cfg.temperature}")
         criterion = VICRegCriterion(cfg.sim_coeff, cfg.std_coeff, cfg.cov_coeff,
                                     cfg.temperature if exp else None, transpose)
-        projector = build_mlp(backbone.feature_dim, cfg.proj_hidden_dim, cfg.out_dim,
-                              cfg.proj_layers, last_bias=False)
-        super().__init__(backbone, cfg, projector)
+        lambd = cfg.unigrad.lambd
+        if lambd is None:
+            require(cfg.sim_coeff > 0, "sim_coeff",
+                    f"must be > 0 to derive method.unigrad.lambd, got {cfg.sim_coeff}")
+            lambd = 2 * cfg.cov_coeff * cfg.out_dim / cfg.sim_coeff
+        require(lambd >= 0, "unigrad.lambd", f"must be >= 0, got {lambd}")
+        super().__init__(backbone, cfg)
         self.criterion = criterion
+        self.unigrad_lambd = lambd
 
-    def forward(self, views: list[torch.Tensor]) -> dict:
+    def build_projector(self, in_dim: int) -> nn.Module:
+        cfg = self.cfg
+        return build_mlp(in_dim, cfg.proj_hidden_dim, cfg.out_dim, cfg.proj_layers, last_bias=False)
+
+    def unigrad_gradients(self, u1, u2, t1, t2):
+        return (vicreg_unigrad(u1, t2, t1, self.unigrad_lambd),
+                vicreg_unigrad(u2, t1, t2, self.unigrad_lambd))
+
+    def loss_forward(self, views: list[torch.Tensor]) -> dict:
         z = tuple(upcast(zi) for zi in self.embed(views))
         t = tuple(upcast(ti) for ti in self.targets(views, z))
         x, y = (D.gather_with_grad(zi) for zi in z)
