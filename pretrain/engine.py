@@ -4,11 +4,17 @@ One process on a laptop CPU or many under torchrun (DDP; gloo on CPU, NCCL on GP
 owns what is method-independent: data order, optimiser and schedule, AMP, clipping, EMA hook,
 atomic checkpoints and exact resume, NaN detection, curves and collapse diagnostics, and the
 backbone artifact at the end.
+
+`pretrain` runs the steps in order: check the run directory, load the data (`load_train_data`),
+build the method, optimiser and schedule (`build_training`), train epoch by epoch
+(`train_one_epoch`, `train_step`), checkpoint (`save_resume_state`) and write the artifact
+(`finish`). The steps share one `Training` object rather than closures.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,13 +28,13 @@ from sslbench.artifact import MANIFEST_FILE, save_backbone
 from sslbench.backbones import build_backbone
 from sslbench.checkpoint import load_checkpoint, save_checkpoint
 from sslbench.config import config_hash, save_config, to_dict
-from sslbench.data import build_dataset
+from sslbench.data import LabeledDataset, build_dataset
 from sslbench.metrics import MetricsLog, plot_curves
 from sslbench.optim import build_optimizer, param_groups, scaled_lr, set_lr, warmup_cosine
 
 from .augment import MultiViewTransform, build_view_transforms
 from .diagnostics import collapse_diagnostics
-from .methods import build_method
+from .methods import Method, build_method
 from .sampling import EpochBatchSampler, MultiViewDataset
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -42,21 +48,48 @@ class RunDirError(RuntimeError):
     """The run directory holds a run that this invocation must not overwrite."""
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool) -> bool:
-    """Return whether to resume from a checkpoint; refuse to clobber an existing run."""
-    finished = (run_dir / MANIFEST_FILE).exists()
-    has_ckpt = (run_dir / CHECKPOINT_FILE).exists()
-    if finished and not resume:
-        raise RunDirError(f"{run_dir} already holds a finished backbone; choose another "
-                          "run.name or run.output_dir, or delete it")
-    if has_ckpt and not resume:
-        raise RunDirError(f"{run_dir} holds a checkpoint of an unfinished run; pass --resume to "
-                          "continue it, or choose another run.name")
-    return resume and has_ckpt
+@dataclass(frozen=True)
+class Schedule:
+    """Step counts and the peak learning rate, fixed by the recipe and the dataset's size."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    lr: float  # peak, scaled to the global batch
+
+    @classmethod
+    def of(cls, cfg: DictConfig, num_images: int) -> Schedule:
+        batch = cfg.optim.batch_size
+        steps_per_epoch = num_images // batch
+        if steps_per_epoch == 0:
+            raise ValueError(f"dataset {cfg.data.name} has {num_images} training images, fewer "
+                             f"than optim.batch_size={batch}")
+        return cls(steps_per_epoch, cfg.train.epochs * steps_per_epoch,
+                   round(cfg.optim.warmup_epochs * steps_per_epoch),
+                   scaled_lr(cfg.optim.base_lr, batch))
 
 
-def _views_to(views: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    return [v.to(device, non_blocking=True) for v in views]
+@dataclass
+class Training:
+    """What the steps of a run share: the recipe, this process, where the run writes, and the
+    state the loop advances (`method`, wrapped as `model` under DDP, its optimiser, the global
+    step). `method` is what is saved; `model` is what is called."""
+
+    cfg: DictConfig
+    env: D.DistEnv
+    run_dir: Path
+    config_hash: str
+    schedule: Schedule
+    method: Method
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int
+    log: MetricsLog
+    bar: tqdm
+
+    @property
+    def use_amp(self) -> bool:
+        return self.cfg.train.amp and self.env.device.type == "cuda"
 
 
 def pretrain(cfg: DictConfig, resume: bool = False) -> Path:
@@ -74,136 +107,183 @@ def _pretrain(cfg: DictConfig, resume: bool, env: D.DistEnv) -> Path:
         print(f"{run_dir}: already finished, nothing to do")
         return run_dir
     do_resume = D.broadcast_object(_prepare_run_dir(run_dir, resume) if env.is_main else None)
-    chash = config_hash(cfg)
-    torch.manual_seed(cfg.run.seed)
-
-    # Data: the main process generates/verifies first, the others then read.
-    def load_data():
-        ds = build_dataset(cfg.data.name, cfg.data.root, "train", **(cfg.data.options or {}))
-        if cfg.data.verify and env.is_main:
-            ds.verify(progress=cfg.train.progress)
-        return ds
-
-    if env.is_main:
-        dataset = load_data()
-    D.barrier()
-    if not env.is_main:
-        dataset = load_data()
+    torch.manual_seed(cfg.run.seed)  # the weights are initialised from this seed
+    dataset = load_train_data(cfg, env)
     if env.is_main:  # only once the data is known good: a bad input leaves no run behind
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     transform = MultiViewTransform(build_view_transforms(
         cfg.augment.pipeline, cfg.data.image_size, cfg.augment.crop_min_scale, cfg.augment.blur))
     views_data = MultiViewDataset(dataset, transform)
-    global_batch = cfg.optim.batch_size
-    steps_per_epoch = len(dataset) // global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"dataset {cfg.data.name} has {len(dataset)} training images, fewer "
-                         f"than optim.batch_size={global_batch}")
-    total_steps = cfg.train.epochs * steps_per_epoch
-    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    t = build_training(cfg, env, run_dir, Schedule.of(cfg, len(dataset)), do_resume)
+    started = time.perf_counter()
+    diagnostics: dict[str, float] = {}
+    t.model.train()
+    while t.step < t.schedule.total_steps:
+        diagnostics = train_one_epoch(t, views_data) or diagnostics
+    t.bar.close()
+    save_resume_state(t)
+    if env.is_main:
+        finish(t, dataset.describe(), time.perf_counter() - started, diagnostics)
+    D.barrier()
+    return run_dir
 
-    # Model and optimiser.
-    backbone_kwargs = {"stem": cfg.backbone.stem, "zero_init_residual": cfg.backbone.zero_init_residual,
-                       "width": cfg.backbone.width}
-    backbone = build_backbone(cfg.backbone.arch, **backbone_kwargs)
-    method = build_method(backbone, cfg.method)
+
+def _prepare_run_dir(run_dir: Path, resume: bool) -> bool:
+    """Return whether to resume from a checkpoint; refuse to clobber an existing run."""
+    finished = (run_dir / MANIFEST_FILE).exists()
+    has_ckpt = (run_dir / CHECKPOINT_FILE).exists()
+    if finished and not resume:
+        raise RunDirError(f"{run_dir} already holds a finished backbone; choose another "
+                          "run.name or run.output_dir, or delete it")
+    if has_ckpt and not resume:
+        raise RunDirError(f"{run_dir} holds a checkpoint of an unfinished run; pass --resume to "
+                          "continue it, or choose another run.name")
+    return resume and has_ckpt
+
+
+def load_train_data(cfg: DictConfig, env: D.DistEnv) -> LabeledDataset:
+    """The training split; the main process generates (if needed) and verifies it first."""
+    with D.main_process_first():
+        dataset = build_dataset(cfg.data.name, cfg.data.root, "train", **(cfg.data.options or {}))
+        if cfg.data.verify and env.is_main:
+            dataset.verify(progress=cfg.train.progress)
+    return dataset
+
+
+def backbone_kwargs(cfg: DictConfig) -> dict:
+    """The backbone's constructor arguments; the artifact records them to rebuild it."""
+    b = cfg.backbone
+    return {"stem": b.stem, "zero_init_residual": b.zero_init_residual, "width": b.width}
+
+
+def build_training(cfg: DictConfig, env: D.DistEnv, run_dir: Path, schedule: Schedule,
+                   resume: bool) -> Training:
+    """The method on its device, its optimiser and the step to start from (restored from the
+    checkpoint when resuming), the DDP wrapper, the metrics log and the progress bar."""
+    method = build_method(build_backbone(cfg.backbone.arch, **backbone_kwargs(cfg)), cfg.method)
     if cfg.train.sync_bn and env.world_size > 1:
         method = D.convert_sync_batchnorm(method, env.device)
     method.to(env.device)
-    lr = scaled_lr(cfg.optim.base_lr, global_batch)
     groups = param_groups(method, cfg.optim.weight_decay, cfg.optim.exclude_norm_bias,
                           method.param_group_overrides(),
                           norm_bias_overrides=method.norm_bias_overrides())
     extra = {"eta": cfg.optim.lars_eta} if cfg.optim.name == "lars" else {}
-    optimizer = build_optimizer(cfg.optim.name, groups, lr, cfg.optim.momentum,
+    optimizer = build_optimizer(cfg.optim.name, groups, schedule.lr, cfg.optim.momentum,
                                 cfg.optim.weight_decay, **extra)
-    step = 0
-    if do_resume:
-        state = load_checkpoint(run_dir / CHECKPOINT_FILE, map_location=env.device)
-        if state["config_hash"] != chash:
-            raise RunDirError(f"{run_dir / CHECKPOINT_FILE} was written by a different config "
-                              f"(hash {state['config_hash'][:12]}… vs {chash[:12]}…); resume "
-                              "needs the same config")
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+    chash = config_hash(cfg)
+    step = _load_resume_state(run_dir, chash, method, optimizer, env.device) if resume else 0
     model = method
     if env.world_size > 1:
         model = DistributedDataParallel(
             method, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-
-    log = MetricsLog(run_dir, enabled=env.is_main, resume_step=step if do_resume else None)
-    use_amp = cfg.train.amp and env.device.type == "cuda"
-    diag_from = max(0, steps_per_epoch - cfg.train.diagnostics_batches)
-    diag_buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
-    diagnostics: dict[str, float] = {}
-
-    def save_resume_state() -> None:
-        if env.is_main:
-            save_checkpoint(run_dir / CHECKPOINT_FILE, {
-                "step": step, "config_hash": chash, "method": method.state_dict(),
-                "optimizer": optimizer.state_dict()})
-
-    bar = tqdm(total=total_steps, initial=step, desc=f"pretrain {cfg.method.name}",
+    log = MetricsLog(run_dir, enabled=env.is_main, resume_step=step if resume else None)
+    bar = tqdm(total=schedule.total_steps, initial=step, desc=f"pretrain {cfg.method.name}",
                disable=not (env.is_main and cfg.train.progress), dynamic_ncols=True)
-    started = time.perf_counter()
-    model.train()
-    while step < total_steps:
-        epoch, start = divmod(step, steps_per_epoch)
-        sampler = EpochBatchSampler(len(dataset), global_batch, cfg.run.seed, epoch,
-                                    env.rank, env.world_size, start)
-        loader = DataLoader(views_data, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                            pin_memory=env.device.type == "cuda")
-        for batch_in_epoch, (views, _) in enumerate(loader, start=start):
-            views = _views_to(views, env.device)
-            lr_now = warmup_cosine(step, total_steps, warmup_steps, lr, cfg.optim.final_lr,
-                                   cfg.optim.warmup_start_lr)
-            set_lr(optimizer, lr_now, lr)
-            with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                out = model(views)
-            loss = out["loss"]
-            if not torch.isfinite(loss.detach()).item():
-                raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {step} (epoch {epoch}); stopped without "
-                    f"saving. The last good checkpoint is {run_dir / CHECKPOINT_FILE} if it "
-                    "exists. Lower optim.base_lr, add warm-up, or set optim.clip_grad_norm.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad_norm)
-            optimizer.step()
-            method.after_optimizer_step((step + 1) / total_steps)
-            step += 1
-            bar.update(1)
-            if batch_in_epoch >= diag_from:
-                diag_buffer.append(out["embeddings"])
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                scalars = {"loss": loss.detach(), **out["logs"]}
-                values = {k: D.all_reduce_mean(torch.as_tensor(v, device=env.device).float()).item()
-                          for k, v in scalars.items()}
-                values["lr"] = lr_now
-                log.log("train", step, values)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr_now:.3g}")
-            if step % cfg.train.checkpoint_every == 0 and step < total_steps:
-                save_resume_state()
-        if diag_buffer:
-            z1 = D.gather_no_grad(torch.cat([z for z, _ in diag_buffer]))
-            z2 = D.gather_no_grad(torch.cat([z for _, z in diag_buffer]))
-            diagnostics = collapse_diagnostics(z1.float().cpu(), z2.float().cpu())
-            diagnostics["epoch"] = epoch
-            log.log("diagnostics", step, diagnostics)
-            diag_buffer.clear()
-    bar.close()
-    save_resume_state()
-    if env.is_main:
-        save_backbone(
-            run_dir, method.backbone, arch=cfg.backbone.arch, arch_kwargs=backbone_kwargs,
-            method=cfg.method.name, run_name=cfg.run.name, config=to_dict(cfg),
-            config_hash=chash, dataset=dataset.describe(), epochs=cfg.train.epochs,
-            steps=step, seed=cfg.run.seed, world_size=env.world_size,
-            train_seconds=round(time.perf_counter() - started, 2), diagnostics=diagnostics)
-        plot_curves(run_dir, ("train", "diagnostics"))
-        log.close()
-    D.barrier()
-    return run_dir
+    return Training(cfg, env, run_dir, chash, schedule, method, model, optimizer, step, log, bar)
+
+
+def _load_resume_state(run_dir: Path, chash: str, method: Method,
+                       optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+    """Load the checkpoint's weights and optimiser state; return its step."""
+    path = run_dir / CHECKPOINT_FILE
+    state = load_checkpoint(path, map_location=device)
+    if state["config_hash"] != chash:
+        raise RunDirError(f"{path} was written by a different config (hash "
+                          f"{state['config_hash'][:12]}… vs {chash[:12]}…); resume needs the "
+                          "same config")
+    method.load_state_dict(state["method"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def train_one_epoch(t: Training, views_data: MultiViewDataset) -> dict[str, float] | None:
+    """Train from `t.step` to the end of its epoch; the epoch's collapse diagnostics, over its
+    last `train.diagnostics_batches` batches, or None when none of them ran here."""
+    cfg, env, schedule = t.cfg, t.env, t.schedule
+    epoch, start = divmod(t.step, schedule.steps_per_epoch)
+    sampler = EpochBatchSampler(len(views_data), cfg.optim.batch_size, cfg.run.seed,
+                                epoch, env.rank, env.world_size, start)
+    loader = DataLoader(views_data, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                        pin_memory=env.device.type == "cuda")
+    diag_from = max(0, schedule.steps_per_epoch - cfg.train.diagnostics_batches)
+    embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for batch_in_epoch, (views, _) in enumerate(loader, start=start):
+        out, lr = train_step(t, views, epoch)
+        if batch_in_epoch >= diag_from:
+            embeddings.append(out["embeddings"])
+        if t.step % cfg.train.log_every == 0 or t.step == schedule.total_steps:
+            _log_train(t, out, lr)
+        if t.step % cfg.train.checkpoint_every == 0 and t.step < schedule.total_steps:
+            save_resume_state(t)
+    return _log_diagnostics(t, embeddings, epoch) if embeddings else None
+
+
+def train_step(t: Training, views: list[torch.Tensor], epoch: int) -> tuple[dict, float]:
+    """One optimisation step at the schedule's learning rate; the method's output and that lr."""
+    cfg, schedule = t.cfg, t.schedule
+    views = [v.to(t.env.device, non_blocking=True) for v in views]
+    lr = warmup_cosine(t.step, schedule.total_steps, schedule.warmup_steps, schedule.lr,
+                       cfg.optim.final_lr, cfg.optim.warmup_start_lr)
+    set_lr(t.optimizer, lr, schedule.lr)
+    with torch.autocast(t.env.device.type, dtype=torch.bfloat16, enabled=t.use_amp):
+        out = t.model(views)
+    loss = out["loss"]
+    if not torch.isfinite(loss.detach()).item():
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at step {t.step} (epoch {epoch}); stopped without saving. "
+            f"The last good checkpoint is {t.run_dir / CHECKPOINT_FILE} if it exists. Lower "
+            "optim.base_lr, add warm-up, or set optim.clip_grad_norm.")
+    t.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(t.method.parameters(), cfg.optim.clip_grad_norm)
+    t.optimizer.step()
+    t.method.after_optimizer_step((t.step + 1) / schedule.total_steps)
+    t.step += 1
+    t.bar.update(1)
+    return out, lr
+
+
+def _log_train(t: Training, out: dict, lr: float) -> None:
+    """The step's loss and the method's logs, averaged over processes (a collective: every
+    process calls it at the same steps)."""
+    scalars = {"loss": out["loss"].detach(), **out["logs"]}
+    values = {k: D.all_reduce_mean(torch.as_tensor(v, device=t.env.device).float()).item()
+              for k, v in scalars.items()}
+    values["lr"] = lr
+    t.log.log("train", t.step, values)
+    t.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}")
+
+
+def _log_diagnostics(t: Training, embeddings: list[tuple[torch.Tensor, torch.Tensor]],
+                     epoch: int) -> dict[str, float]:
+    """Collapse diagnostics of the two views' embeddings, gathered from every process."""
+    z1 = D.gather_no_grad(torch.cat([z for z, _ in embeddings]))
+    z2 = D.gather_no_grad(torch.cat([z for _, z in embeddings]))
+    diagnostics = collapse_diagnostics(z1.float().cpu(), z2.float().cpu())
+    diagnostics["epoch"] = epoch
+    t.log.log("diagnostics", t.step, diagnostics)
+    return diagnostics
+
+
+def save_resume_state(t: Training) -> None:
+    """Write what exact resume needs (main process only, atomically)."""
+    if t.env.is_main:
+        save_checkpoint(t.run_dir / CHECKPOINT_FILE, {
+            "step": t.step, "config_hash": t.config_hash, "method": t.method.state_dict(),
+            "optimizer": t.optimizer.state_dict()})
+
+
+def finish(t: Training, dataset: dict, train_seconds: float,
+           diagnostics: dict[str, float]) -> None:
+    """Write the backbone artifact and the curves' plot (main process only)."""
+    cfg = t.cfg
+    save_backbone(
+        t.run_dir, t.method.backbone, arch=cfg.backbone.arch, arch_kwargs=backbone_kwargs(cfg),
+        method=cfg.method.name, run_name=cfg.run.name, config=to_dict(cfg),
+        config_hash=t.config_hash, dataset=dataset, epochs=cfg.train.epochs, steps=t.step,
+        seed=cfg.run.seed, world_size=t.env.world_size, train_seconds=round(train_seconds, 2),
+        diagnostics=diagnostics)
+    plot_curves(t.run_dir, ("train", "diagnostics"))
+    t.log.close()
