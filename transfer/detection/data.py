@@ -162,7 +162,8 @@ class DetectionDataset(Dataset):
 
     def __init__(self, sets: Sequence[AnnotationSet], train: bool, masks: bool = False,
                  flip: bool = False, seed: int = 0):
-        self.sets, self.train, self.masks, self.flip, self.seed = list(sets), train, masks, flip, seed
+        self.sets, self.train, self.masks = list(sets), train, masks
+        self.flip, self.seed = flip, seed
         self.epoch = 0
         self.items = [(k, image_id) for k, s in enumerate(self.sets)
                       for image_id in sorted(s.coco.imgs)
