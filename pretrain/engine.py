@@ -103,8 +103,11 @@ def pretrain(cfg: DictConfig, resume: bool = False) -> Path:
 
 def _pretrain(cfg: DictConfig, resume: bool, env: D.DistEnv) -> Path:
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    if env.is_main and (run_dir / MANIFEST_FILE).exists() and resume:
-        print(f"{run_dir}: already finished, nothing to do")
+    # decided on the main process, whose filesystem holds the run; all processes must agree
+    finished = D.broadcast_object((run_dir / MANIFEST_FILE).exists() if env.is_main else None)
+    if finished and resume:
+        if env.is_main:
+            print(f"{run_dir}: already finished, nothing to do")
         return run_dir
     do_resume = D.broadcast_object(_prepare_run_dir(run_dir, resume) if env.is_main else None)
     torch.manual_seed(cfg.run.seed)  # the weights are initialised from this seed
