@@ -1,4 +1,5 @@
-"""The two-view augmentation pipelines of SimCLR, MoCo v2 and BYOL (METHODS.md §1), seedable.
+"""The two-view augmentation pipelines of SimCLR, MoCo v2 and BYOL, seedable
+(docs/methods.md#augmentations).
 
 Each pipeline is crop → colour jitter → grayscale → blur → solarize → flip → normalise; the ops
 after the crop are pointwise or isotropic, so this order has the same distribution as each

@@ -2,9 +2,9 @@
 
 SimSiam's std of l2-normalised outputs, Zhang et al.'s centre/residual split, the singular-value
 spectrum and its effective rank (Roy & Vetterli), and Garrido et al.'s sample- and
-dimension-contrastive criteria (METHODS.md §5). Everything is computed in float64 on detached
-copies, so a diagnostic never touches the graph and float32 round-off does not masquerade as
-signal; scalars come back as Python floats.
+dimension-contrastive criteria (docs/methods.md#collapse-diagnostics). Everything is computed in
+float64 on detached copies, so a diagnostic never touches the graph and float32 round-off does
+not masquerade as signal; scalars come back as Python floats.
 """
 
 from __future__ import annotations

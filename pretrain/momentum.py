@@ -2,7 +2,8 @@
 `momentum_encoder: true` variant.
 
 `momentum_encoder: false` never builds one: the target is then sg(online), not an EMA whose
-schedule happens to start at 0 (the trap in UniGrad's code, METHODS.md).
+schedule happens to start at 0 (the trap in UniGrad's code,
+docs/methods.md#the-momentum-encoder-switch).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The backbone artifact (DESIGN.md contract 1): what pretraining writes and every evaluator reads.
+"""The backbone artifact (docs/design.md, contract 1): what pretraining writes, every task reads.
 
 A run directory holds `backbone.safetensors` (weights only; loading it cannot run code) and
 `backbone.json` (the manifest: architecture and its arguments, the backbone's facts (feature

@@ -27,8 +27,9 @@ def test_negative_cosine_gradient_equals_autograd():
 
 
 def test_linear_predictor_gradient_is_unigrads_formula():
-    """METHODS §3.3: ∂(−cos(Wu1, ū2))/∂u1 = (1/‖Wu1‖)[−Wᵀū2 + λWᵀWu1], λ = Wu1·ū2/‖Wu1‖²; the
-    gradient injected at the predictor output p = Wu1 gives it (and W's gradient) via backward."""
+    """∂(−cos(Wu1, ū2))/∂u1 = (1/‖Wu1‖)[−Wᵀū2 + λWᵀWu1], λ = Wu1·ū2/‖Wu1‖²
+    (docs/methods.md#simsiam); the gradient injected at the predictor output p = Wu1 gives it (and
+    W's gradient) via backward."""
     gen = torch.Generator().manual_seed(1)
     n, d = 6, 5
     u1 = F.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1).requires_grad_()

@@ -74,7 +74,8 @@ def test_analytic_gradient_equals_autograd(kind, similarity):
 
 
 def test_moco_gradient_matches_unigrad_formula():
-    """METHODS.md §3.1: ∂L/∂u_i = (1/Nτ)[−k_i + Σ_{v ∈ {k_i} ∪ Q} s_v v], s = softmax(u_i·v/τ)."""
+    """∂L/∂u_i = (1/Nτ)[−k_i + Σ_{v ∈ {k_i} ∪ Q} s_v v], s = softmax(u_i·v/τ)
+    (docs/methods.md#infonce)."""
     gen = torch.Generator().manual_seed(1)
     n, tau = 6, 0.2
     u, keys, pos, exclude, _ = layout("mocov2", gen, n=n)
@@ -86,7 +87,8 @@ def test_moco_gradient_matches_unigrad_formula():
 
 
 def test_simclr_full_gradient_matches_formula():
-    """METHODS.md §3.2: ∂L/∂u_i = (1/2Nτ)[−2u_p(i) + Σ_{k≠i} P_ik u_k + Σ_{a≠i} P_ai u_a]."""
+    """∂L/∂u_i = (1/2Nτ)[−2u_p(i) + Σ_{k≠i} P_ik u_k + Σ_{a≠i} P_ai u_a]
+    (docs/methods.md#infonce)."""
     gen = torch.Generator().manual_seed(2)
     n, tau = 5, 0.1
     u, _, pos, exclude, _ = layout("simclr", gen, n=n)

@@ -56,7 +56,7 @@ def test_barlow_twins_loss_is_the_papers():
 
 @pytest.mark.parametrize("lambd", [0.0051, 0.7])
 def test_barlow_twins_gradient_equals_autograd_and_unigrads_formula(lambd):
-    """METHODS §3.4, diagonal term included:
+    """docs/methods.md#barlow-twins, diagonal term included:
     ∂L/∂ẑ1_b = (2/N)[−ẑ2_b + (λ/N)Σ_v(ẑ2_v·ẑ2_b)ẑ1_v + (1 − λ)diag(C)ẑ2_b]."""
     n = 10
     a, b = standardise(randn(n, 6, seed=3)), standardise(randn(n, 6, seed=4))
@@ -138,8 +138,8 @@ def test_vicreg_gradient_equals_autograd(name):
 
 
 def test_vicreg_gradient_is_the_unified_formula():
-    """METHODS §3.5: ∂L/∂x_b = 2λ(x_b − y_b)/(ND) + 4ν/(D(N−1))·OffDiag(Cov)x̃_b
-    − μ/(2D(N−1))·Σ_j 1[s_j<1](x̃_bj/s_j)e_j."""
+    """∂L/∂x_b = 2λ(x_b − y_b)/(ND) + 4ν/(D(N−1))·OffDiag(Cov)x̃_b − μ/(2D(N−1))·Σ_j
+    1[s_j<1](x̃_bj/s_j)e_j (docs/methods.md#vicreg-vicreg-exp-and-vicreg-ctr)."""
     lam, mu, nu = 3.0, 5.0, 2.0
     x, y = mixed_spread(12, 7, 12), mixed_spread(12, 7, 13)
     n, d = x.shape

@@ -1,5 +1,5 @@
-"""The two branches of a Siamese method, the `momentum_encoder` switch (UniGrad, METHODS.md §4)
-and the three loss forms (pretrain/unified.py).
+"""The two branches of a Siamese method, the `momentum_encoder` switch (UniGrad;
+docs/methods.md#the-momentum-encoder-switch) and the three loss forms (pretrain/unified.py).
 
 The online branch is backbone → projector. Each view's target is either the output of an EMA
 copy of that branch (`momentum_encoder: true`: BYOL, UniGrad) or the online output itself under

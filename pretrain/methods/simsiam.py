@@ -69,7 +69,8 @@ def negative_cosine(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def negative_cosine_grad(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """∂D(p, t)/∂p = (1/(B‖p‖))[−t̂ + λp], λ = (p·t̂)/‖p‖² (UniGrad's form, METHODS.md §3.3)."""
+    """∂D(p, t)/∂p = (1/(B‖p‖))[−t̂ + λp], λ = (p·t̂)/‖p‖²: UniGrad's form
+    (docs/methods.md#simsiam)."""
     t_hat = F.normalize(t, dim=1)
     norm = p.norm(dim=1, keepdim=True)
     lam = (p * t_hat).sum(dim=1, keepdim=True) / norm.square()

@@ -12,7 +12,7 @@ the transposed embedding matrix: v then acts on each embedding's spread across d
 norm) and c_exp on the N × N Gram matrix, a DCL-style repulsion between samples.
 
 What we implement where the main text leaves it open (Table S6 and the Supp. I pseudocode were
-not retrievable, METHODS.md §6):
+not retrievable; docs/methods.md#where-the-sources-are-silent):
 - VICReg-ctr centres each dimension over the batch first (Table 1: "dimension centring ✓"), then
   applies the *same* v and c_exp functions to the transpose. Those centre each embedding across
   its dimensions and divide the Gram matrix by D − 1, so the variance hinge holds every
