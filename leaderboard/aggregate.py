@@ -37,6 +37,7 @@ from sslbench.results import HITS_KEY, ResultRecord, load_records, unpack_hits
 from sslbench.tasks import get_task, tasks
 
 from . import stats
+from .forms import FORM_TAG_KEYS, Form, form_tags
 
 # Baseline methods, not ranked: what a cell's position between floor (0) and ceiling (1) means.
 BASELINES = {"random-init": "floor", "supervised": "ceiling"}
@@ -319,6 +320,10 @@ class ReferenceTable:
     arch: str
     columns: tuple[str, ...]
     rows: tuple[tuple[str, tuple[float | None, ...]], ...]
+    # leaderboard/forms.py's tags; empty for an untagged table, which is placed beside no run
+    forms: tuple[Form, ...] = ()  # the loss form each column was measured under
+    settings: tuple[str, ...] = ()  # and the setting (recipe) each column was measured under
+    methods: tuple[tuple[str, str], ...] = ()  # row name -> method.name
 
 
 def load_reference(path: str | Path) -> list[ReferenceTable]:
@@ -339,8 +344,8 @@ def load_reference(path: str | Path) -> list[ReferenceTable]:
     for i, t in enumerate(doc["tables"]):
         where = f"tables[{i}]"
         keys = ("source", "task", "protocol", "arch", "columns", "rows")
-        check(isinstance(t, dict) and set(t) == set(keys), where,
-              f"expected exactly the keys {keys}")
+        check(isinstance(t, dict) and set(keys) <= set(t) <= {*keys, *FORM_TAG_KEYS}, where,
+              f"expected the keys {keys} and optionally {FORM_TAG_KEYS}")
         for key in keys[:4]:
             check(isinstance(t[key], str) and bool(t[key]), f"{where}.{key}", "expected a string")
         check(t["task"] in tasks(), f"{where}.task",
@@ -355,8 +360,10 @@ def load_reference(path: str | Path) -> list[ReferenceTable]:
                   and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
                           for v in row), f"{where}.rows.{name}",
                   f"expected {len(t['columns'])} numbers (null where the source has none)")
+        tags = form_tags(t, len(t["columns"]), lambda ok, key, problem, where=where:
+                         check(ok, f"{where}.{key}", problem))
         tables.append(ReferenceTable(
             t["source"], t["task"], t["protocol"], t["arch"], tuple(t["columns"]),
             tuple((str(name), tuple(None if v is None else float(v) for v in row))
-                  for name, row in t["rows"].items())))
+                  for name, row in t["rows"].items()), *tags))
     return tables

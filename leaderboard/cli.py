@@ -47,6 +47,7 @@ def _metrics(overrides: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .pivot import build_pivots, pivot_html, pivot_markdown
     from .plots import bar_chart
     from .render import csv_text, html_page, markdown
 
@@ -65,9 +66,11 @@ def run(args: argparse.Namespace) -> int:
         written.append(out / f"leaderboard_{task}.png")
         with atomic_path(written[-1]) as tmp:
             tmp.write_bytes(png)
-    texts = {"leaderboard.md": markdown(board, reference, args.directory),
+    pivots = build_pivots(board, records, reference)  # [] unless the runs differ in loss form
+    texts = {"leaderboard.md": markdown(board, reference, args.directory) + pivot_markdown(pivots),
              "leaderboard.csv": csv_text(board),
-             "leaderboard.html": html_page(board, reference, args.directory, charts)}
+             "leaderboard.html": html_page(board, reference, args.directory, charts,
+                                           pivot_html(pivots))}
     for name, text in texts.items():
         written.append(out / name)
         write_text_atomic(written[-1], text)

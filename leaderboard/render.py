@@ -89,6 +89,23 @@ def _settings(board: Board, column: Column) -> str:
     return ", ".join(f"{k}={v}" for k, v in board.settings_that_differ(column).items())
 
 
+def _uniform_tag(table: ReferenceTable) -> str:
+    """'Measured as: FORM; SETTING.' when every column shares them, else ''."""
+    tags = set(zip(table.forms, table.settings))
+    if len(tags) != 1:
+        return ""
+    ((form, setting),) = tags
+    return f"Measured as: {form.label}; {setting}."
+
+
+def _tagged_columns(table: ReferenceTable) -> list[str]:
+    """Column names with the loss form and setting each was measured under, where they differ
+    between columns (`_uniform_tag` states them once otherwise)."""
+    if not table.forms or _uniform_tag(table):
+        return list(table.columns)
+    return [f"{c} [{f.label}; {s}]" for c, f, s in zip(table.columns, table.forms, table.settings)]
+
+
 def markdown(board: Board, reference: list[ReferenceTable], source: str) -> str:
     lines = ["# Leaderboard", "",
              f"{board.records} result records from `{_md(source)}`, {len(board.rows)} pretraining "
@@ -111,9 +128,9 @@ def markdown(board: Board, reference: list[ReferenceTable], source: str) -> str:
     if reference:
         lines += ["", "## Published numbers (not ranked)", "", REFERENCE_INTRO]
         for t in reference:
-            lines += ["", f"**{_md(t.source)}**. {_md(t.task)}, {_md(t.arch)}: {_md(t.protocol)}.",
-                      ""]
-            lines += _md_table(["method"] + [_md(c) for c in t.columns],
+            caption = f"**{_md(t.source)}**. {_md(t.task)}, {_md(t.arch)}: {_md(t.protocol)}."
+            lines += ["", " ".join([caption, _md(_uniform_tag(t))]).strip(), ""]
+            lines += _md_table(["method"] + [_md(c) for c in _tagged_columns(t)],
                                [[_md(name)] + [_number(v) for v in values]
                                 for name, values in t.rows])
     return "\n".join(lines) + "\n"
@@ -270,18 +287,20 @@ def _reference_section(reference: list[ReferenceTable]) -> str:
     parts = ["<h2>Published numbers (not ranked)</h2>", f"<p>{_e(REFERENCE_INTRO)}</p>"]
     for t in reference:
         head = [_th("method", "method", "text", "ascending")] + [
-            _th(f"c{i}", _e(c), "number", "descending") for i, c in enumerate(t.columns)]
+            _th(f"c{i}", _e(c), "number", "descending") for i, c in enumerate(_tagged_columns(t))]
         rows = ["<tr>" + _td(_e(name), name) + "".join(
             _td(_number(v), v, numeric=True) for v in values) + "</tr>" for name, values in t.rows]
-        parts.append(f"<p><b>{_e(t.source)}</b>. {_e(t.task)}, {_e(t.arch)}: {_e(t.protocol)}.</p>"
+        parts.append(f"<p><b>{_e(t.source)}</b>. {_e(t.task)}, {_e(t.arch)}: {_e(t.protocol)}. "
+                     f"{_e(_uniform_tag(t))}</p>"
                      '\n<table class="sortable">\n<thead><tr>' + "".join(head)
                      + "</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>")
     return "\n".join(parts)
 
 
 def html_page(board: Board, reference: list[ReferenceTable], source: str,
-              charts: dict[str, bytes]) -> str:
-    """`charts`: PNG bytes by task, embedded as data: URLs."""
+              charts: dict[str, bytes], extra: str = "") -> str:
+    """`charts`: PNG bytes by task, embedded as data: URLs; `extra`: a section (HTML) to end
+    the page with, e.g. leaderboard/pivot.py's."""
     figures = "\n".join(
         f'<figure><img alt="{_e(task)} bar chart" src="data:image/png;base64,'
         f'{base64.b64encode(png).decode("ascii")}"></figure>' for task, png in charts.items())
@@ -296,6 +315,8 @@ def html_page(board: Board, reference: list[ReferenceTable], source: str,
     body += [_columns_section(board), figures]
     if reference:
         body.append(_reference_section(reference))
+    if extra:
+        body.append(extra)
     return ("<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
             f"<title>sslbench leaderboard</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
