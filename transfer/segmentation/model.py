@@ -46,7 +46,6 @@ class LoadReport:
 
     tensors: int  # state-dict entries loaded: every one the backbone has
     parameters: int  # elements of the backbone's learnable parameters, all of them loaded
-    renamed: int = 0  # keys renamed on the way (none: the names agree)
 
 
 def load_into_backbone(backbone: nn.Module, state: dict[str, torch.Tensor],
