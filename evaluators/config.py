@@ -23,6 +23,9 @@ class RunConfig:
     device: str = "auto"
     threads: Optional[int] = None  # torch and faiss CPU threads; None leaves the default
     progress: bool = True
+    # Standard probe and semisup: steps between resume checkpoints (and one when training ends)
+    # under RESULTS_DIR/.work/; 0: none. Not part of the protocol: it never changes the number.
+    checkpoint_every: int = 500
 
 
 @dataclass

@@ -130,8 +130,9 @@ def fast_probe(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor
     return metrics, details
 
 
-def standard_probe(ctx: EvalContext) -> tuple[dict[str, float], dict]:
-    """Train a linear head on the frozen backbone with the recipe in ctx.cfg.probe."""
+def standard_probe(ctx: EvalContext, protocol: dict) -> tuple[dict[str, float], dict]:
+    """Train a linear head on the frozen backbone with the recipe in ctx.cfg.probe (whose
+    record's protocol part is `protocol`)."""
     cfg, run = ctx.cfg.probe, ctx.cfg.run
     train = SeededAugmentation(ctx.datasets["train"],
                                train_transform(ctx.cfg.data.image_size, cfg.crop_min_scale,
@@ -145,7 +146,7 @@ def standard_probe(ctx: EvalContext) -> tuple[dict[str, float], dict]:
     loss = fit(model, train, optimizer, lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
                warmup_epochs=cfg.warmup_epochs, seed=run.seed, device=ctx.device,
                num_workers=ctx.cfg.data.num_workers, progress=run.progress,
-               desc=f"linear standard ({cfg.optimizer})")
+               desc=f"linear standard ({cfg.optimizer})", resume=ctx.resume_state(protocol))
     scores = {split: evaluate(model, ctx.datasets[split], batch_size=ctx.cfg.features.batch_size,
                               device=ctx.device, num_workers=ctx.cfg.data.num_workers,
                               progress=run.progress, desc=f"evaluate {split}")
@@ -158,8 +159,9 @@ def standard_probe(ctx: EvalContext) -> tuple[dict[str, float], dict]:
 def run(ctx: EvalContext) -> TaskOutput:
     cfg = ctx.cfg.probe
     if cfg.name == "standard":
-        metrics, details = standard_probe(ctx)
-        return TaskOutput(metrics, {"probe": to_dict(cfg)}, details)
+        protocol = {"probe": to_dict(cfg)}
+        metrics, details = standard_probe(ctx, protocol)
+        return TaskOutput(metrics, protocol, details)
     train, val, test = (ctx.features(split) for split in ("train", "val", "test"))
     metrics, details = fast_probe(
         (train.features, train.labels), (val.features, val.labels),

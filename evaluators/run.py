@@ -2,12 +2,15 @@
 
 Every evaluation task runs in this frame (backbone and data loaded, features cached) and its
 output gets the data part of the protocol and the dataset before build_record makes the record.
-Works as one process or under torchrun (the main process writes the record).
+Works as one process or under torchrun (the main process writes the record). A task that trains
+keeps its resume state under RESULTS_DIR/.work/ (EvalContext.resume_state); the same command run
+again continues from it, and it goes once the record is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from pathlib import Path
 
@@ -22,16 +25,7 @@ from sslbench.tasks import get_task
 from sslbench.transforms import build_eval_transform
 
 from .context import EvalContext, load_splits
-from .features import cache_location, readout
-
-
-def data_protocol(image_size: int, datasets: dict) -> dict:
-    """The data half of every protocol: which data (not where it lies), at which input size,
-    and how much of it."""
-    identity = {k: v for k, v in datasets["train"].describe().items()
-                if k not in ("root", "split", "size")}
-    return {"dataset": identity, "image_size": image_size,
-            "sizes": {split: len(ds) for split, ds in datasets.items()}}
+from .features import cache_location
 
 
 def evaluate(task: str, cfg: DictConfig, backbone_dir: str | Path,
@@ -62,20 +56,25 @@ def _evaluate(task: str, cfg: DictConfig, backbone_dir: Path, out_dir: Path,
         datasets = load_splits(cfg.data, transform)
     cache_dir = cache_location(cfg.features.cache, cfg.features.cache_dir, out_dir)
     torch.manual_seed(cfg.run.seed)
-    ctx = EvalContext(cfg, backbone, manifest, env.device, datasets, cache_dir)
+    ctx = EvalContext(cfg, backbone, manifest, env.device, datasets, cache_dir, task=task,
+                      work_root=out_dir / ".work")
     output = get_task(task).run_function()(ctx)
     if not env.is_main:
         return None
     train = datasets["train"]
+    resumed = ctx.resume is not None and ctx.resume.from_step is not None
     output = dataclasses.replace(
-        output, protocol={"data": data_protocol(cfg.data.image_size, datasets),
-                          **readout(backbone), **output.protocol},
+        output, protocol=ctx.protocol(output.protocol),
         dataset=DatasetInfo(train.name, train.num_classes,
                             {**{s: len(ds) for s, ds in datasets.items()}, **output.splits},
                             train.describe()),
         details={**output.details, "feature_cache": ctx.cache_use,
-                 "backbone_dir": str(backbone_dir)})
+                 "backbone_dir": str(backbone_dir),
+                 **({"resumed_from_step": ctx.resume.from_step} if resumed else {})})
     record = build_record(task, output, manifest, seed=cfg.run.seed, started=started,
                           device=D.device_name(env.device, env.world_size),
                           world_size=env.world_size, cuda=env.device.type == "cuda")
-    return write_record(out_dir, record)
+    path = write_record(out_dir, record)
+    if ctx.resume is not None:  # recorded: nothing left to resume
+        shutil.rmtree(ctx.resume.path.parent, ignore_errors=True)
+    return path

@@ -132,16 +132,6 @@ def run(ctx: EvalContext) -> TaskOutput:
     groups = param_groups(model, cfg.weight_decay,
                           overrides={"backbone.": {"lr_scale": cfg.backbone_lr / cfg.head_lr}})
     optimizer = build_optimizer(cfg.optimizer, groups, lr, cfg.momentum, cfg.weight_decay)
-    loss = fit(model, labelled, optimizer, lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
-               warmup_epochs=cfg.warmup_epochs, seed=run_cfg.seed, device=ctx.device,
-               num_workers=ctx.cfg.data.num_workers, progress=run_cfg.progress,
-               desc=f"semisup fine-tune ({len(indices)} labels)")
-    scores = {split: evaluate(model, ctx.datasets[split], batch_size=ctx.cfg.features.batch_size,
-                              device=ctx.device, num_workers=ctx.cfg.data.num_workers,
-                              progress=run_cfg.progress, desc=f"evaluate {split}")
-              for split in ("val", "test")}
-    metrics = {**scores["test"][0], "val_top1": scores["val"][0]["top1"],
-               "val_top5": scores["val"][0]["top5"]}
     protocol = to_dict(cfg)
     if cfg.split_file is None:
         protocol.pop("split_file")
@@ -149,6 +139,17 @@ def run(ctx: EvalContext) -> TaskOutput:
         protocol.pop("fraction")
         protocol["split_file"] = {"name": Path(cfg.split_file).name,
                                   "sha256": sha256_file(cfg.split_file)}
+    loss = fit(model, labelled, optimizer, lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
+               warmup_epochs=cfg.warmup_epochs, seed=run_cfg.seed, device=ctx.device,
+               num_workers=ctx.cfg.data.num_workers, progress=run_cfg.progress,
+               desc=f"semisup fine-tune ({len(indices)} labels)",
+               resume=ctx.resume_state({"semisup": protocol}))
+    scores = {split: evaluate(model, ctx.datasets[split], batch_size=ctx.cfg.features.batch_size,
+                              device=ctx.device, num_workers=ctx.cfg.data.num_workers,
+                              progress=run_cfg.progress, desc=f"evaluate {split}")
+              for split in ("val", "test")}
+    metrics = {**scores["test"][0], "val_top1": scores["val"][0]["top1"],
+               "val_top5": scores["val"][0]["top5"]}
     counts = np.bincount(np.asarray(ctx.datasets["train"].targets)[indices],
                          minlength=ctx.num_classes)
     details = {"labelled_per_class": dict(zip(ctx.datasets["train"].classes, counts.tolist())),

@@ -5,11 +5,18 @@ schedule; they differ only in whether the backbone is frozen and in the optimize
 torchrun the classifier is wrapped in DDP, process r takes the r-th contiguous chunk of every
 global batch and each sample's augmentation is seeded by the sample itself, so N processes train
 on the same batches and crops as one.
+
+Given a `Resume`, `fit` saves what an exact continuation needs (the trained weights, optimizer,
+step, the epoch's losses so far, the RNG) atomically every few steps and once training ends, and
+a run started again with the same path continues from it: the batches and crops are functions
+of (seed, epoch, sample), so the continuation sees what an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -22,6 +29,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from sslbench import distributed as D
+from sslbench.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sslbench.data import LabeledDataset
 from sslbench.optim import set_lr, warmup_cosine
 from sslbench.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -91,6 +99,10 @@ class Classifier(nn.Module):
         return self.head(features)
 
 
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 def epoch_batches(size: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
                   world_size: int = 1) -> list[list[int]]:
     """This process's share of each global batch of one epoch.
@@ -102,7 +114,7 @@ def epoch_batches(size: int, batch_size: int, seed: int, epoch: int, rank: int =
     """
     if batch_size % world_size:
         raise ValueError(f"batch size {batch_size} is not divisible by {world_size} processes")
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    gen = _epoch_generator(seed, epoch)
     order = torch.randperm(size, generator=gen).tolist()
     order += order[: -len(order) % world_size]
     starts = list(range(0, len(order), batch_size))
@@ -116,27 +128,88 @@ def epoch_batches(size: int, batch_size: int, seed: int, epoch: int, rank: int =
     return batches
 
 
+@dataclass
+class Resume:
+    """Where `fit` keeps its resume state, saved every `every` steps and when training ends;
+    `fit` sets `from_step` when it continued from a state found there."""
+
+    path: Path
+    every: int
+    from_step: int | None = None
+
+
+def _trained(model: Classifier) -> nn.Module:
+    """What training changes: the head alone when the backbone is frozen (the frozen backbone is
+    the artifact itself, reloaded by every run)."""
+    return model.head if model.frozen else model
+
+
+def _save_state(resume: Resume, model: Classifier, optimizer: torch.optim.Optimizer, step: int,
+                total: int, losses: list[torch.Tensor], device: torch.device) -> None:
+    """Every process calls this (the epoch's losses are averaged over them); the main one writes.
+
+    Every process seeds and draws its RNG alike, so the main one's states stand for all.
+    """
+    mean_losses = D.all_reduce_mean(torch.stack(losses)).cpu() if losses else torch.zeros(0)
+    if D.rank() != 0:
+        return
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    save_checkpoint(resume.path, {"step": step, "total_steps": total,
+                                  "trained": _trained(model).state_dict(),
+                                  "optimizer": optimizer.state_dict(), "epoch_losses": mean_losses,
+                                  "rng": rng})
+
+
+def _load_state(resume: Resume, model: Classifier, optimizer: torch.optim.Optimizer, total: int,
+                device: torch.device) -> tuple[int, list[torch.Tensor]]:
+    """Restore a saved state; returns its step and its epoch's losses so far."""
+    state = load_checkpoint(resume.path)
+    if state["total_steps"] != total:
+        raise CheckpointError(f"{resume.path} was saved by a run of {state['total_steps']} steps; "
+                              f"this one has {total}. Delete it to start again.")
+    _trained(model).load_state_dict(state["trained"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if device.type == "cuda" and "cuda" in state["rng"]:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    resume.from_step = int(state["step"])
+    return resume.from_step, [loss.to(device) for loss in state["epoch_losses"].unbind()]
+
+
 def fit(model: Classifier, dataset: SeededAugmentation, optimizer: torch.optim.Optimizer,
         base_lr: float, *, epochs: int, batch_size: int, warmup_epochs: float, seed: int,
         device: torch.device, num_workers: int = 0, progress: bool = True,
-        desc: str = "train") -> float:
-    """Train with cross-entropy under a warm-up + cosine schedule; returns the last epoch's loss."""
+        desc: str = "train", resume: Resume | None = None) -> float:
+    """Train with cross-entropy under a warm-up + cosine schedule; returns the last epoch's loss.
+
+    With `resume`, continue from the state at resume.path when there is one, and save one there
+    every resume.every steps and when training ends.
+    """
     world, rank = D.world_size(), D.rank()
     steps_per_epoch = len(epoch_batches(len(dataset), batch_size, seed, 0, rank, world))
     total = epochs * steps_per_epoch
     warmup = round(warmup_epochs * steps_per_epoch)
+    step, losses = 0, []
+    if resume is not None and resume.path.is_file():
+        step, losses = _load_state(resume, model, optimizer, total, device)
+        if rank == 0:
+            print(f"{desc}: resuming at step {step} of {total} from {resume.path}", flush=True)
     net = model if world == 1 else DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     net.train()
-    bar = tqdm(total=total, desc=desc, unit="step", leave=False,
+    bar = tqdm(total=total, initial=step, desc=desc, unit="step", leave=False,
                disable=not (progress and rank == 0), dynamic_ncols=True)
-    step, epoch_loss = 0, math.nan
-    for epoch in range(epochs):
+    for epoch in range(step // steps_per_epoch, epochs):
         dataset.epoch = epoch
-        batches = epoch_batches(len(dataset), batch_size, seed, epoch, rank, world)
+        done = step - epoch * steps_per_epoch  # batches of this epoch trained before a resume
+        losses = losses if done else []
+        batches = epoch_batches(len(dataset), batch_size, seed, epoch, rank, world)[done:]
+        # The loader's own generator: it leaves the global RNG to the model, as saved.
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                            pin_memory=device.type == "cuda")
-        losses = []
+                            pin_memory=device.type == "cuda",
+                            generator=_epoch_generator(seed, epoch))
         for x, y in loader:
             set_lr(optimizer, warmup_cosine(step, total, warmup, base_lr), base_lr)
             loss = F.cross_entropy(net(x.to(device, non_blocking=True)), y.to(device))
@@ -149,10 +222,17 @@ def fit(model: Classifier, dataset: SeededAugmentation, optimizer: torch.optim.O
             losses.append(loss.detach())
             step += 1
             bar.update()
-        epoch_loss = D.all_reduce_mean(torch.stack(losses).mean()).item()
-        bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.4f}")
+            if resume is not None and resume.every and (step % resume.every == 0
+                                                        or step == total):
+                _save_state(resume, model, optimizer, step, total, losses, device)
+        bar.set_postfix(epoch=epoch + 1, loss=f"{_mean(losses):.4f}")
     bar.close()
-    return epoch_loss
+    return _mean(losses)
+
+
+def _mean(losses: list[torch.Tensor]) -> float:
+    """The mean loss over steps and processes (NaN when no step ran)."""
+    return D.all_reduce_mean(torch.stack(losses).mean()).item() if losses else math.nan
 
 
 def evaluate(model: nn.Module, dataset: LabeledDataset, *, batch_size: int, device: torch.device,

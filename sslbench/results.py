@@ -60,6 +60,11 @@ def protocol_id(protocol: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def record_stem(task: str, weights_sha256: str, protocol_id: str, seed: int) -> str:
+    """A record's file name without its suffix; a task's work directory is named alike."""
+    return f"{task}-{weights_sha256[:12]}-{protocol_id}-seed{seed}"
+
+
 @dataclass(frozen=True)
 class BackboneIdentity:
     """Which backbone: its weights, and what made them. Seeds of one pretraining config share
@@ -116,8 +121,8 @@ class ResultRecord:
     @property
     def file_name(self) -> str:
         """Unique per (weights, task, protocol, seed): one file per comparable number."""
-        return (f"{self.task}-{self.backbone.weights_sha256[:12]}-{self.protocol_id}"
-                f"-seed{self.seed}.json")
+        return record_stem(self.task, self.backbone.weights_sha256, self.protocol_id,
+                           self.seed) + ".json"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +25,23 @@ TINY_SHAPES = {"train_per_class": 64, "val_per_class": 8, "test_per_class": 24, 
 KNN_SHAPES = {**TINY_SHAPES, "test_per_class": 200}
 
 
+def shapes_options(shapes: dict) -> str:
+    """A synthetic-shapes generator's parameters as one `data.options={k: v, ...}` override
+    (the space matters: "k:v" would be one key)."""
+    return "data.options={" + ", ".join(f"{k}: {v}" for k, v in shapes.items()) + "}"
+
+
+def eval_overrides(root: Path, shapes: dict = TINY_SHAPES) -> list[str]:
+    """Overrides for an eval recipe: synthetic-shapes at `root` (generated on first use), read
+    at 16 px, one thread."""
+    return [f"data.root={root}", shapes_options(shapes), "data.image_size=16",
+            "run.progress=false", "run.threads=1"]
+
+
 def tiny_data_overrides(root: Path, shapes: dict = TINY_SHAPES) -> list[str]:
     """Overrides that point a recipe at a small cached synthetic-shapes set (TINY_SHAPES: 512
     train images)."""
-    opts = ", ".join(f"{k}: {v}" for k, v in shapes.items())  # "k:v" would be one key
-    return ["data.name=synthetic-shapes", f"data.root={root}", f"data.options={{{opts}}}",
+    return ["data.name=synthetic-shapes", f"data.root={root}", shapes_options(shapes),
             "data.image_size=16", "data.num_workers=0", "train.progress=false"]
 
 
@@ -39,6 +52,17 @@ def pretrain_simsiam(root: Path, shapes: dict, out: Path, epochs: int) -> Path:
              *tiny_data_overrides(root, shapes), f"train.epochs={epochs}", "optim.batch_size=64",
              f"run.output_dir={out}", "run.name=simsiam", cwd=out)
     return out / "simsiam"
+
+
+def random_init_artifact(run_dir: Path, arch: str = "resnet18", **arch_kwargs) -> Path:
+    """An untrained backbone (initialised from seed 0) saved as an artifact in `run_dir`."""
+    from sslbench.artifact import save_backbone
+    from sslbench.backbones import build_backbone
+
+    torch.manual_seed(0)
+    save_backbone(run_dir, build_backbone(arch, **arch_kwargs), arch=arch,
+                  arch_kwargs=arch_kwargs, method="random-init", run_name=run_dir.name)
+    return run_dir
 
 
 def subprocess_env() -> dict:
@@ -55,10 +79,11 @@ def sslbench(*args: str, cwd: Path, check: bool = True, timeout: float = 900) ->
     return proc
 
 
-def pretrain_killed_at(args: list[str], cwd: Path, checkpoint: Path, min_step: int,
-                       timeout: float = 600) -> None:
-    """Start `sslbench pretrain ARGS`, SIGKILL it once `checkpoint` holds step >= min_step."""
-    cmd = [sys.executable, "-m", "sslbench.cli", "pretrain", *args]
+def sslbench_killed_when(args: list[str], cwd: Path, ready: Callable[[], bool], waiting_for: str,
+                         timeout: float = 600) -> None:
+    """Start `sslbench ARGS` and SIGKILL it as soon as `ready()` holds (polled every 50 ms);
+    `waiting_for` says what ready() waits for, for the error when it never comes."""
+    cmd = [sys.executable, "-m", "sslbench.cli", *args]
     proc = subprocess.Popen(cmd, cwd=cwd, env=subprocess_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
@@ -67,18 +92,28 @@ def pretrain_killed_at(args: list[str], cwd: Path, checkpoint: Path, min_step: i
             if proc.poll() is not None:
                 raise AssertionError(f"run ended (rc {proc.returncode}) before it could be killed:"
                                      f"\n{proc.stderr.read()}")
-            if checkpoint.exists():
-                step = torch.load(checkpoint, weights_only=True)["step"]
-                if step >= min_step:
-                    proc.send_signal(signal.SIGKILL)
-                    proc.wait()
-                    return
+            if ready():
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return
             time.sleep(0.05)
-        raise AssertionError(f"no checkpoint at step >= {min_step} within {timeout}s")
+        raise AssertionError(f"no {waiting_for} within {timeout}s")
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def saved_step(checkpoint: Path) -> int:
+    """The step of a resume checkpoint (plain tensors and containers); -1 while there is none."""
+    return torch.load(checkpoint, weights_only=True)["step"] if checkpoint.exists() else -1
+
+
+def pretrain_killed_at(args: list[str], cwd: Path, checkpoint: Path, min_step: int,
+                       timeout: float = 600) -> None:
+    """Start `sslbench pretrain ARGS`, SIGKILL it once `checkpoint` holds step >= min_step."""
+    sslbench_killed_when(["pretrain", *args], cwd, lambda: saved_step(checkpoint) >= min_step,
+                         f"checkpoint at step >= {min_step}", timeout)
 
 
 @torch.inference_mode()

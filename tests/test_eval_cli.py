@@ -9,23 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 from sslbench.tasks import get_task
-from helpers import ROOT, TINY_SHAPES, sslbench, subprocess_env
+from helpers import (ROOT, TINY_SHAPES, eval_overrides, shapes_options, sslbench,
+                     subprocess_env)
 from sslbench.artifact import read_manifest, save_backbone
 from sslbench.backbones import build_backbone
 from sslbench.results import load_records
 
 RECIPES = sorted((ROOT / "configs" / "eval").glob("*.yaml"))
 TASKS = ("knn", "linear", "semisup")
-
-
-def shapes_options(shapes: dict) -> str:
-    return "data.options={" + ", ".join(f"{k}: {v}" for k, v in shapes.items()) + "}"
-
-
-def eval_overrides(root, shapes=TINY_SHAPES):
-    """synthetic-shapes at `root` (generated on first use), read at 16 px, one thread."""
-    return [f"data.root={root}", shapes_options(shapes), "data.image_size=16",
-            "run.progress=false", "run.threads=1"]
 
 
 @pytest.fixture(scope="module")
