@@ -88,7 +88,7 @@ class SolverConfig:
     momentum: float = 0.9
     weight_decay: float = 1.0e-4
     weight_decay_norm: float = 0.0
-    checkpoint_period: int = 5000  # detectron2 only
+    checkpoint_period: int = 5000  # iterations between checkpoints (torchvision: 0 = none)
 
 
 @dataclass

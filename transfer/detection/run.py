@@ -22,6 +22,7 @@ from sslbench.results import (DatasetInfo, TaskOutput, build_record, distributio
 from ..common import default_work_dir
 from . import detectron2_backend, torchvision_backend
 from .outcome import Outcome
+from .train import RESUME_FILE
 
 BACKENDS = {"torchvision": torchvision_backend.run, "detectron2": detectron2_backend.run}
 
@@ -46,7 +47,9 @@ def transfer(cfg: DictConfig, backbone_dir: str | Path, out_dir: str | Path) -> 
     record = build_record("detection", output, manifest, seed=cfg.run.seed, started=started,
                           device=outcome.device, world_size=outcome.schedule.world_size,
                           cuda=outcome.cuda)
-    return write_record(out_dir, record)
+    path = write_record(out_dir, record)
+    (work_dir / RESUME_FILE).unlink(missing_ok=True)  # recorded: nothing left to resume
+    return path
 
 
 def protocol(cfg: DictConfig, outcome: Outcome) -> dict:

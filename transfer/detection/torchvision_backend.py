@@ -3,7 +3,8 @@
 Loads the artifact, builds Mask R-CNN (or Faster R-CNN) with ResNet-FPN on it, trains with the
 recipe's schedule scaled to the process count, optionally recomputes BN statistics, and
 evaluates the test split with COCOeval. The main process writes train.csv, the final weights and
-the predictions into the work directory.
+the predictions into the work directory, and there, while training runs, the state a killed run
+continues from (train.RESUME_FILE).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from omegaconf import DictConfig
 
 from sslbench import distributed as D
 from sslbench.artifact import input_normalization, load_backbone
+from sslbench.config import config_hash
 from sslbench.io import atomic_path, write_json_atomic, write_text_atomic
 
 from .config import scale_to_world
@@ -24,7 +26,11 @@ from .data import DetectionDataset, load_data
 from .evaluate import coco_metrics, predict
 from .model import build_detector, use_test_sizes
 from .outcome import Outcome
-from .train import precise_bn, train
+from .train import RESUME_FILE, precise_bn, train
+
+# Keys that change neither the run nor its number: a killed run may continue with other values.
+RESUMABLE_CHANGES = ("run.progress", "run.threads", "run.num_workers", "run.work_dir",
+                     "solver.checkpoint_period", "detectron2")
 
 
 def run(cfg: DictConfig, backbone_dir: Path, work_dir: Path) -> Outcome | None:
@@ -53,9 +59,10 @@ def _run(cfg: DictConfig, backbone_dir: Path, work_dir: Path, env: D.DistEnv) ->
     torch.manual_seed(cfg.run.seed * 1000 + env.rank)  # per-process draws (multi-scale sizes)
     train_set = DetectionDataset(data.train, train=True, masks=masks, flip=cfg.input.flip,
                                  seed=cfg.run.seed)
-    log = train(model, train_set, schedule, cfg.solver, env.device, seed=cfg.run.seed,
-                num_workers=cfg.run.num_workers, progress=cfg.run.progress,
-                log_every=cfg.run.log_every)
+    log, resumed = train(model, train_set, schedule, cfg.solver, env.device, seed=cfg.run.seed,
+                         num_workers=cfg.run.num_workers, progress=cfg.run.progress,
+                         log_every=cfg.run.log_every, checkpoint=work_dir / RESUME_FILE,
+                         key=config_hash(cfg, RESUMABLE_CHANGES))
     bn_layers = 0
     if cfg.test.precise_bn:
         bn_layers = precise_bn(model, train_set, schedule.ims_per_batch // env.world_size,
@@ -77,7 +84,8 @@ def _run(cfg: DictConfig, backbone_dir: Path, work_dir: Path, env: D.DistEnv) ->
     return Outcome(metrics=metrics, schedule=schedule, data=data, train_images=len(train_set),
                    device=D.device_name(env.device, env.world_size), cuda=env.device.type == "cuda",
                    details={"precise_bn_layers": bn_layers, "detections": len(results),
-                            "final_losses": _last_row(log)})
+                            "final_losses": _last_row(log),
+                            **({} if resumed is None else {"resumed_from_iteration": resumed})})
 
 
 def _last_row(log: str) -> dict[str, float]:

@@ -5,6 +5,11 @@ a linear warm-up from warmup_factor x lr, then x gamma at each step. Under torch
 wrapped in DDP and each process reads its share of every global batch (DistributedSampler, a new
 permutation per epoch). Precise BN replaces BatchNorm's running averages by the true mean of
 batch statistics over many training batches before evaluation, as detectron2's PreciseBN hook.
+
+Training saves what an exact continuation needs (weights, optimizer, iteration, the loss log so
+far and every process's RNG state) every solver.checkpoint_period iterations and when it ends;
+the same run started again continues from there. The batches are a function of (seed, epoch),
+so the continuation reads what an uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import csv
 import io
 import itertools
 import math
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -24,9 +30,12 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from sslbench import distributed as D
+from sslbench.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 from .config import Schedule
 from .data import DetectionDataset, collate
+
+RESUME_FILE = "resume.pt"  # in the work directory, until the result record is written
 
 
 def lr_at(iteration: int, schedule: Schedule, gamma: float, warmup_factor: float) -> float:
@@ -51,37 +60,87 @@ def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float
 
 
 def batches(dataset: DetectionDataset, per_process: int, seed: int, num_workers: int,
-            pin_memory: bool) -> Iterator[tuple[list, list]]:
-    """Endless training batches: epoch after epoch, this process's share of each global batch."""
+            pin_memory: bool, start: int = 0) -> Iterator[tuple[list, list]]:
+    """Endless training batches from the `start`-th on: epoch after epoch, this process's share
+    of each global batch. The loaders draw their worker seeds from their own generator, so the
+    global RNG is the model's alone (its multi-scale sizes and sampled proposals)."""
     sampler = DistributedSampler(dataset, num_replicas=D.world_size(), rank=D.rank(),
                                  shuffle=True, seed=seed, drop_last=True)
     batch_sampler = BatchSampler(sampler, per_process, drop_last=True)
     if len(batch_sampler) == 0:
         raise ValueError(f"{len(dataset)} training images make no batch of {per_process} per "
                          f"process; lower solver.ims_per_batch")
-    for epoch in itertools.count():
+    first, skip = divmod(start, len(batch_sampler))
+    for epoch in itertools.count(first):
         sampler.set_epoch(epoch)
         dataset.epoch = epoch
-        loader = DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate,
-                            num_workers=num_workers, pin_memory=pin_memory)
+        chosen = list(batch_sampler)[skip if epoch == first else 0:]
+        loader = DataLoader(dataset, batch_sampler=chosen, collate_fn=collate,
+                            num_workers=num_workers, pin_memory=pin_memory,
+                            generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
         yield from loader
 
 
+def _save_state(path: Path, key: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                iterations: int, log: str, device: torch.device) -> None:
+    """Every process calls this (each one's RNG state is gathered); the main one writes."""
+    rng = {"cpu": D.gather_no_grad(torch.get_rng_state().to(device)[None]).cpu()}
+    if device.type == "cuda":
+        rng["cuda"] = D.gather_no_grad(torch.cuda.get_rng_state(device).to(device)[None]).cpu()
+    if D.rank() == 0:
+        save_checkpoint(path, {"step": iterations, "key": key, "model": model.state_dict(),
+                               "optimizer": optimizer.state_dict(), "log": log, "rng": rng})
+
+
+def _load_state(path: Path, key: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                device: torch.device) -> tuple[int, str]:
+    """Restore a saved state; returns its iteration count and loss log."""
+    state = load_checkpoint(path)
+    if state["key"] != key:
+        raise CheckpointError(f"{path} holds an unfinished run of another recipe (config hash "
+                              f"{state['key'][:12]}... vs {key[:12]}...); delete it, or give "
+                              "this run another run.work_dir")
+    rng = state["rng"]
+    if len(rng["cpu"]) != D.world_size():
+        raise CheckpointError(f"{path} was saved by {len(rng['cpu'])} processes; continue it "
+                              f"with as many, not {D.world_size()}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(rng["cpu"][D.rank()])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"][D.rank()], device)
+    return int(state["step"]), state["log"]
+
+
 def train(model: nn.Module, dataset: DetectionDataset, schedule: Schedule, solver: DictConfig,
-          device: torch.device, *, seed: int, num_workers: int, progress: bool,
-          log_every: int) -> str:
-    """Train in place for schedule.max_iter iterations; returns the loss log as CSV text."""
+          device: torch.device, *, seed: int, num_workers: int, progress: bool, log_every: int,
+          checkpoint: Path | None = None, key: str = "") -> tuple[str, int | None]:
+    """Train in place for schedule.max_iter iterations; returns the loss log as CSV text and the
+    iteration training resumed at (None when it started from scratch).
+
+    With `checkpoint`, continue from the state saved there when there is one (under the same
+    `key`, the recipe's hash), and save one every solver.checkpoint_period iterations and at the
+    end.
+    """
     per_process = schedule.ims_per_batch // schedule.world_size
     optimizer = torch.optim.SGD(param_groups(model, solver.weight_decay, solver.weight_decay_norm),
                                 lr=schedule.base_lr, momentum=solver.momentum)
+    start, log_so_far, resumed = 0, "", None
+    if checkpoint is not None and checkpoint.is_file():
+        start, log_so_far = _load_state(checkpoint, key, model, optimizer, device)
+        resumed = start
+        if D.rank() == 0:
+            print(f"detection: resuming at iteration {start} of {schedule.max_iter} from "
+                  f"{checkpoint}", flush=True)
     net = model if schedule.world_size == 1 else DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     net.train()
     log = io.StringIO()
+    log.write(log_so_far)
     writer = None
-    data = batches(dataset, per_process, seed, num_workers, device.type == "cuda")
-    bar = tqdm(range(schedule.max_iter), desc="detection", unit="it", dynamic_ncols=True,
-               disable=not (progress and D.rank() == 0))
+    data = batches(dataset, per_process, seed, num_workers, device.type == "cuda", start)
+    bar = tqdm(range(start, schedule.max_iter), desc="detection", unit="it", dynamic_ncols=True,
+               initial=start, total=schedule.max_iter, disable=not (progress and D.rank() == 0))
     for iteration in bar:
         lr = lr_at(iteration, schedule, solver.gamma, solver.warmup_factor)
         for group in optimizer.param_groups:
@@ -106,11 +165,16 @@ def train(model: nn.Module, dataset: DetectionDataset, schedule: Schedule, solve
                    **{k: D.all_reduce_mean(v.detach()).item() for k, v in losses.items()}}
             if writer is None:
                 writer = csv.DictWriter(log, fieldnames=list(row))
-                writer.writeheader()
+                if not log_so_far:
+                    writer.writeheader()
             writer.writerow(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2g}")
+        done = iteration + 1
+        if checkpoint is not None and solver.checkpoint_period and (
+                done % solver.checkpoint_period == 0 or done == schedule.max_iter):
+            _save_state(checkpoint, key, model, optimizer, done, log.getvalue(), device)
     bar.close()
-    return log.getvalue()
+    return log.getvalue(), resumed
 
 
 @torch.no_grad()

@@ -1,0 +1,124 @@
+"""Long evaluation and transfer jobs survive SIGKILL: the same command, run again, continues from
+the last checkpoint in its work directory and ends where an uninterrupted run ends (bit for bit
+on CPU), says in its record where it resumed, and leaves no resume state behind."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import (
+    ROOT,
+    eval_overrides,
+    random_init_artifact,
+    saved_step,
+    shapes_options,
+    sslbench,
+    sslbench_killed_when,
+)
+
+from sslbench.data import prepare_synthetic_shapes
+from sslbench.results import HITS_KEY, ResultRecord, read_record
+
+pytestmark = pytest.mark.integration
+
+# 128 training images at 64 px: 32 detection batches of 4 an epoch.
+DETECTION_SHAPES = {"image_size": 64, "train_per_class": 16, "val_per_class": 2,
+                    "test_per_class": 1, "style": "silhouette"}
+
+
+@pytest.fixture(scope="module")
+def random_run(tmp_path_factory) -> Path:
+    """A random-init ResNet-18 with the ImageNet stem: cheap to run on 16 px images."""
+    return random_init_artifact(tmp_path_factory.mktemp("runs") / "random", stem="imagenet")
+
+
+def _resume_file(out: Path) -> Path:
+    """The task's resume checkpoint, RESULTS_DIR/.work/<run>/resume.pt (a path that does not
+    exist while there is none)."""
+    found = sorted(out.glob(".work/*/resume.pt"))
+    return found[0] if found else out / ".work" / "none" / "resume.pt"
+
+
+def _killed_then_rerun(args: list[str], out: Path, min_step: int, cwd: Path) -> int:
+    """Run `sslbench ARGS` (results into `out`), SIGKILL it once its resume checkpoint holds
+    step >= min_step, run the same command again to the end; returns the checkpoint's step."""
+    sslbench_killed_when(args, cwd, lambda: saved_step(_resume_file(out)) >= min_step,
+                         f"resume checkpoint at step >= {min_step}")
+    assert not list(out.glob("*.json")), "the killed run wrote a record"
+    killed_after = saved_step(_resume_file(out))
+    sslbench(*args, cwd=cwd)
+    assert not _resume_file(out).exists(), "resume state left behind once the record was written"
+    return killed_after
+
+
+def _record(out: Path) -> ResultRecord:
+    (path,) = out.glob("*.json")
+    return read_record(path)
+
+
+def _assert_same_classification(straight: ResultRecord, resumed: ResultRecord) -> None:
+    assert resumed.file_name == straight.file_name  # checkpointing is not part of the protocol
+    assert resumed.metrics == straight.metrics
+    assert resumed.details["final_train_loss"] == straight.details["final_train_loss"]
+    assert resumed.details[HITS_KEY] == straight.details[HITS_KEY]
+
+
+def test_standard_linear_probe_continues_bit_identically(random_run, shapes_root, tmp_path):
+    # 512 images in batches of 32: 16 steps an epoch, 96 in all.
+    def args(out: str, *extra: str) -> list[str]:
+        return ["eval", "linear", "--backbone", str(random_run), "--out", str(tmp_path / out),
+                *eval_overrides(shapes_root), "probe.name=standard", "probe.batch_size=32",
+                "probe.epochs=6", *extra]
+
+    sslbench(*args("straight", "run.checkpoint_every=0"), cwd=tmp_path)
+    assert not (tmp_path / "straight" / ".work").exists()  # 0: no checkpoint at all
+    resumed_at = _killed_then_rerun(args("killed", "run.checkpoint_every=8"),
+                                    tmp_path / "killed", 8, tmp_path)
+    straight, resumed = _record(tmp_path / "straight"), _record(tmp_path / "killed")
+    assert 8 <= resumed_at < 96 and resumed_at % 8 == 0
+    assert resumed.details["resumed_from_step"] == resumed_at
+    assert "resumed_from_step" not in straight.details
+    _assert_same_classification(straight, resumed)
+
+
+def test_semisup_fine_tuning_continues_bit_identically(random_run, shapes_root, tmp_path):
+    # A quarter of the labels (128 images) in batches of 16: 8 steps an epoch, 32 in all; the
+    # backbone and its BatchNorm statistics train too.
+    def args(out: str, *extra: str) -> list[str]:
+        return ["eval", "semisup", "--backbone", str(random_run), "--out", str(tmp_path / out),
+                *eval_overrides(shapes_root), "semisup.fraction=0.25", "semisup.batch_size=16",
+                "semisup.epochs=4", *extra]
+
+    sslbench(*args("straight"), cwd=tmp_path)
+    resumed_at = _killed_then_rerun(args("killed", "run.checkpoint_every=4"),
+                                    tmp_path / "killed", 4, tmp_path)
+    straight, resumed = _record(tmp_path / "straight"), _record(tmp_path / "killed")
+    assert 4 <= resumed_at < 32 and resumed.details["resumed_from_step"] == resumed_at
+    _assert_same_classification(straight, resumed)
+
+
+def test_torchvision_detection_continues_bit_identically(tmp_path):
+    root = prepare_synthetic_shapes(tmp_path / "shapes64", progress=False, **DETECTION_SHAPES)
+    run_dir = random_init_artifact(tmp_path / "r18", stem="small", width=16)
+    def args(out: str) -> list[str]:
+        return ["transfer", "detection", "--backbone", str(run_dir), "--config",
+                str(ROOT / "configs/transfer/detection_synthetic_r18_fpn.yaml"), "--out",
+                str(tmp_path / out), f"data.root={root}", shapes_options(DETECTION_SHAPES),
+                "run.progress=false", "run.threads=1", "run.log_every=2", "solver.max_iter=16",
+                "solver.steps=[12]", "solver.warmup_iters=4", "test.precise_bn_iters=2",
+                "solver.checkpoint_period=4"]
+
+    sslbench(*args("straight"), cwd=tmp_path)
+    resumed_at = _killed_then_rerun(args("killed"), tmp_path / "killed", 4, tmp_path)
+    straight, resumed = _record(tmp_path / "straight"), _record(tmp_path / "killed")
+    assert 4 <= resumed_at < 16 and resumed.details["resumed_from_iteration"] == resumed_at
+    assert "resumed_from_iteration" not in straight.details
+    assert resumed.file_name == straight.file_name and resumed.metrics == straight.metrics
+    assert resumed.details["final_losses"] == straight.details["final_losses"]
+    works = [Path(r.details["work_dir"]) for r in (straight, resumed)]
+    for name in ("train.csv", "predictions.json"):  # the loss log continues without a gap
+        assert (works[0] / name).read_text() == (works[1] / name).read_text(), name
+    weights = [torch.load(w / "model_final.pth", weights_only=True) for w in works]
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
