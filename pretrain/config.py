@@ -36,9 +36,13 @@ class DataConfig:
 @dataclass
 class BackboneConfig:
     arch: str = "resnet18"
+    # A ResNet's own arguments (other families ignore them):
     stem: str = "small"
     zero_init_residual: bool = False
     width: int = 64  # stem channels; 16 makes a 1/16-compute ResNet for CPU smoke runs
+    # Any further constructor arguments, e.g. a ViT's img_size, patch_size, pool, num_heads,
+    # freeze_patch_embed (sslbench/backbones/vit.py).
+    kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from sslbench import distributed as D
 from sslbench.artifact import MANIFEST_FILE, save_backbone
 from sslbench.backbones import build_backbone
+from sslbench.backbones.resnet import ARCHS as RESNETS
 from sslbench.checkpoint import load_checkpoint, save_checkpoint
 from sslbench.config import config_hash, save_config, to_dict
 from sslbench.data import LabeledDataset, build_dataset
@@ -155,9 +156,11 @@ def load_train_data(cfg: DictConfig, env: D.DistEnv) -> LabeledDataset:
 
 
 def backbone_kwargs(cfg: DictConfig) -> dict:
-    """The backbone's constructor arguments; the artifact records them to rebuild it."""
+    """The backbone's constructor arguments; the artifact records them to rebuild it. stem,
+    zero_init_residual and width are a ResNet's; backbone.kwargs holds any other (a ViT's)."""
     b = cfg.backbone
-    return {"stem": b.stem, "zero_init_residual": b.zero_init_residual, "width": b.width}
+    resnet = {"stem": b.stem, "zero_init_residual": b.zero_init_residual, "width": b.width}
+    return {**(resnet if b.arch in RESNETS else {}), **(to_dict(b.kwargs) if b.kwargs else {})}
 
 
 def build_training(cfg: DictConfig, env: D.DistEnv, run_dir: Path, schedule: Schedule,

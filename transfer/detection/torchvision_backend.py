@@ -24,7 +24,7 @@ from sslbench.io import atomic_path, write_json_atomic, write_text_atomic
 from .config import scale_to_world
 from .data import DetectionDataset, load_data
 from .evaluate import coco_metrics, predict
-from .model import build_detector, use_test_sizes
+from .model import build_detector, require_resnet, use_test_sizes
 from .outcome import Outcome
 from .train import RESUME_FILE, precise_bn, train
 
@@ -48,6 +48,7 @@ def _run(cfg: DictConfig, backbone_dir: Path, work_dir: Path, env: D.DistEnv) ->
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
     backbone, manifest = load_backbone(backbone_dir, expected_arch=cfg.backbone.arch)
+    require_resnet(backbone.facts, manifest["arch"])  # before any data is made or read
     with D.main_process_first():  # synthetic data is generated once
         data = load_data(cfg.data, cfg.run.progress)
     schedule = scale_to_world(cfg.solver, env.world_size)
