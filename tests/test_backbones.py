@@ -185,3 +185,19 @@ def test_tiny_vit_recipe_pretrains_through_the_cli(shapes_root, tmp_path):
                                        "freeze_patch_embed": True, "sincos_pos_embed": True}
     assert manifest["structure"]["family"] == "vit" and manifest["feature_dim"] == 96
     assert not backbone.patch_embed.proj.weight.requires_grad
+
+
+def test_sincos_position_embedding_is_moco_v3s_table():
+    """Written the way moco-v3's build_2d_sincos_position_embedding computes it (einsum over a
+    meshgrid of (w, h) coordinates), for a non-square grid; the CLS entry is zero and fixed."""
+    net = build_backbone("vit_tiny_patch16_224", img_size=(8, 12), patch_size=4,
+                         sincos_pos_embed=True)
+    h, w, dim = 2, 3, 192
+    grid_w, grid_h = torch.meshgrid(torch.arange(w, dtype=torch.float32),
+                                    torch.arange(h, dtype=torch.float32), indexing="ij")
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    out_w = torch.einsum("m,d->md", grid_w.flatten(), omega)
+    out_h = torch.einsum("m,d->md", grid_h.flatten(), omega)
+    table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    assert torch.equal(net.pos_embed[0, 1:], table)
+    assert torch.equal(net.pos_embed[0, 0], torch.zeros(dim)) and not net.pos_embed.requires_grad

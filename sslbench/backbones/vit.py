@@ -36,7 +36,8 @@ def sincos_table(grid: tuple[int, int], dim: int, temperature: float = 10000.0) 
     """MoCo v3's fixed 2-D position embedding of the patch tokens, (1, h*w, dim): sin and cos of
     each grid coordinate at dim/4 frequencies (its build_2d_sincos_position_embedding)."""
     if dim % 4:
-        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, not {dim}")
+        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, "
+                         f"not {dim}")
     h, w = grid
     grid_w, grid_h = torch.meshgrid(torch.arange(w, dtype=torch.float32),
                                     torch.arange(h, dtype=torch.float32), indexing="ij")
