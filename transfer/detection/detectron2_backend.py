@@ -2,9 +2,10 @@
 
 This module translates a recipe into detectron2 config values without importing detectron2
 (`detectron2_options`, so the translation is tested everywhere) and reads detectron2's metrics
-back (`metrics_from_detectron2`). `run` exports the backbone to detectron2's format, validates
-the data with the same checks as the torchvision backend, and hands over to
-`detectron2_trainer.main` through `detectron2.engine.launch` (one process per GPU).
+back (`metrics_from_detectron2`; no detection scores 0 with a warning, as in the torchvision
+backend). `run` exports the backbone to detectron2's format, validates the data with the same
+checks as the torchvision backend, and hands over to `detectron2_trainer.main` through
+`detectron2.engine.launch` (one process per GPU).
 
 Protocol values fixed by the artifact rather than the recipe: RGB input normalised with the
 torchvision mean/std the backbone was pretrained with, and STRIDE_IN_1X1=False (torchvision's
@@ -19,9 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+from pycocotools.coco import COCO
 
-from sslbench.artifact import (ArtifactError, backbone_facts, describe_arch, input_normalization,
-                               read_manifest)
+from sslbench.artifact import (
+    ArtifactError,
+    backbone_facts,
+    describe_arch,
+    input_normalization,
+    read_manifest,
+)
 from sslbench.config import ConfigError
 from sslbench.distributed import device_name, resolve_device
 from sslbench.transforms import pixel_stats
@@ -29,7 +36,7 @@ from sslbench.transforms import pixel_stats
 from ..export import export_backbone
 from .config import scale_to_world
 from .data import AnnotationSet, DetectionData, DetectionDataset, load_data
-from .evaluate import STATS
+from .evaluate import STATS, score
 from .model import require_resnet
 from .outcome import Outcome
 
@@ -124,9 +131,13 @@ def detectron2_options(cfg: DictConfig, manifest: dict, *, weights: str, train: 
     return options
 
 
-def metrics_from_detectron2(results: dict) -> tuple[dict[str, float], dict[str, float]]:
+def metrics_from_detectron2(results: dict, detections: int,
+                            gt: COCO) -> tuple[dict[str, float], dict[str, float], list[str]]:
     """detectron2's evaluator output {"bbox": {"AP": ..., "AP-person": ...}, "segm": ...} as
-    (our metrics, per-category APs); NaN (no ground truth in an area range) is left out."""
+    (our metrics, per-category APs, warnings for the record); NaN (no ground truth in an area
+    range) is left out. Without detections detectron2's COCO evaluator skips COCOeval and
+    answers NaN for every metric: such an IoU type is scored by `score` on the test split `gt`,
+    as the torchvision backend scores no detections (0 where there are objects, a warning)."""
     metrics, per_class = {}, {}
     for iou_type, values in results.items():
         for name, value in values.items():
@@ -137,9 +148,14 @@ def metrics_from_detectron2(results: dict) -> tuple[dict[str, float], dict[str, 
                 metrics[key] = float(value)
             else:
                 per_class[key] = float(value)
+    warnings = []
+    if detections == 0:
+        unscored = [t for t in results if not any(k.startswith(f"{t}_") for k in metrics)]
+        zeros, warnings = score(gt, [], unscored)
+        metrics.update(zeros)
     if not metrics:
         raise RuntimeError(f"detectron2 returned no metrics: {json.dumps(results)[:300]}")
-    return metrics, per_class
+    return metrics, per_class, warnings
 
 
 def registrations(data: DetectionData) -> tuple[list[tuple], int]:
@@ -201,14 +217,17 @@ def run(cfg: DictConfig, backbone_dir: Path, work_dir: Path) -> Outcome | None:
         return None
     if not results_path.is_file():
         raise RuntimeError(f"detectron2 finished without writing {results_path}")
-    metrics, per_class = metrics_from_detectron2(json.loads(results_path.read_text()))
+    evaluation = json.loads(results_path.read_text())
+    metrics, per_class, warnings = metrics_from_detectron2(
+        evaluation["metrics"], evaluation["detections"], data.test.coco)
     world = launcher.num_gpus * launcher.num_machines
     # one process trains in this one (its CUDA peak is the run's); more run in child processes
     return Outcome(metrics=metrics, schedule=scale_to_world(cfg.solver, world), data=data,
                    train_images=len(DetectionDataset(data.train, train=True)),
                    device=device_name(device, world),
                    cuda=device.type == "cuda" and world == 1,
-                   details={"per_category": per_class, "detectron2_options": _jsonable(options)},
+                   details={"detections": evaluation["detections"], "warnings": warnings,
+                            "per_category": per_class, "detectron2_options": _jsonable(options)},
                    versions={"detectron2": version})
 
 

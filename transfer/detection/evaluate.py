@@ -3,13 +3,15 @@
 Metrics are COCOeval's first six statistics in percent, as detectron2 reports them: AP
 (IoU .50:.95), AP50, AP75, APs, APm, APl, prefixed by the IoU type (bbox_AP50, segm_AP, ...).
 COCOeval writes -1 for an area range without ground truth (e.g. no large object in 64 px
-images); such a metric is left out rather than reported as a number.
+images); such a metric is left out rather than reported as a number. A detector that detects
+nothing is a result, not an error (`score`): both backends report it the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,6 +28,8 @@ from .data import DetectionDataset, collate
 
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 MASK_THRESHOLD = 0.5  # torchvision's and detectron2's mask binarisation
+NO_DETECTIONS = ("no detection on the test split: every AP is 0 where the split has objects "
+                 "(COCOeval of an empty result set); too short or diverged training ends so")
 
 
 def to_coco_results(image_id: int, output: dict[str, torch.Tensor],
@@ -70,6 +74,16 @@ def coco_metrics(gt: COCO, results: list[dict], iou_type: str) -> dict[str, floa
         evaluator.summarize()
     return {f"{iou_type}_{name}": float(100 * value)
             for name, value in zip(STATS, evaluator.stats[:len(STATS)]) if value >= 0}
+
+
+def score(gt: COCO, results: list[dict],
+          iou_types: Sequence[str]) -> tuple[dict[str, float], list[str]]:
+    """The metrics of `results` for each IoU type and the warnings for the record: none, or
+    NO_DETECTIONS when `results` is empty (its metrics are then 0, not an error)."""
+    metrics = {}
+    for iou_type in iou_types:
+        metrics.update(coco_metrics(gt, results, iou_type))
+    return metrics, [] if results else [NO_DETECTIONS]
 
 
 @torch.inference_mode()

@@ -82,7 +82,7 @@ def build_detector(backbone: nn.Module, model_cfg: DictConfig, input_cfg: DictCo
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is detectron2-only; the torchvision backend takes "
                               f"{', '.join(map(repr, allowed))} (its SyncBN already weighs "
-                              "processes by their sample count, as naiveSyncBN does)")
+                              "processes by their sample count, as naiveSyncBN_N does)")
     stages = backbone.facts.stages
     if len(m.anchor_sizes) != len(stages) + 1:
         raise ConfigError(f"model.anchor_sizes needs one size per FPN level (P2..P6): 5 values, "
