@@ -34,8 +34,9 @@ class PretrainStage:
     # name -> recipe; the name becomes the run name, i.e. the leaderboard row
     recipes: Dict[str, RecipeEntry] = field(default_factory=dict)
     overrides: Dict[str, Any] = field(default_factory=dict)  # every recipe, before its own
-    processes: int = 1  # > 1: launched with torchrun --nproc_per_node
+    processes: int = 1  # per node; > 1: launched with torchrun --nproc_per_node
     resources: Dict[str, Any] = field(default_factory=dict)  # submitit parameters for these jobs
+    nodes: int = 1  # > 1: one job over several machines (the submitit executor, on SLURM)
 
 
 @dataclass
@@ -47,8 +48,9 @@ class TaskEntry:
     # (segmentation: mmseg). Where one cannot be imported, the task's jobs are reported
     # "unavailable" with the import error and the pipeline goes on without them.
     requires: List[str] = field(default_factory=list)
-    processes: int = 1
+    processes: int = 1  # per node
     resources: Dict[str, Any] = field(default_factory=dict)
+    nodes: int = 1  # > 1: one job over several machines (the submitit executor, on SLURM)
 
 
 @dataclass
@@ -108,6 +110,11 @@ def check(cfg: DictConfig) -> None:
                           f"{', '.join(EXECUTORS)}")
     if cfg.executor.workers < 1 or (cfg.executor.threads or 1) < 1:
         raise ConfigError("executor.workers and executor.threads must be at least 1")
+    multi_node = [f"tasks.{n}" for n, t in cfg.tasks.items() if t.nodes > 1]
+    multi_node += ["pretrain"] if cfg.pretrain.nodes > 1 else []
+    if multi_node and cfg.executor.name != "submitit":
+        raise ConfigError(f"{multi_node[0]}.nodes > 1: a job over several machines needs "
+                          "executor.name=submitit (on SLURM)")
     for section, entries in (("pretrain.recipes", cfg.pretrain.recipes), ("tasks", cfg.tasks)):
         for name, entry in entries.items():
             if not _NAME.fullmatch(name):

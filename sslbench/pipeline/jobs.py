@@ -44,9 +44,10 @@ class Job:
     out_dir: Path
     log: Path
     deps: list["Job"] = field(default_factory=list)
-    processes: int = 1
+    processes: int = 1  # per node
     resources: dict[str, Any] = field(default_factory=dict)
     requires: list[str] = field(default_factory=list)  # modules it imports beyond the core
+    nodes: int = 1  # > 1: a multi-node job (submitit on SLURM), started by pipeline/launch.py
 
     @property
     def marker(self) -> Path:
@@ -61,9 +62,13 @@ class Job:
         return read_manifest(self.out_dir)["weights_sha256"] if self.kind == "pretrain" else key
 
     def command(self, resume: bool = False) -> list[str]:
-        """The full command line: one process, or torchrun for `processes` > 1."""
+        """The full command line: one process, torchrun for `processes` > 1, or on each node of
+        a multi-node job the launcher that starts torchrun with a c10d rendezvous."""
         launcher = [sys.executable, "-m", "sslbench.cli"]
-        if self.processes > 1:
+        if self.nodes > 1:
+            launcher = [sys.executable, "-m", "sslbench.pipeline.launch",
+                        f"--nnodes={self.nodes}", f"--nproc-per-node={self.processes}", "--"]
+        elif self.processes > 1:
             launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                         f"--nproc_per_node={self.processes}", "-m", "sslbench.cli"]
         return [*launcher, *self.argv, *(["--resume"] if resume else [])]
@@ -109,7 +114,7 @@ def build_jobs(cfg: DictConfig, out: Path) -> list[Job]:
                        "overrides": overrides, "sslbench": __version__},
                       runs / name, out / "logs" / f"pretrain-{name}-seed{seed}.log",
                       processes=cfg.pretrain.processes,
-                      resources=_container(cfg.pretrain.resources))
+                      resources=_container(cfg.pretrain.resources), nodes=cfg.pretrain.nodes)
             jobs.append(pre)
             for task_name, task in cfg.tasks.items():
                 overrides = [*dotted(_container(task.overrides)), f"run.seed={seed}"]
@@ -124,7 +129,7 @@ def build_jobs(cfg: DictConfig, out: Path) -> list[Job]:
                     results, out / "logs" / f"{task_name}-{name}-seed{seed}.log", [pre],
                     task.processes, _container(task.resources),
                     list(dict.fromkeys([*get_task(task.command.split()[1]).requires,
-                                        *task.requires]))))
+                                        *task.requires])), task.nodes))
     jobs += tasks
     if tasks:
         reference = cfg.leaderboard.reference
@@ -180,10 +185,13 @@ def prepare(job: Job, key: str) -> bool:
     return resume
 
 
-def run_command(command: list[str], log: str, env: dict[str, str]) -> int:
-    """Run one job's command with its output in `log`; module-level so submitit can pickle it."""
+def run_command(command: list[str], log: str, env: dict[str, str], append: bool = False) -> int:
+    """Run one job's command with its output in `log`; module-level so submitit can pickle it.
+    On the nodes after the first of a multi-node job, the log is LOG.nodeN."""
+    node = int(os.environ.get("SLURM_NODEID", "0"))
+    log = log if node == 0 else f"{log}.node{node}"
     Path(log).parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w", encoding="utf-8") as f:
+    with open(log, "a" if append else "w", encoding="utf-8") as f:  # append: a requeued job
         f.write(f"$ {subprocess.list2cmdline(command)}\n")
         f.flush()
         return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT,

@@ -72,11 +72,14 @@ class SubmititExecutor:
         return f"submitit ({self.executor.cluster})"
 
     def run(self, job: Job, command: list[str], env: dict[str, str]) -> tuple[int, str]:
+        from .requeue import RequeueableCommand  # imports submitit, as this executor alone does
+
         with self.lock:
             self.executor.update_parameters(**{**self.parameters, **job.resources,
+                                               "nodes": job.nodes, "tasks_per_node": 1,
                                                "name": job.id})
-            submitted = self.executor.submit(run_command, command, str(job.log),
-                                             {**env, **self.env})
+            submitted = self.executor.submit(RequeueableCommand.of(job, command,
+                                                                   {**env, **self.env}))
         print(f"          {job.id}: submitit job {submitted.job_id}", flush=True)
         try:
             return submitted.result(), ""
