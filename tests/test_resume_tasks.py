@@ -2,6 +2,10 @@
 the last checkpoint in its work directory and ends where an uninterrupted run ends (bit for bit
 on CPU), says in its record where it resumed, and leaves no resume state behind."""
 
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,8 +19,13 @@ from helpers import (
     sslbench,
     sslbench_killed_when,
 )
+from omegaconf import OmegaConf
 
 from sslbench.data import prepare_synthetic_shapes
+from sslbench.pipeline.config import SubmititConfig
+from sslbench.pipeline.jobs import Job
+from sslbench.pipeline.requeue import RequeueableCommand
+from sslbench.pipeline.runner import SubmititExecutor
 from sslbench.results import HITS_KEY, ResultRecord, read_record
 
 pytestmark = pytest.mark.integration
@@ -63,12 +72,16 @@ def _assert_same_classification(straight: ResultRecord, resumed: ResultRecord) -
     assert resumed.details[HITS_KEY] == straight.details[HITS_KEY]
 
 
+def _linear_args(backbone: Path, shapes_root: Path, out: Path, *extra: str) -> list[str]:
+    """A standard linear probe of 96 steps: 512 images in batches of 32, 6 epochs."""
+    return ["eval", "linear", "--backbone", str(backbone), "--out", str(out),
+            *eval_overrides(shapes_root), "probe.name=standard", "probe.batch_size=32",
+            "probe.epochs=6", *extra]
+
+
 def test_standard_linear_probe_continues_bit_identically(random_run, shapes_root, tmp_path):
-    # 512 images in batches of 32: 16 steps an epoch, 96 in all.
     def args(out: str, *extra: str) -> list[str]:
-        return ["eval", "linear", "--backbone", str(random_run), "--out", str(tmp_path / out),
-                *eval_overrides(shapes_root), "probe.name=standard", "probe.batch_size=32",
-                "probe.epochs=6", *extra]
+        return _linear_args(random_run, shapes_root, tmp_path / out, *extra)
 
     sslbench(*args("straight", "run.checkpoint_every=0"), cwd=tmp_path)
     assert not (tmp_path / "straight" / ".work").exists()  # 0: no checkpoint at all
@@ -122,3 +135,61 @@ def test_torchvision_detection_continues_bit_identically(tmp_path):
     assert weights[0].keys() == weights[1].keys()
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
+
+
+def test_a_requeued_job_runs_the_command_that_continues_it(tmp_path):
+    """Pretraining continues only with --resume; a task's own command resumes by itself."""
+    for kind, argv, continuation in (("pretrain", ["pretrain", "r.yaml"], ["--resume"]),
+                                     ("task", ["eval", "linear", "--backbone", "run"], [])):
+        job = Job("job", kind, argv, {}, tmp_path, tmp_path / "job.log")
+        first = RequeueableCommand.of(job, job.command(), {"OMP_NUM_THREADS": "1"})
+        again = first.checkpoint().function
+        assert (first.attempt, again.attempt) == (0, 1)
+        assert again.continuation == [*job.command(), *continuation] == first.continuation
+        assert (again.command, again.log, again.env) == (first.command, first.log, first.env)
+
+
+def _submitit_job_pid(folder: Path) -> int | None:
+    """The pid of submitit's job process (`python -m submitit.core._submit FOLDER/%j`)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or gone
+            continue
+        if b"submitit.core._submit" in argv and any(str(folder).encode() in a for a in argv):
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds processes in /proc")
+def test_submitit_job_signalled_before_its_time_limit_requeues_and_continues(
+        random_run, shapes_root, tmp_path):
+    """SLURM's warning (USR2) to a job of the submitit executor, on submitit's local cluster
+    (which requeues as SLURM does; with 10 minutes asked for, submitit takes any signal for the
+    time limit, which requeues only a checkpointable job): the job requeues itself, and its
+    command, run again, continues from the evaluator's checkpoint to an uninterrupted run's
+    result."""
+    cfg = OmegaConf.structured(SubmititConfig(cluster="local", timeout_min=10))
+    executor = SubmititExecutor(cfg, threads=1, folder=tmp_path / "submitit")
+    out = tmp_path / "requeued"
+    job = Job("linear/random/seed0", "task",
+              _linear_args(random_run, shapes_root, out, "run.checkpoint_every=8"), {}, out,
+              tmp_path / "logs" / "linear.log")
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(executor.run, job, job.command(), {})
+        deadline = time.monotonic() + 600
+        while saved_step(_resume_file(out)) < 8:
+            assert not running.done(), f"the job ended before a checkpoint: {running.result()}"
+            assert time.monotonic() < deadline, "no checkpoint within 600 s"
+            time.sleep(0.05)
+        pid = _submitit_job_pid(tmp_path / "submitit")
+        assert pid is not None, "submitit's job process not found"
+        preempted_at = saved_step(_resume_file(out))
+        os.kill(pid, signal.SIGUSR2)
+        rc, problem = running.result(timeout=600)
+    assert rc == 0, problem
+    assert job.log.read_text().count("$ ") == 2  # killed, then run again (the log appended)
+    sslbench(*_linear_args(random_run, shapes_root, tmp_path / "straight"), cwd=tmp_path)
+    straight, requeued = _record(tmp_path / "straight"), _record(out)
+    assert requeued.details["resumed_from_step"] >= preempted_at >= 8
+    _assert_same_classification(straight, requeued)

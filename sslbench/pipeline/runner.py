@@ -55,7 +55,8 @@ class LocalExecutor:
 
 
 class SubmititExecutor:
-    """Jobs through submitit's AutoExecutor: SLURM on a cluster, or its local executor."""
+    """Jobs through submitit's AutoExecutor: SLURM on a cluster, or its local executor. A job
+    requeues itself on preemption or at its time limit (requeue.RequeueableCommand)."""
 
     def __init__(self, cfg: DictConfig, threads: int | None, folder: Path) -> None:
         import submitit
