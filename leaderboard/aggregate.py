@@ -60,7 +60,8 @@ class RowKey:
     @classmethod
     def of(cls, record: ResultRecord) -> "RowKey":
         b = record.backbone
-        identity = b.config_hash or b.source_sha256 or ""  # "": a record from before schema 2
+        source = (b.source or {}).get("sha256")
+        identity = b.config_hash or source or ""  # "": a record from before schema 2
         return cls(b.method, b.arch, b.run_name or b.weights_sha256[:12], identity[:12])
 
 
@@ -107,6 +108,7 @@ class Row:
     key: RowKey
     cells: dict[str, Cell]  # by Column.key
     label: str = ""  # the run name, with the config values that tell it from a namesake row
+    imported: dict[str, str] | None = None  # an imported backbone's source: format, file, sha256
 
     @property
     def baseline(self) -> str | None:
@@ -200,9 +202,9 @@ def build_board(records: Iterable[ResultRecord], metrics: dict[str, str] | None 
         found = {row: recs for (row, key), recs in groups.items() if key == column.key}
         for row, cell in _column_cells(column, found).items():
             cells.setdefault(row, {})[column.key] = cell
-    labels = _row_labels({key: groups[next(k for k in groups if k[0] == key)][0]
-                          for key in cells})
-    rows = [Row(key, c, labels[key]) for key, c in cells.items()]
+    first = {key: groups[next(k for k in groups if k[0] == key)][0] for key in cells}
+    labels = _row_labels(first)
+    rows = [Row(key, c, labels[key], first[key].backbone.source) for key, c in cells.items()]
     ranked = sorted((r for r in rows if r.baseline is None),
                     key=lambda row: (-len(row.cells), row.average_rank, row.key))
     baselines = sorted((r for r in rows if r.baseline is not None),

@@ -64,6 +64,14 @@ def _md_cell(cell: Cell | None) -> str:
     return f"{_mean_std(cell)} ({_count_rank(cell)})" + (f" {extra}" if extra else "")
 
 
+def _run(row: Row) -> str:
+    """The row's name as shown (plain text, to be escaped by the caller): an imported backbone
+    says so, with its source format and file."""
+    if row.imported is None:
+        return row.label
+    return f"{row.label} (imported: {row.imported['format']}, {row.imported['file']})"
+
+
 def _avg_rank(row: Row, board: Board) -> str:
     shown = "–" if row.average_rank is None else f"{row.average_rank:.2f}"
     return f"{shown} ({len(row.cells)}/{len(board.columns)})"
@@ -115,7 +123,7 @@ def markdown(board: Board, reference: list[ReferenceTable], source: str) -> str:
 
     def table(rows: tuple[Row, ...]) -> list[str]:
         return _md_table(header, [
-            [_md(r.label), _md(r.key.method), _md(r.key.arch), _avg_rank(r, board)]
+            [_md(_run(r)), _md(r.key.method), _md(r.key.arch), _avg_rank(r, board)]
             + [_md_cell(r.cells.get(c.key)) for c in board.columns] for r in rows])
 
     lines += table(board.rows)
@@ -143,14 +151,17 @@ def csv_text(board: Board) -> str:
     writer = csv.writer(out, lineterminator="\n")
     names = [f"{c.task}:{c.protocol_id}:{c.metric}" for c in board.columns]
     stats = ("mean", "std", "n", "rank", "lo", "hi", "interval", "tied_with_best", "position")
-    writer.writerow(["run", "method", "arch", "recipe", "baseline", "avg_rank", "columns"]
+    writer.writerow(["run", "method", "arch", "recipe", "baseline", "imported_format",
+                     "imported_file", "avg_rank", "columns"]
                     + [f"{n}:{stat}" for n in names for stat in stats])
 
     def blank(value) -> str:
         return "" if value is None else value
 
     for row in (*board.rows, *board.baselines):
+        source = row.imported or {}
         fields = [row.label, row.key.method, row.key.arch, row.key.recipe, blank(row.baseline),
+                  source.get("format", ""), source.get("file", ""),
                   blank(row.average_rank and repr(row.average_rank)), len(row.cells)]
         for column in board.columns:
             cell = row.cells.get(column.key)
@@ -252,7 +263,7 @@ def _board_table(board: Board, rows: tuple[Row, ...], table_id: str) -> str:
     body = []
     for r in rows:
         rank = "–" if r.average_rank is None else f"{r.average_rank:.2f}"
-        cells = [_td(_e(r.label), r.label), _td(_e(r.key.method), r.key.method),
+        cells = [_td(_e(_run(r)), r.label), _td(_e(r.key.method), r.key.method),
                  _td(_e(r.key.arch), r.key.arch),
                  _td(f"{rank} <span class=meta>({len(r.cells)}/{len(board.columns)})</span>",
                      None if r.average_rank is None else repr(r.average_rank), numeric=True)]

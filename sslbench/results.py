@@ -39,7 +39,8 @@ from .io import write_json_atomic
 from .tasks import tasks
 
 # 2: the backbone's identity carries its pretraining config (hash and values) and, for an
-# imported checkpoint, the source file's sha256; version-1 records read with those unknown.
+# imported checkpoint, where it came from (format, file, sha256); version-1 records read with
+# those unknown.
 SCHEMA_VERSION = 2
 # details[HITS_KEY]: the test split's per-image top-1 hits (pack_hits), in the split's order, so
 # the leaderboard can bootstrap a single run's interval and pair two rows on the same images.
@@ -65,6 +66,14 @@ def record_stem(task: str, weights_sha256: str, protocol_id: str, seed: int) -> 
     return f"{task}-{weights_sha256[:12]}-{protocol_id}-seed{seed}"
 
 
+SOURCE_KEYS = ("format", "file", "sha256")  # what the board shows of an imported backbone
+
+
+def _imported_source(manifest: dict) -> dict[str, str] | None:
+    source = manifest.get("source") if manifest.get("imported") else None
+    return None if source is None else {k: str(source[k]) for k in SOURCE_KEYS}
+
+
 @dataclass(frozen=True)
 class BackboneIdentity:
     """Which backbone: its weights, and what made them. Seeds of one pretraining config share
@@ -76,15 +85,14 @@ class BackboneIdentity:
     arch: str
     config_hash: str | None = None  # the pretraining recipe's (config.recipe_hash: no seed)
     config: dict[str, Any] = field(default_factory=dict)  # that config, to label rows apart
-    source_sha256: str | None = None  # an imported checkpoint's source file
+    source: dict[str, str] | None = None  # an imported checkpoint's: format, file, sha256
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "BackboneIdentity":
-        source = manifest.get("source") or {}
         config = manifest.get("config") or {}
         return cls(manifest["weights_sha256"], manifest["method"], manifest.get("run_name"),
                    manifest["arch"], recipe_hash(config) if config else None, config,
-                   source.get("sha256"))
+                   _imported_source(manifest))
 
 
 @dataclass(frozen=True)
@@ -215,10 +223,11 @@ def validate(record: ResultRecord, source: str = "record") -> None:
                "expected a non-empty string", value)
     _check(b.run_name is None or isinstance(b.run_name, str), s, "backbone.run_name",
            "expected a string or null", b.run_name)
-    for key in ("config_hash", "source_sha256"):
-        value = getattr(b, key)
-        _check(value is None or (isinstance(value, str) and bool(value)), s, f"backbone.{key}",
-               "expected a non-empty string or null", value)
+    _check(b.config_hash is None or (isinstance(b.config_hash, str) and bool(b.config_hash)), s,
+           "backbone.config_hash", "expected a non-empty string or null", b.config_hash)
+    _check(b.source is None or (isinstance(b.source, dict) and set(b.source) == set(SOURCE_KEYS)
+                                and all(isinstance(v, str) for v in b.source.values())), s,
+           "backbone.source", f"expected null or an object of strings {SOURCE_KEYS}", b.source)
     _check(_json_object(b.config), s, "backbone.config", "expected a JSON object", None)
     _check(_json_object(r.protocol) and bool(r.protocol), s, "protocol",
            "expected a non-empty JSON object", None)

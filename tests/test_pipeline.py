@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 
 from helpers import ROOT, TINY_SHAPES, sslbench
+from sslbench.backbones import build_backbone
 from sslbench.config import ConfigError
 from sslbench.pipeline.config import load_pipeline_config
 from sslbench.pipeline.jobs import (ForeignOutputError, Job, build_jobs, dotted, error_line,
@@ -314,3 +316,38 @@ def test_jobs_run_through_submitits_local_executor(tmp_path, shapes_root):
     assert re.search(r"pretrain/simsiam/seed0: submitit job \d+", proc.stdout)
     assert (tmp_path / "one" / "runs" / "seed0" / "simsiam" / "backbone.safetensors").is_file()
     assert list((tmp_path / "one" / "submitit").glob("*/*_result.pkl"))
+
+
+@pytest.mark.integration
+def test_an_imported_checkpoint_is_a_marked_row_with_every_column(tmp_path, shapes_root):
+    """One pretraining recipe and one checkpoint in torchvision's layout (a state dict with the
+    classifier), imported by the pipeline and evaluated by every task of the quick pipeline."""
+    torch.manual_seed(0)
+    model = build_backbone("resnet18", stem="small", width=16)
+    checkpoint = tmp_path / "resnet18-small.pth"
+    torch.save({**model.state_dict(), "fc.weight": torch.zeros(10, 128),
+                "fc.bias": torch.zeros(10)}, checkpoint)
+    spec = yaml.safe_load(QUICK.read_text())
+    spec["pretrain"]["recipes"] = {"simclr": spec["pretrain"]["recipes"]["simclr"]}
+    spec["backbones"] = {"tv_r18": {"checkpoint": str(checkpoint), "format": "torchvision",
+                                    "arch": "resnet18", "method": "supervised-elsewhere",
+                                    "arch_args": {"stem": "small", "width": 16}}}
+    pipeline = tmp_path / "imported.yaml"
+    pipeline.write_text(yaml.safe_dump(spec))
+    overlay = _tiny_overlay(tmp_path / "tiny.yaml", shapes_root, QUICK)
+    out = tmp_path / "board"
+    done = sslbench("run", str(pipeline), str(overlay), f"output_dir={out}", cwd=ROOT)
+    statuses = _statuses(done.stdout)
+    assert statuses["import/tv_r18"] == "ran"
+    ran = {job.split("/")[0] for job, status in statuses.items()
+           if job.endswith("/tv_r18/seed0") and status == "ran"}
+    assert ran == set(spec["tasks"]) - ({"segmentation"} if missing_modules(["mmseg"]) else set())
+    with open(out / "leaderboard.csv", newline="") as f:
+        rows = {row["run"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"simclr", "tv_r18"}
+    imported = rows["tv_r18"]
+    assert (imported["imported_format"], imported["imported_file"]) == (
+        "torchvision", checkpoint.name)
+    assert rows["simclr"]["imported_format"] == "" and imported["columns"] == rows["simclr"]["columns"]
+    assert "tv_r18 (imported: torchvision, resnet18-small.pth)" in (out / "leaderboard.md").read_text()
+    assert "tv_r18 (imported: torchvision, resnet18-small.pth)" in (out / "leaderboard.html").read_text()

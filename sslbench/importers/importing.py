@@ -284,7 +284,8 @@ def import_checkpoint(fmt_name: str, checkpoint: str | Path, *, arch: str, out: 
         "dropped": found.dropped, "counters_set_to_zero": len(found.filled),
         "method": "given" if method else "inferred"}
     save_backbone(out, model, arch=arch, arch_kwargs=given_kwargs, method=method or inferred,
-                  mean=mean, std=std, imported=True, source=provenance)
+                  mean=mean, std=std, imported=True, source=provenance,
+                  run_name=out.name)  # as a pretraining run's: its directory names the row
     return ImportReport(out, fmt.name, layout.namespace, layout.variant, arch, given_kwargs,
                         method or inferred, method is None, len(found.state),
                         sum(p.numel() for p in model.parameters()), found.dropped,

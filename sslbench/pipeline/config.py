@@ -40,6 +40,21 @@ class PretrainStage:
 
 
 @dataclass
+class BackboneEntry:
+    """A checkpoint another codebase wrote, imported once (`sslbench import`) and then evaluated
+    by every task like a pretrained backbone; its board row is marked imported."""
+
+    checkpoint: str = ""  # the file
+    format: str = "auto"  # sslbench import's FORMAT
+    arch: str = ""
+    arch_args: Dict[str, Any] = field(default_factory=dict)  # e.g. {stem: small, img_size: 32}
+    method: Optional[str] = None  # None: what the format implies
+    prefix: Optional[str] = None
+    mean: Optional[List[float]] = None  # None: ImageNet's
+    std: Optional[List[float]] = None
+
+
+@dataclass
 class TaskEntry:
     command: str = ""  # "eval TASK" or "transfer TASK", a task of the registry (sslbench/tasks.py)
     config: Optional[str] = None  # the task's recipe (configs/eval/, configs/transfer/)
@@ -88,6 +103,7 @@ class PipelineConfig:
     output_dir: str = "runs/pipelines/${name}"
     seeds: List[int] = field(default_factory=lambda: [0])  # each seeds a pretraining and its tasks
     pretrain: PretrainStage = field(default_factory=PretrainStage)
+    backbones: Dict[str, BackboneEntry] = field(default_factory=dict)  # name -> imported row
     tasks: Dict[str, TaskEntry] = field(default_factory=dict)  # name -> task; a board column
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     leaderboard: LeaderboardConfig = field(default_factory=LeaderboardConfig)
@@ -101,8 +117,18 @@ def load_pipeline_config(paths: Sequence[str | Path], overrides: Sequence[str] =
 
 def check(cfg: DictConfig) -> None:
     """Reject what would only fail once jobs run: empty stages, bad names, unknown commands."""
-    if not cfg.pretrain.recipes:
-        raise ConfigError("pretrain.recipes is empty: name at least one pretraining recipe")
+    if not cfg.pretrain.recipes and not cfg.backbones:
+        raise ConfigError("pretrain.recipes and backbones are empty: name at least one "
+                          "pretraining recipe or imported backbone")
+    for name, entry in cfg.backbones.items():
+        if name in cfg.pretrain.recipes:
+            raise ConfigError(f"backbones.{name}: also a pretraining recipe's name (both would "
+                              "be one board row)")
+        if not entry.checkpoint or not Path(entry.checkpoint).is_file():
+            raise ConfigError(f"backbones.{name}.checkpoint: file not found: "
+                              f"{entry.checkpoint!r}")
+        if not entry.arch:
+            raise ConfigError(f"backbones.{name}.arch: give the backbone architecture")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError(f"seeds={list(cfg.seeds)}: expected distinct seeds, at least one")
     if cfg.executor.name not in EXECUTORS:
@@ -115,12 +141,13 @@ def check(cfg: DictConfig) -> None:
     if multi_node and cfg.executor.name != "submitit":
         raise ConfigError(f"{multi_node[0]}.nodes > 1: a job over several machines needs "
                           "executor.name=submitit (on SLURM)")
-    for section, entries in (("pretrain.recipes", cfg.pretrain.recipes), ("tasks", cfg.tasks)):
+    for section, entries in (("pretrain.recipes", cfg.pretrain.recipes), ("tasks", cfg.tasks),
+                             ("backbones", cfg.backbones)):
         for name, entry in entries.items():
             if not _NAME.fullmatch(name):
                 raise ConfigError(f"{section}.{name}: a name may hold letters, digits, '_', "
                                   f"'.', '-' (it names directories)")
-            if entry.config is not None and not Path(entry.config).is_file():
+            if getattr(entry, "config", None) is not None and not Path(entry.config).is_file():
                 raise ConfigError(f"{section}.{name}.config: file not found: {entry.config}")
     for name, task in cfg.tasks.items():
         bad = [m for m in task.requires if not _MODULE.fullmatch(m)]

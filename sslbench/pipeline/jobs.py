@@ -31,14 +31,15 @@ from ..io import sha256_file, write_json_atomic
 from ..tasks import get_task
 
 MARKER = ".sslbench-job.json"
-PRODUCTS = {"pretrain": ("backbone.json", "backbone.safetensors"), "task": ("*.json",),
+BACKBONE = ("backbone.json", "backbone.safetensors")
+PRODUCTS = {"pretrain": BACKBONE, "import": BACKBONE, "task": ("*.json",),
             "leaderboard": ("leaderboard.md", "leaderboard.csv", "leaderboard.html")}
 
 
 @dataclass
 class Job:
     id: str  # e.g. pretrain/simclr/seed0, knn/simclr/seed0, leaderboard
-    kind: str  # pretrain | task | leaderboard
+    kind: str  # pretrain | import | task | leaderboard
     argv: list[str]  # the sub-command's arguments, after `sslbench`
     spec: dict[str, Any]  # what decides its output, without paths
     out_dir: Path
@@ -59,7 +60,9 @@ class Job:
 
     def result_id(self, key: str) -> str:
         """What dependants are keyed by: a backbone by its weights, anything else by its key."""
-        return read_manifest(self.out_dir)["weights_sha256"] if self.kind == "pretrain" else key
+        if self.kind in ("pretrain", "import"):
+            return read_manifest(self.out_dir)["weights_sha256"]
+        return key
 
     def command(self, resume: bool = False) -> list[str]:
         """The full command line: one process, torchrun for `processes` > 1, or on each node of
@@ -72,6 +75,43 @@ class Job:
             launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                         f"--nproc_per_node={self.processes}", "-m", "sslbench.cli"]
         return [*launcher, *self.argv, *(["--resume"] if resume else [])]
+
+
+def task_jobs(cfg: DictConfig, name: str, backbone: Job, seed: int, out: Path) -> list[Job]:
+    """Every task of the pipeline on the backbone `backbone` writes, with evaluation seed `seed`."""
+    jobs = []
+    for task_name, task in cfg.tasks.items():
+        overrides = [*dotted(_container(task.overrides)), f"run.seed={seed}"]
+        config = ["--config", task.config] if task.config else []
+        results = out / "results" / f"seed{seed}" / name / task_name
+        jobs.append(Job(
+            f"{task_name}/{name}/seed{seed}", "task",
+            [*task.command.split(), "--backbone", str(backbone.out_dir), *config,
+             "--out", str(results), *overrides],
+            {"command": task.command, "overrides": overrides, "sslbench": __version__,
+             "config": _content(task.config) if task.config else None},
+            results, out / "logs" / f"{task_name}-{name}-seed{seed}.log", [backbone],
+            task.processes, _container(task.resources),
+            list(dict.fromkeys([*get_task(task.command.split()[1]).requires, *task.requires])),
+            task.nodes))
+    return jobs
+
+
+def import_job(name: str, entry: DictConfig, out: Path) -> Job:
+    """`sslbench import` of one `backbones:` entry into runs/imported/NAME, keyed by the
+    checkpoint's contents and every option."""
+    run_dir = out / "runs" / "imported" / name
+    options = ["--arch", entry.arch, *(f"--arch-arg={k}={v}" for k, v in entry.arch_args.items())]
+    options += ["--method", entry.method] if entry.method else []
+    options += ["--prefix", entry.prefix] if entry.prefix else []
+    for flag in ("mean", "std"):
+        if entry[flag] is not None:
+            options += [f"--{flag}", *(str(v) for v in entry[flag])]
+    return Job(f"import/{name}", "import",
+               ["import", entry.format, entry.checkpoint, *options, "--out", str(run_dir)],
+               {"command": "import", "checkpoint": _content(entry.checkpoint),
+                "format": entry.format, "options": options, "sslbench": __version__},
+               run_dir, out / "logs" / f"import-{name}.log")
 
 
 def dotted(overrides: Mapping) -> list[str]:
@@ -99,10 +139,15 @@ def _container(node: DictConfig) -> dict:
 
 
 def build_jobs(cfg: DictConfig, out: Path) -> list[Job]:
-    """Every (recipe, seed) pretraining, its tasks, and the leaderboard over all tasks, in an
-    order where each job comes after its dependencies."""
+    """Every (recipe, seed) pretraining and every imported backbone, their tasks, and the
+    leaderboard over all tasks, in an order where each job comes after its dependencies."""
     jobs, tasks = [], []
     common = _container(cfg.pretrain.overrides)
+    for name, entry in cfg.backbones.items():
+        imported = import_job(name, entry, out)
+        jobs.append(imported)
+        for seed in cfg.seeds:
+            tasks += task_jobs(cfg, name, imported, seed, out)
     for seed in cfg.seeds:
         for name, recipe in cfg.pretrain.recipes.items():
             overrides = [*dotted(_container(OmegaConf.merge(common, recipe.overrides))),
@@ -116,20 +161,7 @@ def build_jobs(cfg: DictConfig, out: Path) -> list[Job]:
                       processes=cfg.pretrain.processes,
                       resources=_container(cfg.pretrain.resources), nodes=cfg.pretrain.nodes)
             jobs.append(pre)
-            for task_name, task in cfg.tasks.items():
-                overrides = [*dotted(_container(task.overrides)), f"run.seed={seed}"]
-                config = ["--config", task.config] if task.config else []
-                results = out / "results" / f"seed{seed}" / name / task_name
-                tasks.append(Job(
-                    f"{task_name}/{name}/seed{seed}", "task",
-                    [*task.command.split(), "--backbone", str(pre.out_dir), *config,
-                     "--out", str(results), *overrides],
-                    {"command": task.command, "overrides": overrides, "sslbench": __version__,
-                     "config": _content(task.config) if task.config else None},
-                    results, out / "logs" / f"{task_name}-{name}-seed{seed}.log", [pre],
-                    task.processes, _container(task.resources),
-                    list(dict.fromkeys([*get_task(task.command.split()[1]).requires,
-                                        *task.requires])), task.nodes))
+            tasks += task_jobs(cfg, name, pre, seed, out)
     jobs += tasks
     if tasks:
         reference = cfg.leaderboard.reference
