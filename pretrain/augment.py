@@ -55,6 +55,7 @@ RECIPES = {
 }
 PIPELINES = tuple(RECIPES)
 BLUR_MODES = ("auto", "on", "off")
+CROP_RATIO = (3 / 4, 4 / 3)  # aspect ratio range, torchvision's default
 JITTER_P = 0.8
 GRAYSCALE_P = 0.2
 FLIP_P = 0.5
@@ -75,20 +76,29 @@ def _use_blur(blur: str, image_size: int) -> bool:
     return blur == "on" or (blur == "auto" and image_size > MAX_SIZE_WITHOUT_BLUR)
 
 
-def build_view_transforms(pipeline: str, image_size: int, crop_min_scale: float | None = None,
-                          blur: str = "auto") -> list[Callable]:
-    """One PIL → normalised tensor transform per view (two), as in the pipeline's paper."""
+def resolve(pipeline: str, image_size: int, crop_min_scale: float | None = None,
+            blur: str = "auto") -> tuple[PipelineRecipe, float, bool]:
+    """The recipe, its crop's minimum scale and whether it blurs at this size: what the PIL path
+    and the batched path (augment_batched.py) both build from."""
     if pipeline not in RECIPES:
-        raise ValueError(f"unknown augmentation pipeline {pipeline!r}; valid: {', '.join(PIPELINES)}")
+        raise ValueError(f"unknown augmentation pipeline {pipeline!r}; valid: "
+                         f"{', '.join(PIPELINES)}")
     recipe = RECIPES[pipeline]
     min_scale = recipe.crop_min_scale if crop_min_scale is None else crop_min_scale
     if not 0.0 < min_scale <= 1.0:
         raise ValueError(f"crop_min_scale must be in (0, 1], got {min_scale}")
-    with_blur = _use_blur(blur, image_size)
+    return recipe, min_scale, _use_blur(blur, image_size)
+
+
+def build_view_transforms(pipeline: str, image_size: int, crop_min_scale: float | None = None,
+                          blur: str = "auto") -> list[Callable]:
+    """One PIL → normalised tensor transform per view (two), as in the pipeline's paper."""
+    recipe, min_scale, with_blur = resolve(pipeline, image_size, crop_min_scale, blur)
 
     def view(v: ViewRecipe) -> T.Compose:
         ops: list[Callable] = [
-            T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), interpolation=recipe.interpolation),
+            T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), ratio=CROP_RATIO,
+                                interpolation=recipe.interpolation),
             T.RandomApply([T.ColorJitter(*recipe.jitter)], p=JITTER_P),
             T.RandomGrayscale(p=GRAYSCALE_P),
         ]
@@ -97,15 +107,18 @@ def build_view_transforms(pipeline: str, image_size: int, crop_min_scale: float 
             ops.append(T.RandomApply([blur_op], p=v.blur_p))
         if v.solarize_p > 0:
             ops.append(T.RandomSolarize(SOLARIZE_THRESHOLD, p=v.solarize_p))
-        ops += [T.RandomHorizontalFlip(p=FLIP_P), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        ops += [T.RandomHorizontalFlip(p=FLIP_P), T.ToTensor(),
+                T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         return T.Compose(ops)
 
     return [view(v) for v in recipe.views]
 
 
 def view_seed(seed: int, view_index: int) -> int:
-    """A well-mixed 64-bit seed for one view, so views of one image, and nearby seeds, decorrelate."""
-    return int(np.random.SeedSequence([seed & (2**64 - 1), view_index]).generate_state(1, np.uint64)[0])
+    """A well-mixed 64-bit seed for one view, so views of one image, and nearby seeds,
+    decorrelate."""
+    words = [seed & (2**64 - 1), view_index]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
 
 
 class MultiViewTransform:

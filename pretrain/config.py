@@ -50,6 +50,11 @@ class AugmentConfig:
     pipeline: str = "mocov2"
     crop_min_scale: Optional[float] = None
     blur: str = "auto"
+    # Where the random ops run: cpu (PIL, in DataLoader workers) or accelerator (batched on the
+    # training device, workers only decode to decode_size², default image_size); auto is the
+    # accelerator when training on CUDA (pretrain/augment_batched.py).
+    device: str = "auto"
+    decode_size: Optional[int] = None
 
 
 @dataclass

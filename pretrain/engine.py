@@ -33,7 +33,7 @@ from sslbench.data import LabeledDataset, build_dataset
 from sslbench.metrics import MetricsLog, plot_curves
 from sslbench.optim import build_optimizer, param_groups, scaled_lr, set_lr, warmup_cosine
 
-from .augment import MultiViewTransform, build_view_transforms
+from .augment_batched import BatchedTwoViews, build_augmentation
 from .diagnostics import collapse_diagnostics
 from .methods import Method, build_method
 from .sampling import EpochBatchSampler, MultiViewDataset
@@ -112,19 +112,18 @@ def _pretrain(cfg: DictConfig, resume: bool, env: D.DistEnv) -> Path:
         return run_dir
     do_resume = D.broadcast_object(_prepare_run_dir(run_dir, resume) if env.is_main else None)
     torch.manual_seed(cfg.run.seed)  # the weights are initialised from this seed
+    transform, augment = build_augmentation(cfg, env.device)
     dataset = load_train_data(cfg, env)
     if env.is_main:  # only once the data is known good: a bad input leaves no run behind
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    transform = MultiViewTransform(build_view_transforms(
-        cfg.augment.pipeline, cfg.data.image_size, cfg.augment.crop_min_scale, cfg.augment.blur))
     views_data = MultiViewDataset(dataset, transform)
     t = build_training(cfg, env, run_dir, Schedule.of(cfg, len(dataset)), do_resume)
     started = time.perf_counter()
     diagnostics: dict[str, float] = {}
     t.model.train()
     while t.step < t.schedule.total_steps:
-        diagnostics = train_one_epoch(t, views_data) or diagnostics
+        diagnostics = train_one_epoch(t, views_data, augment) or diagnostics
     t.bar.close()
     save_resume_state(t)
     if env.is_main:
@@ -203,9 +202,11 @@ def _load_resume_state(run_dir: Path, chash: str, method: Method,
     return int(state["step"])
 
 
-def train_one_epoch(t: Training, views_data: MultiViewDataset) -> dict[str, float] | None:
+def train_one_epoch(t: Training, views_data: MultiViewDataset,
+                    augment: BatchedTwoViews | None = None) -> dict[str, float] | None:
     """Train from `t.step` to the end of its epoch; the epoch's collapse diagnostics, over its
-    last `train.diagnostics_batches` batches, or None when none of them ran here."""
+    last `train.diagnostics_batches` batches, or None when none of them ran here. With `augment`
+    the loader yields uint8 images and their sizes, augmented here on the training device."""
     cfg, env, schedule = t.cfg, t.env, t.schedule
     epoch, start = divmod(t.step, schedule.steps_per_epoch)
     sampler = EpochBatchSampler(len(views_data), cfg.optim.batch_size, cfg.run.seed,
@@ -215,6 +216,10 @@ def train_one_epoch(t: Training, views_data: MultiViewDataset) -> dict[str, floa
     diag_from = max(0, schedule.steps_per_epoch - cfg.train.diagnostics_batches)
     embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
     for batch_in_epoch, (views, _) in enumerate(loader, start=start):
+        if augment is not None:
+            images, sizes = views
+            views = augment(images.to(env.device, non_blocking=True), sizes,
+                            (cfg.run.seed, epoch, batch_in_epoch), (env.rank, env.world_size))
         out, lr = train_step(t, views, epoch)
         if batch_in_epoch >= diag_from:
             embeddings.append(out["embeddings"])
