@@ -105,7 +105,8 @@ def _torch_load(path: Path, zipped: bool) -> Any:
             stand_ins.append((placeholder(name), name))
     try:
         with torch.serialization.safe_globals(stand_ins):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # mmap: only the tensors that are read (the backbone's) come into memory
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as err:
         named = re.search(r"GLOBAL (\S+)", str(err))
         detail = f"it names {named.group(1)}" if named else str(err).splitlines()[0]
