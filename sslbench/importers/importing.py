@@ -11,7 +11,7 @@ group. A wrong architecture fails on the first tensor whose shape differs, namin
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -35,15 +35,13 @@ class CheckpointImportError(ArtifactError):
     """A checkpoint that does not hold the asked-for backbone in the asked-for layout."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Extraction:
     """The backbone found in a file: its tensors under the architecture's names, and the rest."""
 
-    fmt: Format
-    layout: Layout
     state: dict[str, torch.Tensor]
     dropped: dict[str, int]  # group label -> tensor count
-    filled: list[str] = field(default_factory=list)  # counters absent from the file, set to 0
+    filled: list[str]  # BatchNorm counters absent from the file, set to 0
 
 
 @dataclass(frozen=True)
@@ -188,7 +186,7 @@ def extract(tensors: Mapping[str, torch.Tensor], fmt: Format, layout: Layout, mo
         else:
             state[name] = torch.zeros_like(expected)
             filled.append(name)
-    return Extraction(fmt, layout, state, dict(dropped), filled)
+    return Extraction(state, dict(dropped), filled)
 
 
 def detect(tensors: Mapping[str, torch.Tensor], paths: set[str], model: nn.Module,
