@@ -2,9 +2,12 @@
 the last checkpoint in its work directory and ends where an uninterrupted run ends (bit for bit
 on CPU), says in its record where it resumed, and leaves no resume state behind."""
 
+import csv
+import json
 import os
 import signal
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import pytest
 import torch
 from helpers import (
     ROOT,
+    TINY_SHAPES,
     eval_overrides,
     random_init_artifact,
     saved_step,
@@ -27,6 +31,8 @@ from sslbench.pipeline.jobs import Job
 from sslbench.pipeline.requeue import RequeueableCommand
 from sslbench.pipeline.runner import SubmititExecutor
 from sslbench.results import HITS_KEY, ResultRecord, read_record
+from transfer.segmentation.model import require_mmseg
+from transfer.segmentation.run import training_curves
 
 pytestmark = pytest.mark.integration
 
@@ -135,6 +141,81 @@ def test_torchvision_detection_continues_bit_identically(tmp_path):
     assert weights[0].keys() == weights[1].keys()
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
+
+
+def _mmseg_missing() -> str:
+    """Why the segmentation command cannot run here; '' when it can."""
+    try:
+        require_mmseg()
+    except RuntimeError as err:
+        return str(err)
+    return ""
+
+
+def _complete_checkpoints(work_dir: Path) -> list[int]:
+    """Iterations of the whole mmengine checkpoints (a zip's directory is written last)."""
+    return sorted(int(p.stem.split("_")[1]) for p in work_dir.glob("iter_*.pth")
+                  if zipfile.is_zipfile(p))
+
+
+def _steps_and_losses(train_csv: Path) -> list[tuple[str, str]]:
+    with open(train_csv, newline="") as f:
+        return [(row["step"], row["loss"]) for row in csv.DictReader(f)]
+
+
+@pytest.mark.skipif(bool(_mmseg_missing()), reason=_mmseg_missing())
+def test_mmseg_segmentation_continues_bit_identically(shapes_root, tmp_path):
+    run_dir = random_init_artifact(tmp_path / "r18", stem="small", width=16)
+
+    def args(out: str) -> list[str]:
+        return ["transfer", "segmentation", "--backbone", str(run_dir), "--config",
+                str(ROOT / "configs/transfer/segmentation_synthetic_r18_fcn.yaml"), "--out",
+                str(tmp_path / out), f"data.root={shapes_root}", shapes_options(TINY_SHAPES),
+                "run.progress=false", "run.threads=1", "run.log_every=1",
+                "solver.max_iters=40", "run.checkpoint_every=10"]
+
+    sslbench(*args("straight"), cwd=tmp_path)
+    works = tmp_path / "killed" / ".work"  # holds the run's work dir once it starts
+    sslbench_killed_when(args("killed"), tmp_path,
+                         lambda: any(_complete_checkpoints(w) for w in works.glob("*")),
+                         "a complete mmengine checkpoint")
+    (work,) = works.glob("*")
+    resumed_at = _complete_checkpoints(work)[-1]
+    sslbench(*args("killed"), cwd=tmp_path)
+    straight, resumed = _record(tmp_path / "straight"), _record(tmp_path / "killed")
+    assert 10 <= resumed_at < 40 and resumed.details["resumed_from_iteration"] == resumed_at
+    assert "resumed_from_iteration" not in straight.details
+    assert resumed.file_name == straight.file_name and resumed.metrics == straight.metrics
+    assert resumed.details["per_class_IoU"] == straight.details["per_class_IoU"]
+    weights = [torch.load(Path(r.details["work_dir"]) / "model_final.pth", weights_only=True)
+               for r in (straight, resumed)]
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():  # dropout draws continued too
+        assert torch.equal(value, weights[1][key]), key
+    # mmengine's own log of the run that resumed: every later iteration, once, none before
+    logs = sorted(work.glob("*/vis_data/scalars.json"))
+    assert len(logs) == 2
+    ran = [row["step"] for row in map(json.loads, logs[-1].read_text().splitlines())
+           if "loss" in row]
+    assert ran == list(range(resumed_at + 1, 41))
+    assert _steps_and_losses(work / "train.csv") == _steps_and_losses(
+        Path(straight.details["work_dir"]) / "train.csv")
+    assert not _complete_checkpoints(work) and not (work / "last_checkpoint").exists()
+
+
+def test_training_curves_of_a_resumed_run_take_each_step_from_the_run_that_kept_it(tmp_path):
+    def log(name: str, steps: range) -> Path:
+        path = tmp_path / name / "scalars.json"
+        path.parent.mkdir()
+        path.write_text("".join(json.dumps({"loss": step + 0.5 if name == "killed" else step,
+                                            "step": step}) + "\n" for step in steps))
+        return path
+
+    # killed after iteration 7 with a checkpoint at 4; a run killed before it logged anything;
+    # then the run that resumed at 4 (logging every 2: its first row is step 6)
+    files = log("killed", range(2, 8, 2)), log("empty", range(0)), log("resumed", range(6, 11, 2))
+    rows = training_curves(*files).splitlines()
+    assert rows == ["step,loss", "2,2.5", "4,4.5", "6,6", "8,8", "10,10"]
 
 
 def test_a_requeued_job_runs_the_command_that_continues_it(tmp_path):

@@ -31,6 +31,9 @@ class RunConfig:
     num_workers: int = 4  # data-loader processes per training process
     work_dir: Optional[str] = None  # logs, mmengine config, weights; None: RESULTS_DIR/.work/...
     log_every: int = 50  # LoggerHook interval (iterations)
+    # iterations between mmengine checkpoints in work_dir, which a killed run resumes from (and
+    # one at the end); 0: none. Not part of the protocol: it never changes the number.
+    checkpoint_every: int = 2000
 
 
 @dataclass

@@ -137,8 +137,10 @@ def datasets(data: DictConfig, root: Path, train_pipeline: list, test_pipeline: 
 
 
 def runner_config(cfg: DictConfig, manifest: dict, *, num_classes: int, root: Path,
-                  work_dir: Path, norm: str, world_size: int) -> dict[str, Any]:
-    """Every section mmengine's Runner takes, as its config file would hold them."""
+                  work_dir: Path, norm: str, world_size: int,
+                  resume_from: str | None = None) -> dict[str, Any]:
+    """Every section mmengine's Runner takes, as its config file would hold them; resume_from:
+    the checkpoint a killed run continues from (resume.latest_checkpoint)."""
     s, run = cfg.solver, cfg.run
     if s.batch_size % world_size:
         raise ValueError(f"solver.batch_size={s.batch_size} cannot be split over {world_size} "
@@ -170,7 +172,7 @@ def runner_config(cfg: DictConfig, manifest: dict, *, num_classes: int, root: Pa
                           "logger": {"type": "LoggerHook", "interval": run.log_every,
                                      "log_metric_by_epoch": False},
                           "param_scheduler": {"type": "ParamSchedulerHook"},
-                          "checkpoint": None,  # the run saves plain weights (weights_only loads)
+                          "checkpoint": _checkpoint_hook(run.checkpoint_every),
                           "sampler_seed": {"type": "DistSamplerSeedHook"}},
         "log_processor": {"by_epoch": False},
         "visualizer": {"type": "Visualizer", "vis_backends": [{"type": "LocalVisBackend"},
@@ -179,9 +181,21 @@ def runner_config(cfg: DictConfig, manifest: dict, *, num_classes: int, root: Pa
                     "mp_cfg": {"mp_start_method": "fork", "opencv_num_threads": 0},
                     "dist_cfg": {"backend": "nccl"}},
         "randomness": {"seed": run.seed},
+        "load_from": resume_from, "resume": resume_from is not None,
         "launcher": "pytorch" if world_size > 1 else "none",
         "log_level": "INFO",
     }
+
+
+def _checkpoint_hook(every: int) -> dict[str, Any] | None:
+    """mmengine checkpoints every `every` iterations and at the end: what a killed run resumes
+    from. Two are kept: mmengine removes the oldest before it writes the next, in place."""
+    if every < 0:
+        raise ValueError(f"run.checkpoint_every must be >= 0 (0: no checkpoints), got {every}")
+    if every == 0:
+        return None
+    return {"type": "CheckpointHook", "interval": every, "by_epoch": False, "max_keep_ckpts": 2,
+            "save_last": True}
 
 
 def required_paths(data: DictConfig, root: Path) -> Sequence[Path]:

@@ -3,9 +3,13 @@
 The Runner writes its log, the dumped mmengine config, `vis_data/scalars.json` and TensorBoard
 events under `work_dir/<timestamp>/`; this module adds `train.csv` and `curves.png` (the training
 curves) and `model_final.pth`, a plain state dict that `torch.load(weights_only=True)` reads
-(mmengine's own checkpoints pickle mmengine classes, and it does not). The protocol holds what
-changes the number: data identity (not paths), backbone arch, model, input and solver; the
-process count is a detail, since the same global batch on more processes is the same protocol.
+(mmengine's own checkpoints pickle mmengine classes, and it does not). Those checkpoints, every
+run.checkpoint_every iterations, are what the same command run again resumes from (resume.py);
+they go once the record is written.
+
+The protocol holds what changes the number: data identity (not paths), backbone arch, model,
+input and solver; the process count is a detail, since the same global batch on more processes
+is the same protocol.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from omegaconf import DictConfig
 
 from sslbench import distributed as D
 from sslbench.artifact import describe_arch, load_backbone
-from sslbench.config import to_dict
+from sslbench.config import config_hash, to_dict
 from sslbench.data import default_data_root, prepare_synthetic_shapes
 from sslbench.data.registry import call_with_options
 from sslbench.io import atomic_path, write_text_atomic
@@ -37,6 +41,9 @@ from .mmseg_config import DATASET_TYPES, required_paths, runner_config
 from .model import build_segmentor, require_mmseg
 
 METRICS = ("mIoU", "mAcc", "aAcc")  # the record's metrics (percent); per-class IoU goes to details
+# Keys that change neither the run nor its number: a killed run may continue with other values.
+RESUMABLE_CHANGES = ("run.progress", "run.threads", "run.work_dir", "run.checkpoint_every",
+                     "run.log_every")
 
 
 class SegmentationDataError(ValueError):
@@ -69,7 +76,11 @@ def transfer(cfg: DictConfig, backbone_dir: str | Path, out_dir: str | Path) -> 
     record = build_record("segmentation", output, manifest, seed=cfg.run.seed, started=started,
                           device=D.device_name(env.device, env.world_size),
                           world_size=env.world_size, cuda=env.device.type == "cuda")
-    return write_record(out_dir, record)
+    path = write_record(out_dir, record)
+    from .resume import remove_checkpoints  # imports mmengine, known importable by now
+
+    remove_checkpoints(work_dir)
+    return path
 
 
 def _init_processes(device: str) -> D.DistEnv:
@@ -118,26 +129,29 @@ def _train(cfg: DictConfig, state: dict, manifest: dict, root: Path, work_dir: P
     from mmseg.registry import DATASETS
 
     from .components import LastMetrics
+    from .resume import ExactResume, latest_checkpoint
 
     classes = DATASETS.get(DATASET_TYPES[cfg.data.name]).METAINFO["classes"]
     norm = "SyncBN" if cfg.model.norm == "SyncBN" and env.device.type == "cuda" else "BN"
     settings = runner_config(cfg, manifest, num_classes=len(classes), root=root,
-                             work_dir=work_dir, norm=norm, world_size=env.world_size)
+                             work_dir=work_dir, norm=norm, world_size=env.world_size,
+                             resume_from=latest_checkpoint(work_dir))
     model, report = build_segmentor(settings["model"], state,
                                     f"backbone {describe_arch(manifest)}", cfg.run.seed)
-    last = LastMetrics()
+    last, resume = LastMetrics(), ExactResume(config_hash(cfg, RESUMABLE_CHANGES))
     runner = Runner(**{**settings, "model": model, "cfg": Config(settings),
-                       "custom_hooks": [last]})
+                       "custom_hooks": [last, resume]})
     trained = runner.train()
     trained = trained.module if is_model_wrapper(trained) else trained
     if not env.is_main:
         return None
     if last.metrics is None:
         raise RuntimeError("mmengine's Runner finished without evaluating the test split")
-    log_dir = Path(runner.log_dir)
-    scalars = next(log_dir.rglob("scalars.json"), None)
-    if scalars is not None:
-        write_text_atomic(work_dir / "train.csv", training_curves(scalars))
+    scalars = sorted(work_dir.glob("*/vis_data/scalars.json"))  # each run's log, oldest first
+    if resume.resumed_from is None:  # this run's alone; a resumed one continues earlier ones
+        scalars = [path for path in scalars if path.is_relative_to(runner.log_dir)]
+    if scalars:
+        write_text_atomic(work_dir / "train.csv", training_curves(*scalars))
         plot_curves(work_dir, ("train",))  # curves.png
     with atomic_path(work_dir / "model_final.pth") as tmp:
         torch.save({k: v.detach().cpu() for k, v in trained.state_dict().items()}, tmp)
@@ -151,14 +165,26 @@ def _train(cfg: DictConfig, state: dict, manifest: dict, root: Path, work_dir: P
         dataset=DatasetInfo(cfg.data.name, len(per_class), sizes,
                             {"root": str(root), **_data_options(cfg)}),
         details={"per_class_IoU": per_class, "backbone_loaded": dataclasses.asdict(report),
-                 "norm_layer": norm})
+                 "norm_layer": norm,
+                 **({} if resume.resumed_from is None
+                    else {"resumed_from_iteration": resume.resumed_from})})
 
 
-def training_curves(scalars: Path) -> str:
+def training_curves(*scalars: Path) -> str:
     """mmengine's scalars.json (one JSON object per logged step) as CSV: one row per training
-    log step, `step` (the iteration) first, then every scalar logged at all of them."""
-    rows = [json.loads(line) for line in scalars.read_text().splitlines() if line.strip()]
-    rows = [{k: v for k, v in r.items() if k != "iter"} for r in rows if "loss" in r]
+    log step, `step` (the iteration) first, then every scalar logged at all of them.
+
+    Several files are the runs of one training, oldest first, each resumed from a checkpoint of
+    the one before: a run gives the steps before the next one's first (those after it were
+    trained again from the checkpoint)."""
+    runs = []
+    for path in scalars:
+        lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+        runs.append([{k: v for k, v in r.items() if k != "iter"} for r in lines if "loss" in r])
+    rows = []
+    for i, run in enumerate(runs):
+        until = min((later[0]["step"] for later in runs[i + 1:] if later), default=math.inf)
+        rows += [r for r in run if r["step"] < until]
     common = set.intersection(*(set(r) for r in rows)) if rows else {"step"}
     columns = ["step", *sorted(common - {"step"})]
     out = io.StringIO()
