@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from sslbench.config import ConfigError, build_config
 
-from .methods import method_config_class
+from . import baselines
 from .unified import check_loss_form
 
 
@@ -90,15 +90,18 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    method: Any = None  # the method's own dataclass, chosen by method.name
+    method: Any = None  # the method's (or baseline's) own dataclass, chosen by method.name
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def load_pretrain_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> DictConfig:
-    cfg = build_config(PretrainConfig, paths, overrides, variants={"method": method_config_class})
+    cfg = build_config(PretrainConfig, paths, overrides,
+                       variants={"method": baselines.config_class})
+    baselines.check(cfg)
     try:  # before any data is read: a loss form the method lacks fails at once
-        check_loss_form(cfg.method.name, cfg.method.loss_form)
+        if cfg.method.name not in baselines.BASELINES:  # a baseline has no loss form
+            check_loss_form(cfg.method.name, cfg.method.loss_form)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return cfg

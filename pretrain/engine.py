@@ -3,22 +3,24 @@
 One process on a laptop CPU or many under torchrun (DDP; gloo on CPU, NCCL on GPU). The loop
 owns what is method-independent: data order, optimiser and schedule, AMP, clipping, EMA hook,
 atomic checkpoints and exact resume, NaN detection, curves and collapse diagnostics, and the
-backbone artifact at the end.
+backbone artifact at the end. It also trains the board's baselines (pretrain/baselines.py):
+`supervised` is the one method it passes the labels to.
 
-`pretrain` runs the steps in order: check the run directory, load the data (`load_train_data`),
-build the method, optimiser and schedule (`build_training`), train epoch by epoch
-(`train_one_epoch`, `train_step`), checkpoint (`save_resume_state`) and write the artifact
+`pretrain` runs the steps in order: check the run directory (`inspect_run_dir`), load the data
+(`load_train_data`), build the method, optimiser and schedule (`build_training`), train epoch by
+epoch (`train_one_epoch`, `train_step`), checkpoint (`save_resume_state`) and write the artifact
 (`finish`). The steps share one `Training` object rather than closures.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -28,21 +30,25 @@ from sslbench.artifact import MANIFEST_FILE, save_backbone
 from sslbench.backbones import build_backbone
 from sslbench.backbones.resnet import ARCHS as RESNETS
 from sslbench.checkpoint import load_checkpoint, save_checkpoint
-from sslbench.config import config_hash, save_config, to_dict
+from sslbench.config import NON_SEMANTIC_KEYS, config_hash, save_config, to_dict
 from sslbench.data import LabeledDataset, build_dataset
 from sslbench.metrics import MetricsLog, plot_curves
 from sslbench.optim import build_optimizer, param_groups, scaled_lr, set_lr, warmup_cosine
 
 from .augment_batched import BatchedTwoViews, build_augmentation
-from .diagnostics import collapse_diagnostics
-from .methods import Method, build_method
+from .baselines import CLASSIFICATION, Supervised, classification_views
+from .baselines import build as build_method
+from .diagnostics import collapse_diagnostics, plot_spectrum, singular_values
+from .methods import Method
 from .sampling import EpochBatchSampler, MultiViewDataset
 
 CHECKPOINT_FILE = "checkpoint.pt"
+CONFIG_FILE = "config.yaml"
+SPECTRUM_FILE = "spectrum.png"
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last checkpoint on disk is still good."""
+    """The loss or the weights became NaN or infinite; the last checkpoint on disk is good."""
 
 
 class RunDirError(RuntimeError):
@@ -87,10 +93,16 @@ class Training:
     step: int
     log: MetricsLog
     bar: tqdm
+    saved_step: int | None = None  # the step of the checkpoint on disk, None before the first
+    spectrum: torch.Tensor | None = None  # singular values of the last diagnostics' embeddings
 
     @property
     def use_amp(self) -> bool:
         return self.cfg.train.amp and self.env.device.type == "cuda"
+
+    @property
+    def takes_labels(self) -> bool:
+        return isinstance(self.method, Supervised)
 
 
 def pretrain(cfg: DictConfig, resume: bool = False) -> Path:
@@ -104,21 +116,31 @@ def pretrain(cfg: DictConfig, resume: bool = False) -> Path:
 
 def _pretrain(cfg: DictConfig, resume: bool, env: D.DistEnv) -> Path:
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    # decided on the main process, whose filesystem holds the run; all processes must agree
-    finished = D.broadcast_object((run_dir / MANIFEST_FILE).exists() if env.is_main else None)
-    if finished and resume:
+    # Decided on the main process, whose filesystem holds the run; every process acts on it
+    # (returns, or raises the same error), so none is left waiting in a collective.
+    try:
+        state = inspect_run_dir(run_dir, cfg, resume) if env.is_main else None
+    except RunDirError as err:
+        state = err
+    state = D.broadcast_object(state)
+    if isinstance(state, RunDirError):
+        raise state
+    if state == "finished":
         if env.is_main:
-            print(f"{run_dir}: already finished, nothing to do")
+            print(f"{run_dir}: already finished under this config, nothing to do")
         return run_dir
-    do_resume = D.broadcast_object(_prepare_run_dir(run_dir, resume) if env.is_main else None)
     torch.manual_seed(cfg.run.seed)  # the weights are initialised from this seed
-    transform, augment = build_augmentation(cfg, env.device)
+    if cfg.augment.pipeline == CLASSIFICATION:  # a supervised baseline's one view, in workers
+        transform, augment = classification_views(cfg.data.image_size), None
+    else:
+        transform, augment = build_augmentation(cfg, env.device)
     dataset = load_train_data(cfg, env)
     if env.is_main:  # only once the data is known good: a bad input leaves no run behind
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / CONFIG_FILE)
     views_data = MultiViewDataset(dataset, transform)
-    t = build_training(cfg, env, run_dir, Schedule.of(cfg, len(dataset)), do_resume)
+    t = build_training(cfg, env, run_dir, Schedule.of(cfg, len(dataset)), state == "resume",
+                       len(dataset.classes))
     started = time.perf_counter()
     diagnostics: dict[str, float] = {}
     t.model.train()
@@ -132,8 +154,9 @@ def _pretrain(cfg: DictConfig, resume: bool, env: D.DistEnv) -> Path:
     return run_dir
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool) -> bool:
-    """Return whether to resume from a checkpoint; refuse to clobber an existing run."""
+def inspect_run_dir(run_dir: Path, cfg: DictConfig, resume: bool) -> str:
+    """"fresh", "resume" (from the checkpoint) or "finished" (nothing to do). Refuses to clobber
+    an existing run, and to resume one under another config, naming the keys that differ."""
     finished = (run_dir / MANIFEST_FILE).exists()
     has_ckpt = (run_dir / CHECKPOINT_FILE).exists()
     if finished and not resume:
@@ -142,7 +165,41 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> bool:
     if has_ckpt and not resume:
         raise RunDirError(f"{run_dir} holds a checkpoint of an unfinished run; pass --resume to "
                           "continue it, or choose another run.name")
-    return resume and has_ckpt
+    if not (finished or has_ckpt):
+        return "fresh"
+    # The run's config: the artifact's for a finished run, else the one saved when it started
+    # (absent only in a directory from before it was saved; the checkpoint's hash still guards).
+    if finished:
+        theirs = json.loads((run_dir / MANIFEST_FILE).read_text()).get("config")
+    else:
+        saved = run_dir / CONFIG_FILE
+        theirs = OmegaConf.to_container(OmegaConf.load(saved)) if saved.is_file() else None
+    differ = config_differences(theirs, to_dict(cfg)) if theirs is not None else []
+    if differ:
+        held = "a finished backbone" if finished else "an unfinished run"
+        raise RunDirError(f"{run_dir} holds {held} of another config; --resume needs the same "
+                          f"one. Differing keys (the run's value -> this one's): "
+                          f"{'; '.join(differ)}. Choose another run.name to train this config")
+    return "finished" if finished else "resume"
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every dotted key whose value differs, leaving out the keys that only
+    name or place a run (NON_SEMANTIC_KEYS)."""
+    a, b = _flatten(old), _flatten(new)
+    unset = "(unset)"
+    return [f"{k}: {a.get(k, unset)!r} -> {b.get(k, unset)!r}" for k in sorted({*a, *b})
+            if k not in NON_SEMANTIC_KEYS and a.get(k, unset) != b.get(k, unset)]
+
+
+def _flatten(node: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def load_train_data(cfg: DictConfig, env: D.DistEnv) -> LabeledDataset:
@@ -163,10 +220,12 @@ def backbone_kwargs(cfg: DictConfig) -> dict:
 
 
 def build_training(cfg: DictConfig, env: D.DistEnv, run_dir: Path, schedule: Schedule,
-                   resume: bool) -> Training:
+                   resume: bool, num_classes: int) -> Training:
     """The method on its device, its optimiser and the step to start from (restored from the
-    checkpoint when resuming), the DDP wrapper, the metrics log and the progress bar."""
-    method = build_method(build_backbone(cfg.backbone.arch, **backbone_kwargs(cfg)), cfg.method)
+    checkpoint when resuming), the DDP wrapper, the metrics log and the progress bar.
+    `num_classes` (the training split's) sizes a supervised baseline's classifier."""
+    method = build_method(build_backbone(cfg.backbone.arch, **backbone_kwargs(cfg)), cfg.method,
+                          num_classes)
     if cfg.train.sync_bn and env.world_size > 1:
         method = D.convert_sync_batchnorm(method, env.device)
     method.to(env.device)
@@ -185,12 +244,14 @@ def build_training(cfg: DictConfig, env: D.DistEnv, run_dir: Path, schedule: Sch
     log = MetricsLog(run_dir, enabled=env.is_main, resume_step=step if resume else None)
     bar = tqdm(total=schedule.total_steps, initial=step, desc=f"pretrain {cfg.method.name}",
                disable=not (env.is_main and cfg.train.progress), dynamic_ncols=True)
-    return Training(cfg, env, run_dir, chash, schedule, method, model, optimizer, step, log, bar)
+    return Training(cfg, env, run_dir, chash, schedule, method, model, optimizer, step, log, bar,
+                    saved_step=step if resume else None)
 
 
 def _load_resume_state(run_dir: Path, chash: str, method: Method,
                        optimizer: torch.optim.Optimizer, device: torch.device) -> int:
-    """Load the checkpoint's weights and optimiser state; return its step."""
+    """Load the checkpoint's weights, optimiser state and random number generators' states
+    (after the method is built, whose initialisation draws from them); return its step."""
     path = run_dir / CHECKPOINT_FILE
     state = load_checkpoint(path, map_location=device)
     if state["config_hash"] != chash:
@@ -199,6 +260,9 @@ def _load_resume_state(run_dir: Path, chash: str, method: Method,
                           "same config")
     method.load_state_dict(state["method"])
     optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["cpu"].cpu())
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
     return int(state["step"])
 
 
@@ -211,16 +275,20 @@ def train_one_epoch(t: Training, views_data: MultiViewDataset,
     epoch, start = divmod(t.step, schedule.steps_per_epoch)
     sampler = EpochBatchSampler(len(views_data), cfg.optim.batch_size, cfg.run.seed,
                                 epoch, env.rank, env.world_size, start)
+    # The loader draws its workers' base seed from a generator of its own: the global one is
+    # the model's (dropout, drop-path), saved in the checkpoint, and a resumed epoch's loader
+    # must not draw from it where the uninterrupted run's did not. (The views are seeded per
+    # sample, so the workers' seeds do not matter.)
     loader = DataLoader(views_data, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=env.device.type == "cuda")
+                        pin_memory=env.device.type == "cuda", generator=torch.Generator())
     diag_from = max(0, schedule.steps_per_epoch - cfg.train.diagnostics_batches)
-    embeddings: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for batch_in_epoch, (views, _) in enumerate(loader, start=start):
+    embeddings: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+    for batch_in_epoch, (views, labels) in enumerate(loader, start=start):
         if augment is not None:
             images, sizes = views
             views = augment(images.to(env.device, non_blocking=True), sizes,
                             (cfg.run.seed, epoch, batch_in_epoch), (env.rank, env.world_size))
-        out, lr = train_step(t, views, epoch)
+        out, lr = train_step(t, views, labels, epoch)
         if batch_in_epoch >= diag_from:
             embeddings.append(out["embeddings"])
         if t.step % cfg.train.log_every == 0 or t.step == schedule.total_steps:
@@ -230,21 +298,23 @@ def train_one_epoch(t: Training, views_data: MultiViewDataset,
     return _log_diagnostics(t, embeddings, epoch) if embeddings else None
 
 
-def train_step(t: Training, views: list[torch.Tensor], epoch: int) -> tuple[dict, float]:
-    """One optimisation step at the schedule's learning rate; the method's output and that lr."""
+def train_step(t: Training, views: list[torch.Tensor], labels: torch.Tensor,
+               epoch: int) -> tuple[dict, float]:
+    """One optimisation step at the schedule's learning rate; the method's output and that lr.
+    The labels reach only a method that takes them (the supervised baseline)."""
     cfg, schedule = t.cfg, t.schedule
-    views = [v.to(t.env.device, non_blocking=True) for v in views]
+    inputs = [[v.to(t.env.device, non_blocking=True) for v in views]]
+    if t.takes_labels:
+        inputs.append(labels.to(t.env.device, non_blocking=True))
     lr = warmup_cosine(t.step, schedule.total_steps, schedule.warmup_steps, schedule.lr,
                        cfg.optim.final_lr, cfg.optim.warmup_start_lr)
     set_lr(t.optimizer, lr, schedule.lr)
     with torch.autocast(t.env.device.type, dtype=torch.bfloat16, enabled=t.use_amp):
-        out = t.model(views)
+        out = t.model(*inputs)
     loss = out["loss"]
     if not torch.isfinite(loss.detach()).item():
-        raise NonFiniteLossError(
-            f"loss is {loss.item()} at step {t.step} (epoch {epoch}); stopped without saving. "
-            f"The last good checkpoint is {t.run_dir / CHECKPOINT_FILE} if it exists. Lower "
-            "optim.base_lr, add warm-up, or set optim.clip_grad_norm.")
+        raise NonFiniteLossError(f"loss is {loss.item()} at step {t.step} (epoch {epoch}); "
+                                 f"{_stopped(t)}")
     t.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.optim.clip_grad_norm is not None:
@@ -267,23 +337,49 @@ def _log_train(t: Training, out: dict, lr: float) -> None:
     t.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}")
 
 
-def _log_diagnostics(t: Training, embeddings: list[tuple[torch.Tensor, torch.Tensor]],
+def _stopped(t: Training) -> str:
+    """The end of a non-finite stop's message: where the run can be taken up again, and how."""
+    where = ("There is no last good checkpoint: none was written before it." if t.saved_step
+             is None else f"The last good checkpoint is {t.run_dir / CHECKPOINT_FILE} (step "
+             f"{t.saved_step}).")
+    return (f"stopped without saving. {where} Lower optim.base_lr, add warm-up, or set "
+            "optim.clip_grad_norm.")
+
+
+def _log_diagnostics(t: Training, embeddings: list[tuple[torch.Tensor, torch.Tensor | None]],
                      epoch: int) -> dict[str, float]:
-    """Collapse diagnostics of the two views' embeddings, gathered from every process."""
-    z1 = D.gather_no_grad(torch.cat([z for z, _ in embeddings]))
-    z2 = D.gather_no_grad(torch.cat([z for _, z in embeddings]))
-    diagnostics = collapse_diagnostics(z1.float().cpu(), z2.float().cpu())
+    """Collapse diagnostics of the views' embeddings, gathered from every process (the second
+    view's, for the positive cosine, where the method has two), and their spectrum."""
+    z1 = D.gather_no_grad(torch.cat([z for z, _ in embeddings])).float().cpu()
+    z2 = None
+    if embeddings[0][1] is not None:
+        z2 = D.gather_no_grad(torch.cat([z for _, z in embeddings])).float().cpu()
+    diagnostics = collapse_diagnostics(z1, z2)
     diagnostics["epoch"] = epoch
     t.log.log("diagnostics", t.step, diagnostics)
+    t.spectrum = singular_values(z1)
     return diagnostics
 
 
 def save_resume_state(t: Training) -> None:
-    """Write what exact resume needs (main process only, atomically)."""
+    """Write what exact resume needs (main process only, atomically): the method's state, the
+    optimiser's, the step and the random number generators' states (every process's are the
+    main one's: all seed alike and draw alike). Weights no longer finite are not written over
+    the last good checkpoint."""
     if t.env.is_main:
+        state = t.method.state_dict()
+        bad = next((k for k, v in state.items() if v.is_floating_point()
+                    and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise NonFiniteLossError(f"{bad} is no longer finite at step {t.step}; "
+                                     f"{_stopped(t)}")
+        rng = {"cpu": torch.get_rng_state()}
+        if t.env.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(t.env.device)
         save_checkpoint(t.run_dir / CHECKPOINT_FILE, {
-            "step": t.step, "config_hash": t.config_hash, "method": t.method.state_dict(),
-            "optimizer": t.optimizer.state_dict()})
+            "step": t.step, "config_hash": t.config_hash, "method": state,
+            "optimizer": t.optimizer.state_dict(), "rng": rng})
+    t.saved_step = t.step  # on every process: their error messages name it
 
 
 def finish(t: Training, dataset: dict, train_seconds: float,
@@ -297,4 +393,8 @@ def finish(t: Training, dataset: dict, train_seconds: float,
         seed=cfg.run.seed, world_size=t.env.world_size, train_seconds=round(train_seconds, 2),
         diagnostics=diagnostics)
     plot_curves(t.run_dir, ("train", "diagnostics"))
+    if t.spectrum is not None:
+        epoch = int(diagnostics["epoch"]) + 1
+        plot_spectrum({f"{cfg.method.name}, epoch {epoch} of {cfg.train.epochs}": t.spectrum},
+                      t.run_dir / SPECTRUM_FILE)
     t.log.close()

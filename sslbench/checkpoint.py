@@ -1,8 +1,10 @@
 """Resume checkpoints: plain tensors and containers only, loaded with weights_only=True.
 
 Everything a run needs to continue bit-exactly (method state incl. EMA target, queue or
-correlation buffers; optimizer; step; RNG) is a tensor or a builtin, so loading a checkpoint
-never unpickles arbitrary objects.
+correlation buffers; optimizer; step; the random number generators' states) is a tensor or a
+builtin, so loading a checkpoint never unpickles arbitrary objects. A checkpoint is written
+beside the old one and renamed over it, so a write that fails (a full disk) leaves the previous
+checkpoint as it was.
 """
 
 from __future__ import annotations
@@ -17,12 +19,18 @@ from .io import atomic_path
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded safely or does not belong to this run."""
+    """A checkpoint that cannot be written, loaded safely, or does not belong to this run."""
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except OSError as err:
+        kept = "is unchanged" if path.is_file() else "does not exist yet"
+        raise CheckpointError(f"could not write checkpoint {path} ({err.strerror or err}); the "
+                              f"previous checkpoint {kept}") from err
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -33,7 +41,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        first = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        first = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln),
+                     lines[0] if lines else "")
         raise CheckpointError(
             f"refusing to load {path}: it holds objects other than tensors and plain containers "
             f"(weights_only=True rejected it: {first}). sslbench never unpickles arbitrary "
