@@ -59,6 +59,7 @@ def test_unknown_key_in_an_entry_names_the_closest(in_root):
     ("tasks={'a b': {command: eval knn}}", "a name may hold"),
     ("executor.name=ray", "expected one of local, submitit"),
     ("seeds=[0,0]", "distinct seeds"),
+    ("tasks.knn.seeds=[1]", "tasks.knn.seeds=[1]: expected some of the pipeline's seeds [0]"),
 ])
 def test_pipeline_config_checks(in_root, override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -82,7 +83,9 @@ def test_every_job_of_a_shipped_pipeline_has_a_valid_config(in_root, tmp_path, p
     cfg = load_pipeline_config([pipeline])
     jobs = build_jobs(cfg, tmp_path)
     runs = len(cfg.pretrain.recipes) * len(cfg.seeds)
-    assert len(jobs) == runs * (1 + len(cfg.tasks)) + 1 and jobs[-1].id == "leaderboard"
+    runs_of_tasks = sum(len(task.seeds or cfg.seeds) for task in cfg.tasks.values())
+    assert len(jobs) == runs + len(cfg.pretrain.recipes) * runs_of_tasks + 1
+    assert jobs[-1].id == "leaderboard"
     assert len({job.id for job in jobs}) == len(jobs)
     for job in jobs[:-1]:
         _job_config(job.argv)  # raises on an unknown key or a bad value

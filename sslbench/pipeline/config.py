@@ -66,6 +66,8 @@ class TaskEntry:
     processes: int = 1  # per node
     resources: Dict[str, Any] = field(default_factory=dict)
     nodes: int = 1  # > 1: one job over several machines (the submitit executor, on SLURM)
+    # The pipeline's seeds this task runs at (None: all); an expensive task may run at fewer.
+    seeds: Optional[List[int]] = None
 
 
 @dataclass
@@ -150,6 +152,9 @@ def check(cfg: DictConfig) -> None:
             if getattr(entry, "config", None) is not None and not Path(entry.config).is_file():
                 raise ConfigError(f"{section}.{name}.config: file not found: {entry.config}")
     for name, task in cfg.tasks.items():
+        if task.seeds is not None and (not task.seeds or set(task.seeds) - set(cfg.seeds)):
+            raise ConfigError(f"tasks.{name}.seeds={list(task.seeds)}: expected some of the "
+                              f"pipeline's seeds {list(cfg.seeds)}")
         bad = [m for m in task.requires if not _MODULE.fullmatch(m)]
         if bad:
             raise ConfigError(f"tasks.{name}.requires: {bad[0]!r} is not a Python module name")

@@ -81,6 +81,8 @@ def task_jobs(cfg: DictConfig, name: str, backbone: Job, seed: int, out: Path) -
     """Every task of the pipeline on the backbone `backbone` writes, with evaluation seed `seed`."""
     jobs = []
     for task_name, task in cfg.tasks.items():
+        if task.seeds is not None and seed not in task.seeds:
+            continue
         overrides = [*dotted(_container(task.overrides)), f"run.seed={seed}"]
         config = ["--config", task.config] if task.config else []
         results = out / "results" / f"seed{seed}" / name / task_name
