@@ -7,6 +7,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 EPILOG = """Later files and key=value overrides merge over earlier ones; an unknown key is an error
 naming the closest valid one. Examples:
@@ -25,7 +29,8 @@ resumes. A failed job blocks only its dependants; the exit status is 1 if any jo
 blocked. A task whose `requires` modules do not import (e.g. mmseg for segmentation) is reported
 unavailable, with the import error, and left out without failing the run. The first job runs
 alone (executor.first_job_alone): it generates the data the others share. The leaderboard covers
-every record under output_dir/results."""
+every record under output_dir/results. One `sslbench run` at a time holds an output_dir: another
+refuses, naming the lock (output_dir/.sslbench-run.lock) and the pid that holds it."""
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -39,10 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from omegaconf import OmegaConf
 
-    from ..io import write_text_atomic
     from .config import load_pipeline_config
-    from .jobs import build_jobs
-    from .runner import Scheduler, make_executor, summary
+    from .lock import output_dir_lock
 
     paths = [item for item in args.items if "=" not in item]
     if not paths:
@@ -54,6 +57,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with output_dir_lock(out):
+        return _run(cfg, out, text)
+
+
+def _run(cfg: DictConfig, out: Path, text: str) -> int:
+    """The pipeline's jobs, run under the output directory's lock."""
+    from ..io import write_text_atomic
+    from .jobs import build_jobs
+    from .runner import Scheduler, make_executor, summary
+
     resolved = out / "pipeline.yaml"
     if not resolved.is_file() or resolved.read_text(encoding="utf-8") != text:
         write_text_atomic(resolved, text)
