@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -69,9 +70,18 @@ def subprocess_env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
 
-def sslbench(*args: str, cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run the real `sslbench` command line."""
-    cmd = [sys.executable, "-m", "sslbench.cli", *args]
+def sslbench_command(nproc: int = 1) -> list[str]:
+    """`sslbench` as one process, or under torchrun as `nproc` on this machine."""
+    if nproc == 1:
+        return [sys.executable, "-m", "sslbench.cli"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "sslbench.cli"]
+
+
+def sslbench(*args: str, cwd: Path, check: bool = True, timeout: float = 900,
+             nproc: int = 1) -> subprocess.CompletedProcess:
+    """Run the real `sslbench` command line (under torchrun when nproc > 1)."""
+    cmd = [*sslbench_command(nproc), *args]
     proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
@@ -79,29 +89,53 @@ def sslbench(*args: str, cwd: Path, check: bool = True, timeout: float = 900) ->
     return proc
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc (torchrun's workers run in sessions of their own,
+    out of reach of a signal to its process group)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
 def sslbench_killed_when(args: list[str], cwd: Path, ready: Callable[[], bool], waiting_for: str,
-                         timeout: float = 600) -> None:
-    """Start `sslbench ARGS` and SIGKILL it as soon as `ready()` holds (polled every 50 ms);
-    `waiting_for` says what ready() waits for, for the error when it never comes."""
-    cmd = [sys.executable, "-m", "sslbench.cli", *args]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"run ended (rc {proc.returncode}) before it could be killed:"
-                                     f"\n{proc.stderr.read()}")
-            if ready():
-                proc.send_signal(signal.SIGKILL)
+                         timeout: float = 600, nproc: int = 1) -> None:
+    """Start `sslbench ARGS` (under torchrun when nproc > 1) and SIGKILL it and every process it
+    started as soon as `ready()` holds (polled every 50 ms); `waiting_for` says what ready()
+    waits for, for the error when it never comes."""
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen([*sslbench_command(nproc), *args], cwd=cwd, env=subprocess_env(),
+                                stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    stderr.seek(0)
+                    raise AssertionError(f"run ended (rc {proc.returncode}) before it could be "
+                                         f"killed:\n{stderr.read()}")
+                if ready():
+                    for pid in [proc.pid, *_descendants(proc.pid)]:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:  # ended meanwhile
+                            pass
+                    proc.wait()
+                    return
+                time.sleep(0.05)
+            raise AssertionError(f"no {waiting_for} within {timeout}s")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
                 proc.wait()
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"no {waiting_for} within {timeout}s")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def saved_step(checkpoint: Path) -> int:

@@ -54,14 +54,16 @@ def _resume_file(out: Path) -> Path:
     return found[0] if found else out / ".work" / "none" / "resume.pt"
 
 
-def _killed_then_rerun(args: list[str], out: Path, min_step: int, cwd: Path) -> int:
-    """Run `sslbench ARGS` (results into `out`), SIGKILL it once its resume checkpoint holds
-    step >= min_step, run the same command again to the end; returns the checkpoint's step."""
+def _killed_then_rerun(args: list[str], out: Path, min_step: int, cwd: Path,
+                       nproc: int = 1) -> int:
+    """Run `sslbench ARGS` (results into `out`; nproc processes), SIGKILL it once its resume
+    checkpoint holds step >= min_step, run the same command again to the end; returns the
+    checkpoint's step."""
     sslbench_killed_when(args, cwd, lambda: saved_step(_resume_file(out)) >= min_step,
-                         f"resume checkpoint at step >= {min_step}")
+                         f"resume checkpoint at step >= {min_step}", nproc=nproc)
     assert not list(out.glob("*.json")), "the killed run wrote a record"
     killed_after = saved_step(_resume_file(out))
-    sslbench(*args, cwd=cwd)
+    sslbench(*args, cwd=cwd, nproc=nproc)
     assert not _resume_file(out).exists(), "resume state left behind once the record was written"
     return killed_after
 
@@ -116,22 +118,28 @@ def test_semisup_fine_tuning_continues_bit_identically(random_run, shapes_root, 
     _assert_same_classification(straight, resumed)
 
 
-def test_torchvision_detection_continues_bit_identically(tmp_path):
+def _detection_args(run_dir: Path, root: Path, out: Path) -> list[str]:
+    """16 iterations of the tiny recipe (4 images a batch), a checkpoint every 4."""
+    return ["transfer", "detection", "--backbone", str(run_dir), "--config",
+            str(ROOT / "configs/transfer/detection_synthetic_r18_fpn.yaml"), "--out", str(out),
+            f"data.root={root}", shapes_options(DETECTION_SHAPES), "run.progress=false",
+            "run.threads=1", "run.log_every=2", "solver.max_iter=16", "solver.steps=[12]",
+            "solver.warmup_iters=4", "test.precise_bn_iters=2", "solver.checkpoint_period=4"]
+
+
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.distributed)])
+def test_torchvision_detection_continues_bit_identically(tmp_path, nproc):
+    """With 2 processes each one's RNG (its multi-scale sizes and sampled proposals) is its own,
+    saved and restored per process."""
     root = prepare_synthetic_shapes(tmp_path / "shapes64", progress=False, **DETECTION_SHAPES)
     run_dir = random_init_artifact(tmp_path / "r18", stem="small", width=16)
-    def args(out: str) -> list[str]:
-        return ["transfer", "detection", "--backbone", str(run_dir), "--config",
-                str(ROOT / "configs/transfer/detection_synthetic_r18_fpn.yaml"), "--out",
-                str(tmp_path / out), f"data.root={root}", shapes_options(DETECTION_SHAPES),
-                "run.progress=false", "run.threads=1", "run.log_every=2", "solver.max_iter=16",
-                "solver.steps=[12]", "solver.warmup_iters=4", "test.precise_bn_iters=2",
-                "solver.checkpoint_period=4"]
-
-    sslbench(*args("straight"), cwd=tmp_path)
-    resumed_at = _killed_then_rerun(args("killed"), tmp_path / "killed", 4, tmp_path)
-    straight, resumed = _record(tmp_path / "straight"), _record(tmp_path / "killed")
+    sslbench(*_detection_args(run_dir, root, tmp_path / "straight"), cwd=tmp_path, nproc=nproc)
+    out = tmp_path / "killed"
+    resumed_at = _killed_then_rerun(_detection_args(run_dir, root, out), out, 4, tmp_path, nproc)
+    straight, resumed = _record(tmp_path / "straight"), _record(out)
     assert 4 <= resumed_at < 16 and resumed.details["resumed_from_iteration"] == resumed_at
     assert "resumed_from_iteration" not in straight.details
+    assert resumed.details["world_size"] == straight.details["world_size"] == nproc
     assert resumed.file_name == straight.file_name and resumed.metrics == straight.metrics
     assert resumed.details["final_losses"] == straight.details["final_losses"]
     works = [Path(r.details["work_dir"]) for r in (straight, resumed)]

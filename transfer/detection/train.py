@@ -106,9 +106,10 @@ def _load_state(path: Path, key: str, model: nn.Module, optimizer: torch.optim.O
                               f"with as many, not {D.world_size()}")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(rng["cpu"][D.rank()])
+    # clone: this process's row as a tensor of its own (set_rng_state crashes on a row view)
+    torch.set_rng_state(rng["cpu"][D.rank()].clone())
     if device.type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"][D.rank()], device)
+        torch.cuda.set_rng_state(rng["cuda"][D.rank()].clone(), device)
     return int(state["step"]), state["log"]
 
 
