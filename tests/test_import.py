@@ -380,6 +380,59 @@ def test_mmpretrain_resnet18(tmp_path):
     assert detected(tmp_path / "epoch_200.pth", "resnet18") == "mmpretrain"
 
 
+class MMPretrainViT(nn.Module):
+    """mmpretrain's VisionTransformer (out_type "cls_token", final_norm, no layer scale), written
+    from its code with its module names: mmcv's PatchEmbed `projection`, layers of ln1 / attn
+    (qkv, proj) / ln2 / mmcv's FFN (layers.0.0 and layers.1), the final norm `ln1`."""
+
+    def __init__(self, dims: int = 192, depth: int = 2, heads: int = 3, patch: int = 8,
+                 grid: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.patch_embed = Wrap(projection=nn.Conv2d(3, dims, patch, patch))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dims) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, grid * grid + 1, dims) * 0.02)
+        self.layers = nn.ModuleList(Wrap(
+            ln1=nn.LayerNorm(dims, eps=1e-6),
+            attn=Wrap(qkv=nn.Linear(dims, 3 * dims), proj=nn.Linear(dims, dims)),
+            ln2=nn.LayerNorm(dims, eps=1e-6),
+            ffn=Wrap(layers=nn.Sequential(
+                nn.Sequential(nn.Linear(dims, 4 * dims), nn.GELU(), nn.Dropout(0.0)),
+                nn.Linear(4 * dims, dims), nn.Dropout(0.0)))) for _ in range(depth))
+        self.ln1 = nn.LayerNorm(dims, eps=1e-6)
+
+    def attention(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = attn.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        weights = (qkv[0] @ qkv[1].transpose(-2, -1)) * (c // self.heads) ** -0.5
+        return attn.proj((weights.softmax(-1) @ qkv[2]).transpose(1, 2).reshape(b, n, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed.projection(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        for layer in self.layers:
+            x = x + self.attention(layer.attn, layer.ln1(x))
+            x = x + layer.ffn.layers(layer.ln2(x))
+        return self.ln1(x)[:, 0]
+
+
+def test_mmpretrain_vit_is_renamed_to_timms(tmp_path):
+    torch.manual_seed(0)
+    backbone = perturbed(MMPretrainViT())
+    x = images(32)
+    with torch.no_grad():
+        expected = backbone(x)
+    selfsup = Wrap(backbone=backbone, neck=Wrap(mlp=mlp([192, 64, 32])))
+    torch.save({"meta": {"epoch": 100}, "state_dict": selfsup.state_dict()},
+               tmp_path / "epoch_100.pth")
+    report = import_checkpoint("mmpretrain", tmp_path / "epoch_100.pth",
+                               arch="vit_tiny_patch16_224",
+                               arch_kwargs={"img_size": 32, "patch_size": 8, "depth": 2},
+                               out=tmp_path / "run", method="mocov3")
+    check(tmp_path / "run", expected, x)
+    assert report.tensors == len(backbone.state_dict())
+
+
 @pytest.mark.parametrize("layout", ["plain", "safetensors", "train-checkpoint"])
 def test_timm_vit(tmp_path, layout):
     """timm: the hub's bare state dict / safetensors, or train.py's checkpoint, whose EMA copy

@@ -119,7 +119,9 @@ def test_a_format_with_no_backbone_where_it_keeps_one(tmp_path):
 
 def test_resnet_only_formats_refuse_a_vit(tmp_path):
     torch.save({"model": {"stem.conv1.weight": torch.zeros(1)}}, tmp_path / "x.pth")
-    with pytest.raises(CheckpointImportError, match="detectron2 format holds ResNets"):
+    with pytest.raises(CheckpointImportError, match="the detectron2 format holds resnet "
+                                                    "backbones here; vit_tiny_patch16_224 is a "
+                                                    "vit"):
         import_checkpoint("detectron2", tmp_path / "x.pth", arch="vit_tiny_patch16_224",
                           out=tmp_path / "run", prefix="model.")
 

@@ -28,7 +28,7 @@ Every table follows the source's own saving code:
   as in lightly's tutorials (numbered children, renamed here).
 - mmpretrain (formerly mmselfsup / mmcls): mmengine's `{"meta", "state_dict", "message_hub",
   ...}` with `backbone.`, `neck.`, `head.`; mmpretrain's ResNet names its tensors as
-  torchvision does (style "pytorch"). Its ViT names differ and have no mapping here.
+  torchvision does (style "pytorch"), its ViT is renamed to timm's (names.py).
 - vissl: `{"classy_state_dict": {"base_model": {"model": {"trunk", "heads"}}}, ...}` (vissl/
   utils/checkpoint.py); the ResNe(X)t trunk is `_feature_blocks.` with torchvision's names
   (extra_scripts/convert_vissl_to_torchvision.py strips just that prefix).
@@ -65,7 +65,7 @@ class Format:
     # For `auto` only: each entry is a set of path prefixes that must all be present; a format
     # with signatures is a candidate only if one of them is.
     signatures: tuple[tuple[str, ...], ...] = ()
-    resnet_only: bool = False
+    families: tuple[str, ...] = ()  # the backbone families its rules cover; () = any
 
 
 def _mocov1_or_v2(keys: set[str]) -> str:
@@ -112,16 +112,17 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
                    ("state_dict.online_classifier.", "online classifier")),
            signatures=(("state_dict.backbone.", "state_dict.projection_head."),
                        ("backbone.", "projection_head."))),
-    Format("mmpretrain", (Layout("state_dict.backbone."),), resnet_only=True,
+    Format("mmpretrain", (Layout("state_dict.backbone."),), rename=names.from_mmpretrain,
+           families=("resnet", "vit"),
            groups=(("state_dict.neck.", "neck (projector)"), ("state_dict.head.", "head"),
                    ("state_dict.target_net.", "momentum encoder"),
                    ("state_dict.momentum_encoder.", "momentum encoder"),
                    ("state_dict.data_preprocessor.", "data preprocessor")),
            signatures=(("meta", "state_dict.backbone."),)),
     Format("vissl", (Layout("classy_state_dict.base_model.model.trunk._feature_blocks."),),
-           resnet_only=True,
+           families=("resnet",),
            groups=(("classy_state_dict.base_model.model.heads.", "heads"),)),
     Format("detectron2", (Layout("model."), Layout("model.backbone.bottom_up."), Layout("")),
-           rename=names.from_detectron2, resnet_only=True),
+           rename=names.from_detectron2, families=("resnet",)),
 )}
 ALIASES = {"mmselfsup": "mmpretrain", "mmcls": "mmpretrain"}

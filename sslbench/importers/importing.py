@@ -262,9 +262,9 @@ def import_checkpoint(fmt_name: str, checkpoint: str | Path, *, arch: str, out: 
             tried = ", ".join(repr(lay.namespace or "top level") for lay in fmt.layouts)
             raise CheckpointImportError(f"{source}: none of {arch}'s tensors is where {fmt.name} "
                                         f"keeps a backbone ({tried}); wrong format or --arch?")
-    if fmt.resnet_only and model.facts.family != "resnet":
-        raise CheckpointImportError(f"the {fmt.name} format holds ResNets here; {arch} is a "
-                                    f"{model.facts.family}")
+    if fmt.families and model.facts.family not in fmt.families:
+        raise CheckpointImportError(f"the {fmt.name} format holds {' or '.join(fmt.families)} "
+                                    f"backbones here; {arch} is a {model.facts.family}")
     defaults = {k: v for k, v in layout.arch_defaults.get(arch, {}).items()
                 if k not in given_kwargs}
     if defaults:  # the source's own variant of the architecture (MoCo v3's 12-head ViT-S)

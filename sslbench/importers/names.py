@@ -1,8 +1,10 @@
-"""Other codebases' names for a torchvision ResNet's tensors, in both directions.
+"""Other codebases' names for the tensors of torchvision's ResNet and timm's ViT.
 
 detectron2 (stem.conv1, res2..res5, convK.norm, shortcut) is one table read both ways, so the
 exporter (transfer/export.py) and the importer are exact inverses by construction. lightly's
 tutorials wrap torchvision's children in nn.Sequential, which numbers them instead of naming.
+mmpretrain's VisionTransformer is timm's ViT under other names (its layers' ln1/attn/ln2/ffn,
+mmcv's FFN and PatchEmbed, the final norm `ln1`); its ResNet already has torchvision's names.
 """
 
 from __future__ import annotations
@@ -59,6 +61,29 @@ def to_detectron2(key: str) -> str | None:
 def from_detectron2(key: str) -> str | None:
     """The torchvision ResNet name of a detectron2 backbone key; None if it has none."""
     return _translate(key, _FROM_D2)
+
+
+# (mmpretrain name, timm name) of a ViT with a class token, no layer scale and no pre-norm
+# (mmpretrain/models/backbones/vision_transformer.py); a variant with either keeps tensors no
+# rule names, which the importer reports as not part of the architecture.
+MMPRETRAIN_VIT_RULES = [(re.compile(src), dst) for src, dst in (
+    (r"patch_embed\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"layers\.(\d+)\.ln1\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (r"layers\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
+    (r"layers\.(\d+)\.ln2\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"layers\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (r"layers\.(\d+)\.ffn\.layers\.1\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (r"ln1\.(weight|bias)", r"norm.\1"),
+)]
+
+
+def from_mmpretrain(key: str) -> str:
+    """timm's name of an mmpretrain ViT key; other keys (its ResNet's, cls_token, pos_embed) are
+    returned as they are."""
+    for pattern, template in MMPRETRAIN_VIT_RULES:
+        if pattern.fullmatch(key):
+            return pattern.sub(template, key)
+    return key
 
 
 def from_sequential(key: str) -> str:
