@@ -1,12 +1,13 @@
 """A pipeline job as submitit's callable, so that SLURM preemption or a time limit requeues it.
 
-SLURM warns a job with USR2 (submitit asks for it `signal_delay_s` before the time limit, and a
-cluster that preempts sends it first). submitit then calls the callable's `checkpoint`, requeues
-the job with the callable that returns, and exits, which kills the running command. Nothing has
-to be saved at that moment: pretraining and the long tasks write atomic checkpoints as they go,
-so the requeued job only has to run the command that continues from them (pretraining's with
---resume; a task's own command, which resumes from its work directory by itself), appending to
-the job's log. Each time limit counts against submitit's max_num_timeout (3); preemptions do not.
+SLURM warns a job with USR2 before its time limit (submitit asks for it `signal_delay_s`, 90 s,
+ahead) and, where the cluster is set up to, before preempting it. submitit then calls the
+callable's `checkpoint`, requeues the job with the callable that returns, and exits, which kills
+the running command. Nothing has to be saved at that moment: pretraining and the long tasks
+write atomic checkpoints as they go, so the requeued job only has to run the command that
+continues from them (pretraining's with --resume; a task's own command, which resumes from its
+work directory by itself), appending to the job's log. Each time limit counts against
+submitit's max_num_timeout (3); preemptions do not.
 """
 
 from __future__ import annotations
