@@ -139,8 +139,11 @@ def sslbench_killed_when(args: list[str], cwd: Path, ready: Callable[[], bool], 
 
 
 def saved_step(checkpoint: Path) -> int:
-    """The step of a resume checkpoint (plain tensors and containers); -1 while there is none."""
-    return torch.load(checkpoint, weights_only=True)["step"] if checkpoint.exists() else -1
+    """The step of a resume checkpoint (plain tensors and containers); -1 while there is none.
+    Memory-mapped: polling reads the step, not the weights."""
+    if not checkpoint.exists():
+        return -1
+    return torch.load(checkpoint, weights_only=True, mmap=True)["step"]
 
 
 def pretrain_killed_at(args: list[str], cwd: Path, checkpoint: Path, min_step: int,
