@@ -25,6 +25,8 @@ COMMANDS = {
                "timm, MoCo, DINO, solo-learn, ...) as a backbone artifact"),
     "run": ("sslbench.pipeline.cli", "run a pipeline: pretraining recipes x evaluation/transfer "
             "tasks x seeds, then the leaderboard"),
+    "data": ("sslbench.data.cli", "prepare data for large runs: shard an ImageFolder into "
+             "WebDataset tar files"),
 }
 
 EPILOG = """examples:
@@ -38,6 +40,7 @@ EPILOG = """examples:
   sslbench leaderboard results --reference configs/reference/seed_papers.yaml
   sslbench transfer detection --backbone runs/simsiam_synthetic_r18 --config configs/transfer/detection_synthetic_r18_fpn.yaml --out results
   sslbench export --to detectron2 --backbone runs/mocov2_imagenet_r50
+  sslbench data shard /data/imagenet /data/imagenet-shards --shard-size 1000
 
 Run `sslbench COMMAND --help` for a command's options."""
 

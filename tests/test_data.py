@@ -353,7 +353,7 @@ def test_stratified_split_partitions_the_indices():
 
 def test_registered_names_and_errors_for_bad_names_splits_and_options(tmp_path):
     assert DATASETS.names() == sorted(["synthetic-shapes", "imagefolder", "cifar10", "cifar100",
-                                       "digits", "mnist-subset"])
+                                       "digits", "mnist-subset", "shards"])
     with pytest.raises(DatasetError, match="did you mean 'cifar10'"):
         build_dataset("cifar-10", tmp_path, "train")
     with pytest.raises(DatasetError, match="'valid'"):

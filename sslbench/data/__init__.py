@@ -3,12 +3,13 @@
     ds = build_dataset("cifar10", root, "train", transform)   # ds[i] -> (image, int label)
 
 Registered: synthetic-shapes (the embedded default, generated from a seed), imagefolder,
-cifar10, cifar100, digits, mnist-subset. Nothing is ever downloaded.
+cifar10, cifar100, digits, mnist-subset, shards (WebDataset tar shards that
+`sslbench data shard` writes from an ImageFolder). Nothing is ever downloaded.
 """
 
 from .base import SPLITS, ArrayDataset, DatasetError, LabeledDataset, default_data_root
 from .registry import DATASETS, build_dataset
-from . import bundled, cifar  # noqa: F401  (importing a module registers its datasets)
+from . import bundled, cifar, shards  # noqa: F401  (importing a module registers its datasets)
 from .imagefolder import ImageFolder
 from .shapes import CLASSES as SHAPE_CLASSES
 from .synthetic import prepare_synthetic_shapes
