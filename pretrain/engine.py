@@ -32,6 +32,7 @@ from sslbench.backbones.resnet import ARCHS as RESNETS
 from sslbench.checkpoint import load_checkpoint, save_checkpoint
 from sslbench.config import NON_SEMANTIC_KEYS, config_hash, save_config, to_dict
 from sslbench.data import LabeledDataset, build_dataset
+from sslbench.data.shards import ShardDataset
 from sslbench.metrics import MetricsLog, plot_curves
 from sslbench.optim import build_optimizer, param_groups, scaled_lr, set_lr, warmup_cosine
 
@@ -41,6 +42,7 @@ from .baselines import build as build_method
 from .diagnostics import collapse_diagnostics, plot_spectrum, singular_values
 from .methods import Method
 from .sampling import EpochBatchSampler, MultiViewDataset
+from .shard_loader import shard_batches
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.yaml"
@@ -273,14 +275,17 @@ def train_one_epoch(t: Training, views_data: MultiViewDataset,
     the loader yields uint8 images and their sizes, augmented here on the training device."""
     cfg, env, schedule = t.cfg, t.env, t.schedule
     epoch, start = divmod(t.step, schedule.steps_per_epoch)
-    sampler = EpochBatchSampler(len(views_data), cfg.optim.batch_size, cfg.run.seed,
-                                epoch, env.rank, env.world_size, start)
-    # The loader draws its workers' base seed from a generator of its own: the global one is
-    # the model's (dropout, drop-path), saved in the checkpoint, and a resumed epoch's loader
-    # must not draw from it where the uninterrupted run's did not. (The views are seeded per
-    # sample, so the workers' seeds do not matter.)
-    loader = DataLoader(views_data, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                        pin_memory=env.device.type == "cuda", generator=torch.Generator())
+    if isinstance(views_data.base, ShardDataset):  # streamed in an order of its own
+        loader = shard_batches(views_data, cfg, env, epoch, start)
+    else:
+        sampler = EpochBatchSampler(len(views_data), cfg.optim.batch_size, cfg.run.seed,
+                                    epoch, env.rank, env.world_size, start)
+        # The loader draws its workers' base seed from a generator of its own: the global one
+        # is the model's (dropout, drop-path), saved in the checkpoint, and a resumed epoch's
+        # loader must not draw from it where the uninterrupted run's did not. (The views are
+        # seeded per sample, so the workers' seeds do not matter.)
+        loader = DataLoader(views_data, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                            pin_memory=env.device.type == "cuda", generator=torch.Generator())
     diag_from = max(0, schedule.steps_per_epoch - cfg.train.diagnostics_batches)
     embeddings: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     for batch_in_epoch, (views, labels) in enumerate(loader, start=start):
