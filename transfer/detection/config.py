@@ -3,9 +3,11 @@
 One schema serves both backends. Keys mirror detectron2's (named in the comments) so the
 detectron2 backend translates them one to one; the torchvision backend builds the same model
 where torchvision can (FPN only) and refuses what it cannot. Defaults are detectron2's for
-Mask R-CNN R50-FPN with the MoCo protocol's changes; every shipped recipe sets its protocol
-values explicitly anyway. `data` is a variant section chosen by `data.name`: coco (JSON files),
-voc (the VOCdevkit XML layout) or synthetic-shapes (the embedded generator's COCO JSON).
+Mask R-CNN R50-FPN, fine-tuned throughout with SyncBN (a norm both backends build; the MoCo
+recipes set detectron2's naiveSyncBN, as MoCo's configs do); every shipped recipe sets its
+protocol values explicitly anyway. `data` is a variant section chosen by `data.name`: coco
+(JSON files), voc (the VOCdevkit XML layout) or synthetic-shapes (the embedded generator's COCO
+JSON).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from sslbench.io import atomic_path, write_json_atomic, write_text_atomic
 
 from .config import scale_to_world
 from .data import DetectionDataset, load_data
-from .evaluate import coco_metrics, predict
+from .evaluate import predict, score
 from .model import build_detector, require_resnet, use_test_sizes
 from .outcome import Outcome
 from .train import RESUME_FILE, precise_bn, train
@@ -75,9 +75,7 @@ def _run(cfg: DictConfig, backbone_dir: Path, work_dir: Path, env: D.DistEnv) ->
                       num_workers=cfg.run.num_workers, progress=cfg.run.progress)
     if not env.is_main:
         return None
-    metrics = coco_metrics(data.test.coco, results, "bbox")
-    if masks:
-        metrics.update(coco_metrics(data.test.coco, results, "segm"))
+    metrics, warnings = score(data.test.coco, results, ("bbox", "segm") if masks else ("bbox",))
     write_text_atomic(work_dir / "train.csv", log)
     with atomic_path(work_dir / "model_final.pth") as tmp:
         torch.save(model.state_dict(), tmp)
@@ -85,7 +83,7 @@ def _run(cfg: DictConfig, backbone_dir: Path, work_dir: Path, env: D.DistEnv) ->
     return Outcome(metrics=metrics, schedule=schedule, data=data, train_images=len(train_set),
                    device=D.device_name(env.device, env.world_size), cuda=env.device.type == "cuda",
                    details={"precise_bn_layers": bn_layers, "detections": len(results),
-                            "final_losses": _last_row(log),
+                            "warnings": warnings, "final_losses": _last_row(log),
                             **({} if resumed is None else {"resumed_from_iteration": resumed})})
 
 
