@@ -33,7 +33,7 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     records, errors = load_records(args.directory)
-    for path, error in errors:
+    for _path, error in errors:
         print(f"skipped malformed record: {error}", file=sys.stderr)
     records = [r for r in records if args.task in (None, r.task)]
     if not records:

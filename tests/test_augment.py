@@ -105,8 +105,9 @@ def test_crop_min_scale_override():
 
 def test_blur_modes_and_kernel():
     assert [blur_kernel_size(s) for s in (32, 64, 96, 224)] == [3, 7, 9, 23]
-    has_blur = lambda size, mode: bool(ops_of(build_view_transforms("mocov2", size, blur=mode)[0],
-                                              T.GaussianBlur))
+    def has_blur(size, mode):
+        return bool(ops_of(build_view_transforms("mocov2", size, blur=mode)[0], T.GaussianBlur))
+
     assert not has_blur(32, "auto") and has_blur(33, "auto")
     assert has_blur(32, "on") and not has_blur(224, "off")
     # Without blur, BYOL's second view still solarizes.

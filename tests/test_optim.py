@@ -137,7 +137,9 @@ def test_set_lr_fixed_and_scaled_groups():
     groups = param_groups(model, 1e-4, overrides={"predictor.": {"fixed_lr": True}},
                           norm_bias_overrides={"lr_scale": 0.5})
     optimizer = build_optimizer("sgd", groups, lr=0.2)
-    lrs = lambda: {g["name"]: g["lr"] for g in optimizer.param_groups}
+    def lrs():
+        return {g["name"]: g["lr"] for g in optimizer.param_groups}
+
     assert lrs() == pytest.approx({"weights": 0.2, "norm_bias": 0.1,
                                    "predictor.weights": 0.2, "predictor.norm_bias": 0.1})
     set_lr(optimizer, 0.05, base_lr=0.2)
