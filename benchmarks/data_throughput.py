@@ -60,16 +60,27 @@ def write_jpegs(root: Path, count: int) -> None:
 
 def cpu_seconds() -> tuple[float, float]:
     """User + system time of this process, and of its children that have exited."""
-    return tuple(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (
-        resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)))
+    return tuple(
+        r.ru_utime + r.ru_stime
+        for r in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
 
 
-def run_path(dataset: ImageFolder, transform, augment: BatchedTwoViews | None,
-             args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+def run_path(
+    dataset: ImageFolder,
+    transform,
+    augment: BatchedTwoViews | None,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, float]:
     """One pass over the images in batches; source images per wall second and per CPU second."""
     sampler = EpochBatchSampler(len(dataset), args.batch_size, seed=0, epoch=0)
-    loader = DataLoader(MultiViewDataset(dataset, transform), batch_sampler=sampler,
-                        num_workers=args.workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        MultiViewDataset(dataset, transform),
+        batch_sampler=sampler,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+    )
     images = 0
     (main, workers), wall = cpu_seconds(), time.perf_counter()
     for batch, (views, _) in enumerate(loader):
@@ -85,8 +96,14 @@ def run_path(dataset: ImageFolder, transform, augment: BatchedTwoViews | None,
     del loader  # the workers have exited with the pass; their time is counted
     main_end, workers_end = cpu_seconds()
     main, workers = main_end - main, workers_end - workers
-    return {"images": images, "wall_s": wall, "cpu_s": main + workers, "workers_s": workers,
-            "per_s": images / wall, "per_cpu_s": images / (main + workers)}
+    return {
+        "images": images,
+        "wall_s": wall,
+        "cpu_s": main + workers,
+        "workers_s": workers,
+        "per_s": images / wall,
+        "per_cpu_s": images / (main + workers),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,31 +119,53 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--images {args.images} is fewer than one batch of {args.batch_size}")
     device = torch.device(args.device)
     cores = len(os.sched_getaffinity(0))
-    print(f"{args.images} JPEGs of {SOURCE_SIDE} px, {args.pipeline} views at {args.image_size} "
-          f"px, batch {args.batch_size}, {args.workers} workers, {cores} CPU cores, "
-          f"{torch.get_num_threads()} torch threads, device {device}")
+    print(
+        f"{args.images} JPEGs of {SOURCE_SIDE} px, {args.pipeline} views at {args.image_size} "
+        f"px, batch {args.batch_size}, {args.workers} workers, {cores} CPU cores, "
+        f"{torch.get_num_threads()} torch threads, device {device}"
+    )
     augment = BatchedTwoViews(args.pipeline, args.image_size)
-    warm = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size),
-                         dtype=torch.uint8, device=device)
+    warm = torch.randint(
+        0,
+        256,
+        (args.batch_size, 3, args.image_size, args.image_size),
+        dtype=torch.uint8,
+        device=device,
+    )
     augment(warm, torch.tensor([[args.image_size] * 2] * args.batch_size), (1, 0, 0))
     with tempfile.TemporaryDirectory() as tmp:
         write_jpegs(Path(tmp), args.images)
         dataset = ImageFolder(tmp, "train")
         results = {
-            "PIL": run_path(dataset, MultiViewTransform(
-                build_view_transforms(args.pipeline, args.image_size)), None, args, device),
-            "accelerator": run_path(dataset, DecodeResize(args.image_size,
-                                                          augment.recipe.interpolation),
-                                    augment, args, device),
+            "PIL": run_path(
+                dataset,
+                MultiViewTransform(build_view_transforms(args.pipeline, args.image_size)),
+                None,
+                args,
+                device,
+            ),
+            "accelerator": run_path(
+                dataset,
+                DecodeResize(args.image_size, augment.recipe.interpolation),
+                augment,
+                args,
+                device,
+            ),
         }
-    print(f"{'path':<12} {'images':>7} {'wall s':>8} {'CPU s':>8} {'(workers)':>10} "
-          f"{'images/s':>9} {'images/CPU-s':>13}")
+    print(
+        f"{'path':<12} {'images':>7} {'wall s':>8} {'CPU s':>8} {'(workers)':>10} "
+        f"{'images/s':>9} {'images/CPU-s':>13}"
+    )
     for name, r in results.items():
-        print(f"{name:<12} {r['images']:>7} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} "
-              f"{r['workers_s']:>10.2f} {r['per_s']:>9.1f} {r['per_cpu_s']:>13.1f}")
+        print(
+            f"{name:<12} {r['images']:>7} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} "
+            f"{r['workers_s']:>10.2f} {r['per_s']:>9.1f} {r['per_cpu_s']:>13.1f}"
+        )
     pil, acc = results["PIL"], results["accelerator"]
-    print(f"accelerator / PIL: {acc['per_s'] / pil['per_s']:.2f}x images/s, "
-          f"{acc['per_cpu_s'] / pil['per_cpu_s']:.2f}x images per CPU-second")
+    print(
+        f"accelerator / PIL: {acc['per_s'] / pil['per_s']:.2f}x images/s, "
+        f"{acc['per_cpu_s'] / pil['per_cpu_s']:.2f}x images per CPU-second"
+    )
 
 
 if __name__ == "__main__":

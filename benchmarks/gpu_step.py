@@ -49,12 +49,16 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def measure(name: str, args: argparse.Namespace, device: torch.device,
-            gen: torch.Generator) -> tuple[float, float, float]:
+def measure(
+    name: str, args: argparse.Namespace, device: torch.device, gen: torch.Generator
+) -> tuple[float, float, float]:
     """(full step img/s, floor img/s, goal ratio) of one method."""
     cfg = load_pretrain_config([recipe_for(name)], [f"data.image_size={args.size}"])
-    arch_kwargs = {"stem": cfg.backbone.stem, "width": cfg.backbone.width,
-                   "zero_init_residual": cfg.backbone.zero_init_residual}
+    arch_kwargs = {
+        "stem": cfg.backbone.stem,
+        "width": cfg.backbone.width,
+        "zero_init_residual": cfg.backbone.zero_init_residual,
+    }
     torch.manual_seed(0)
     method = build_method(build_backbone(cfg.backbone.arch, **arch_kwargs), cfg.method)
     bare = build_backbone(cfg.backbone.arch, **arch_kwargs)
@@ -63,8 +67,9 @@ def measure(name: str, args: argparse.Namespace, device: torch.device,
     opt_m = torch.optim.SGD(method.parameters(), lr=1e-4, momentum=0.9)
     opt_b = torch.optim.SGD(bare.parameters(), lr=1e-4, momentum=0.9)
     augment = BatchedTwoViews(cfg.augment.pipeline, args.size)
-    uint8 = torch.randint(0, 256, (args.batch, 3, args.size, args.size), generator=gen,
-                          dtype=torch.uint8).to(device)
+    uint8 = torch.randint(
+        0, 256, (args.batch, 3, args.size, args.size), generator=gen, dtype=torch.uint8
+    ).to(device)
     sizes = torch.tensor([[args.size, args.size]]).repeat(args.batch, 1)
     resident = torch.randn(2 * args.batch, 3, args.size, args.size, generator=gen)
     resident = resident.to(device, memory_format=torch.channels_last)
@@ -99,10 +104,14 @@ def measure(name: str, args: argparse.Namespace, device: torch.device,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="simclr,byol,barlow_twins,unigrad",
-                        help="comma list of methods with a configs/pretrain/*_imagenet_r50.yaml")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--methods",
+        default="simclr,byol,barlow_twins,unigrad",
+        help="comma list of methods with a configs/pretrain/*_imagenet_r50.yaml",
+    )
     parser.add_argument("--batch", type=int, default=256, help="source images (view pairs)")
     parser.add_argument("--size", type=int, default=224, help="view side in pixels")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
@@ -111,24 +120,32 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.batch < 2 or args.size < 8 or args.steps < 1:
-        raise SystemExit(f"--batch {args.batch}, --size {args.size}, --steps {args.steps}: "
-                         "expected batch >= 2, size >= 8, steps >= 1")
+        raise SystemExit(
+            f"--batch {args.batch}, --size {args.size}, --steps {args.steps}: "
+            "expected batch >= 2, size >= 8, steps >= 1"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    print(f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
-          f"batch {args.batch} images -> {2 * args.batch} views at {args.size} px, bf16, "
-          f"channels_last, median of {args.steps}", flush=True)
+    print(
+        f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+        f"batch {args.batch} images -> {2 * args.batch} views at {args.size} px, bf16, "
+        f"channels_last, median of {args.steps}",
+        flush=True,
+    )
     print(f"{'method':<14} {'step img/s':>11} {'floor img/s':>12} {'ratio':>7} {'goal':>5}")
     gen = torch.Generator().manual_seed(0)
     for name in args.methods.split(","):
         step, floor, goal = measure(name, args, device, gen)
-        print(f"{name:<14} {step:>11.1f} {floor:>12.1f} {step / floor:>6.2f}x {goal:>5.2f}",
-              flush=True)
+        print(
+            f"{name:<14} {step:>11.1f} {floor:>12.1f} {step / floor:>6.2f}x {goal:>5.2f}",
+            flush=True,
+        )
         if device.type == "cuda":  # the previous method's memory
             torch.cuda.empty_cache()
+
 
 if __name__ == "__main__":
     main()

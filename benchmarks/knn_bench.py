@@ -59,8 +59,10 @@ def run_sklearn(bank, bank_y, queries, query_y, classes, kind):
     nn = NearestNeighbors(n_neighbors=max(KS), metric="cosine", algorithm="brute")
     dist, idx = nn.fit(bank.numpy()).kneighbors(queries.numpy())
     sims, labels = torch.from_numpy(1 - dist), bank_y[torch.from_numpy(idx)]
-    return {key: as_percent(hits)
-            for key, hits in vote_hits(sims, labels, query_y, KS, [TEMPERATURE], classes).items()}
+    return {
+        key: as_percent(hits)
+        for key, hits in vote_hits(sims, labels, query_y, KS, [TEMPERATURE], classes).items()
+    }
 
 
 def child(args) -> None:
@@ -80,9 +82,17 @@ def child(args) -> None:
             start = time.perf_counter()
             result = run(*data, args.classes, args.index)
             times.append(time.perf_counter() - start)
-    print(json.dumps({"median_s": statistics.median(times), "times_s": times,
-                      "peak_extra_mb": rss_mb() - base, "data_mb": base,
-                      "top1": {str(k): result[(k, TEMPERATURE)]["top1"] for k in KS}}))
+    print(
+        json.dumps(
+            {
+                "median_s": statistics.median(times),
+                "times_s": times,
+                "peak_extra_mb": rss_mb() - base,
+                "data_mb": base,
+                "top1": {str(k): result[(k, TEMPERATURE)]["top1"] for k in KS},
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -93,28 +103,43 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=100, help="number of classes")
     parser.add_argument("--threads", type=int, default=1, help="torch / faiss / BLAS threads")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side (median)")
-    parser.add_argument("--index", choices=["flat", "ivf"], default="flat",
-                        help="faiss index: exact (flat, the default) or approximate (ivf)")
+    parser.add_argument(
+        "--index",
+        choices=["flat", "ivf"],
+        default="flat",
+        help="faiss index: exact (flat, the default) or approximate (ivf)",
+    )
     parser.add_argument("--child", choices=["faiss", "sklearn"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
-    print(f"bank {args.bank} x {args.dim}, {args.queries} queries, {args.classes} classes, "
-          f"k in {KS}, {args.threads} thread(s), median of {args.repeats}, faiss index {args.index}")
+    print(
+        f"bank {args.bank} x {args.dim}, {args.queries} queries, {args.classes} classes, "
+        f"k in {KS}, {args.threads} thread(s), median of {args.repeats}, faiss index {args.index}"
+    )
     results = {}
     for name in ("faiss", "sklearn"):
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", name],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--child", name],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             sys.exit(f"the {name} run failed (exit {proc.returncode}):\n{proc.stderr}")
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         r = results[name]
-        print(f"{name:8s} {r['median_s']:8.2f} s  (runs {', '.join(f'{t:.2f}' for t in r['times_s'])})"
-              f"  peak memory above the data {r['peak_extra_mb']:7.1f} MB  top-1 {r['top1']}")
+        print(
+            f"{name:8s} {r['median_s']:8.2f} s  "
+            f"(runs {', '.join(f'{t:.2f}' for t in r['times_s'])})"
+            f"  peak memory above the data {r['peak_extra_mb']:7.1f} MB  top-1 {r['top1']}"
+        )
     same = results["faiss"]["top1"] == results["sklearn"]["top1"]
-    print(f"speed-up (sklearn / faiss): {results['sklearn']['median_s'] / results['faiss']['median_s']:.1f}x"
-          f"  (goal >= 5x); identical accuracies: {same}")
+    print(
+        "speed-up (sklearn / faiss): "
+        f"{results['sklearn']['median_s'] / results['faiss']['median_s']:.1f}x"
+        f"  (goal >= 5x); identical accuracies: {same}"
+    )
 
 
 if __name__ == "__main__":

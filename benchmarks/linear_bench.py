@@ -18,8 +18,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = {"fast": ROOT / "configs/eval/linear_fast.yaml",
-           "standard": ROOT / "configs/eval/linear_standard.yaml"}
+RECIPES = {
+    "fast": ROOT / "configs/eval/linear_fast.yaml",
+    "standard": ROOT / "configs/eval/linear_standard.yaml",
+}
 
 
 def random_backbone(directory: Path) -> Path:
@@ -29,20 +31,32 @@ def random_backbone(directory: Path) -> Path:
     from sslbench.backbones import build_backbone
 
     torch.manual_seed(0)
-    return save_backbone(directory / "random-init", build_backbone("resnet18", stem="small"),
-                         arch="resnet18", arch_kwargs={"stem": "small"}, method="random-init",
-                         run_name="random-init")
+    return save_backbone(
+        directory / "random-init",
+        build_backbone("resnet18", stem="small"),
+        arch="resnet18",
+        arch_kwargs={"stem": "small"},
+        method="random-init",
+        run_name="random-init",
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", metavar="RUN_DIR",
-                        help="backbone artifact to probe (default: a random-init ResNet-18)")
+    parser.add_argument(
+        "--backbone",
+        metavar="RUN_DIR",
+        help="backbone artifact to probe (default: a random-init ResNet-18)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch / faiss threads")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="eval config overrides for both probes; smaller: data.image_size=16 "
-                             "'data.options={train_per_class: 64, val_per_class: 8, "
-                             "test_per_class: 24, image_size: 32}' probe.epochs=5")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="eval config overrides for both probes; smaller: data.image_size=16 "
+        "'data.options={train_per_class: 64, val_per_class: 8, "
+        "test_per_class: 24, image_size: 32}' probe.epochs=5",
+    )
     args = parser.parse_args()
 
     from evaluators.config import linear_config
@@ -52,24 +66,35 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="linear_bench_"))
     backbone = Path(args.backbone) if args.backbone else random_backbone(work)
-    overrides = [f"run.threads={args.threads}", "run.progress=false",
-                 f"features.cache_dir={work / 'cache'}", *args.overrides]
+    overrides = [
+        f"run.threads={args.threads}",
+        "run.progress=false",
+        f"features.cache_dir={work / 'cache'}",
+        *args.overrides,
+    ]
     # A synthetic dataset is generated on first use: do it before the clocks start.
     load_splits(linear_config([RECIPES["fast"]], overrides).data, None)
     rows = {}
-    for label, recipe in (("fast (cold cache)", "fast"), ("fast (warm cache)", "fast"),
-                          ("standard", "standard")):
+    for label, recipe in (
+        ("fast (cold cache)", "fast"),
+        ("fast (warm cache)", "fast"),
+        ("standard", "standard"),
+    ):
         cfg = linear_config([RECIPES[recipe]], overrides)
         start = time.perf_counter()
         record = read_record(evaluate("linear", cfg, backbone, work / "results" / label.split()[0]))
         rows[label] = (time.perf_counter() - start, record)
-        print(f"{label:18s} {rows[label][0]:8.1f} s   test top-1 {record.metrics['top1']:6.2f}"
-              f"   val top-1 {record.metrics['val_top1']:6.2f}   protocol {record.protocol_id}",
-              flush=True)
+        print(
+            f"{label:18s} {rows[label][0]:8.1f} s   test top-1 {record.metrics['top1']:6.2f}"
+            f"   val top-1 {record.metrics['val_top1']:6.2f}   protocol {record.protocol_id}",
+            flush=True,
+        )
     standard = rows["standard"][0]
-    print(f"speed-up of the fast probe: {standard / rows['fast (cold cache)'][0]:.1f}x cold, "
-          f"{standard / rows['fast (warm cache)'][0]:.1f}x warm (goal >= 20x); "
-          f"backbone {backbone}; scratch {work}")
+    print(
+        f"speed-up of the fast probe: {standard / rows['fast (cold cache)'][0]:.1f}x cold, "
+        f"{standard / rows['fast (warm cache)'][0]:.1f}x warm (goal >= 20x); "
+        f"backbone {backbone}; scratch {work}"
+    )
 
 
 if __name__ == "__main__":

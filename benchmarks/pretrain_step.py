@@ -45,30 +45,45 @@ def time_call(fn, repeats: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--methods", default="simsiam", help="comma list, or 'all'")
     parser.add_argument("--batch", type=int, default=64, help="view pairs per step")
     parser.add_argument("--image-size", type=int, default=None, help="default: the recipe's")
-    parser.add_argument("--width", type=int, default=None, help="backbone width; default: the recipe's")
+    parser.add_argument(
+        "--width", type=int, default=None, help="backbone width; default: the recipe's"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    names = [m for m in METHODS.names() if (CONFIGS / f"{m}_synthetic_r18.yaml").exists()] \
-        if args.methods == "all" else args.methods.split(",")
+    names = (
+        [m for m in METHODS.names() if (CONFIGS / f"{m}_synthetic_r18.yaml").exists()]
+        if args.methods == "all"
+        else args.methods.split(",")
+    )
 
     overrides = [f"data.image_size={args.image_size}"] if args.image_size else []
     overrides += [f"backbone.width={args.width}"] if args.width else []
 
-    print(f"batch {args.batch} pairs ({2 * args.batch} images), {args.threads} thread(s), "
-          f"median of {args.repeats}")
-    print(f"{'method':<14} {'arch':<16} {'px':>3} {'step img/s':>11} {'backbone img/s':>15} {'ratio':>7} "
-          f"{'vs floor':>9}")
+    print(
+        f"batch {args.batch} pairs ({2 * args.batch} images), {args.threads} thread(s), "
+        f"median of {args.repeats}"
+    )
+    print(
+        f"{'method':<14} {'arch':<16} {'px':>3} {'step img/s':>11} {'backbone img/s':>15} "
+        f"{'ratio':>7} "
+        f"{'vs floor':>9}"
+    )
     for name in names:
         cfg = load_pretrain_config([recipe_for(name)], overrides)
-        arch_kwargs = {"stem": cfg.backbone.stem, "zero_init_residual": cfg.backbone.zero_init_residual,
-                       "width": cfg.backbone.width}
+        arch_kwargs = {
+            "stem": cfg.backbone.stem,
+            "zero_init_residual": cfg.backbone.zero_init_residual,
+            "width": cfg.backbone.width,
+        }
         size = cfg.data.image_size
         gen = torch.Generator().manual_seed(0)
         views = [torch.randn(args.batch, 3, size, size, generator=gen) for _ in range(2)]
@@ -106,8 +121,12 @@ def main() -> None:
         floor = base + statistics.median(fwd_t)
         n = 2 * args.batch
         arch = f"{cfg.backbone.arch}/w{cfg.backbone.width}"
-        print(f"{name:<14} {arch:<16} {size:>3} {n / step:>11.1f} {n / base:>15.1f} {step / base:>6.2f}x "
-              f"{step / floor:>8.2f}x", flush=True)
+        print(
+            f"{name:<14} {arch:<16} {size:>3} {n / step:>11.1f} {n / base:>15.1f} "
+            f"{step / base:>6.2f}x "
+            f"{step / floor:>8.2f}x",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> 
     return torch.stack([(rivals < k).float() for k in ks], dim=1)
 
 
-def scored(scores: torch.Tensor, labels: torch.Tensor,
-           ks: Sequence[int] = (1, 5)) -> tuple[dict[str, float], torch.Tensor]:
+def scored(
+    scores: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)
+) -> tuple[dict[str, float], torch.Tensor]:
     """{"top1": %, "top5": %} and each sample's top-1 hit (bool), which the result record keeps
     so the leaderboard can bootstrap and pair on the test images."""
     hits = topk_hits(scores, labels, ks)

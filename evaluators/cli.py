@@ -26,5 +26,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .run import evaluate
 
-    return task_cli.run(args, lambda task, cfg, backbone, out: evaluate(task.name, cfg,
-                                                                         backbone, out))
+    return task_cli.run(
+        args, lambda task, cfg, backbone, out: evaluate(task.name, cfg, backbone, out)
+    )

@@ -146,6 +146,5 @@ def linear_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = (
     return build_config(LinearEvalConfig, paths, overrides, variants={"probe": _probe_class})
 
 
-def semisup_config(paths: Sequence[str | Path] = (),
-                   overrides: Sequence[str] = ()) -> DictConfig:
+def semisup_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
     return build_config(SemisupEvalConfig, paths, overrides)

@@ -43,17 +43,26 @@ class EvalContext:
     def features(self, split: str) -> Features:
         """The backbone's features on a split, from the cache when it holds them."""
         dataset = self.datasets[split]
-        feats = cached_features(self.backbone, self.manifest["weights_sha256"], dataset,
-                                cache_dir=self.cache_dir, batch_size=self.cfg.features.batch_size,
-                                device=self.device, num_workers=self.cfg.data.num_workers,
-                                progress=self.cfg.run.progress)
+        feats = cached_features(
+            self.backbone,
+            self.manifest["weights_sha256"],
+            dataset,
+            cache_dir=self.cache_dir,
+            batch_size=self.cfg.features.batch_size,
+            device=self.device,
+            num_workers=self.cfg.data.num_workers,
+            progress=self.cfg.run.progress,
+        )
         self.cache_use[split] = "hit" if feats.from_cache else "miss"
         return feats
 
     def protocol(self, task_protocol: dict) -> dict:
         """The record's protocol: the data, the backbone's readout, then the task's own part."""
-        return {"data": data_protocol(self.cfg.data.image_size, self.datasets),
-                **readout(self.backbone), **task_protocol}
+        return {
+            "data": data_protocol(self.cfg.data.image_size, self.datasets),
+            **readout(self.backbone),
+            **task_protocol,
+        }
 
     def resume_state(self, task_protocol: dict) -> Resume | None:
         """Where the task's training keeps its resume state (None with run.checkpoint_every=0):
@@ -64,8 +73,12 @@ class EvalContext:
             raise ValueError(f"run.checkpoint_every must be >= 0 (0: no checkpoints), got {every}")
         if self.work_root is None or every == 0:
             return None
-        stem = record_stem(self.task, self.manifest["weights_sha256"],
-                           protocol_id(self.protocol(task_protocol)), self.cfg.run.seed)
+        stem = record_stem(
+            self.task,
+            self.manifest["weights_sha256"],
+            protocol_id(self.protocol(task_protocol)),
+            self.cfg.run.seed,
+        )
         self.resume = Resume(self.work_root / stem / RESUME_FILE, every)
         return self.resume
 
@@ -73,12 +86,20 @@ class EvalContext:
 def data_protocol(image_size: int, datasets: dict) -> dict:
     """The data half of every protocol: which data (not where it lies), at which input size,
     and how much of it."""
-    identity = {k: v for k, v in datasets["train"].describe().items()
-                if k not in ("root", "split", "size")}
-    return {"dataset": identity, "image_size": image_size,
-            "sizes": {split: len(ds) for split, ds in datasets.items()}}
+    identity = {
+        k: v for k, v in datasets["train"].describe().items() if k not in ("root", "split", "size")
+    }
+    return {
+        "dataset": identity,
+        "image_size": image_size,
+        "sizes": {split: len(ds) for split, ds in datasets.items()},
+    }
 
 
 def load_splits(data_cfg: DictConfig, transform: Callable) -> dict[str, LabeledDataset]:
-    return {split: build_dataset(data_cfg.name, data_cfg.root, split, transform,
-                                 **(data_cfg.options or {})) for split in SPLITS}
+    return {
+        split: build_dataset(
+            data_cfg.name, data_cfg.root, split, transform, **(data_cfg.options or {})
+        )
+        for split in SPLITS
+    }

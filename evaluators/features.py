@@ -39,8 +39,16 @@ def shard_bounds(size: int, rank: int, world_size: int) -> tuple[int, int]:
 
 
 @torch.inference_mode()
-def infer(model: nn.Module, dataset: Dataset, *, batch_size: int, device: torch.device,
-          num_workers: int = 0, progress: bool = True, desc: str = "infer") -> torch.Tensor:
+def infer(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "infer",
+) -> torch.Tensor:
     """model(x) for every sample, in dataset order, as float32 on the CPU.
 
     The model runs in eval mode (BatchNorm uses its running statistics). Under torchrun the
@@ -51,11 +59,18 @@ def infer(model: nn.Module, dataset: Dataset, *, batch_size: int, device: torch.
     model.eval()
     world, rank = D.world_size(), D.rank()
     start, stop = shard_bounds(len(dataset), rank, world)
-    loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
-    outputs = [model(x.to(device, non_blocking=True)).float().cpu()
-               for x, _ in tqdm(loader, desc=desc, unit="batch", leave=False,
-                                disable=not (progress and rank == 0))]
+    loader = DataLoader(
+        Subset(dataset, range(start, stop)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    outputs = [
+        model(x.to(device, non_blocking=True)).float().cpu()
+        for x, _ in tqdm(
+            loader, desc=desc, unit="batch", leave=False, disable=not (progress and rank == 0)
+        )
+    ]
     if world == 1:
         return torch.cat(outputs)
     # Rank 0's shard is never empty; a later one can be (fewer samples than processes).
@@ -91,8 +106,13 @@ def readout(backbone: nn.Module) -> dict:
 
 def cache_key(weights_sha256: str, dataset: LabeledDataset, backbone_readout: dict) -> dict:
     """Everything that determines a backbone's features on a dataset split."""
-    return {"version": CACHE_VERSION, "weights_sha256": weights_sha256, **backbone_readout,
-            "dataset": dataset.describe(), "transform": repr(dataset.transform)}
+    return {
+        "version": CACHE_VERSION,
+        "weights_sha256": weights_sha256,
+        **backbone_readout,
+        "dataset": dataset.describe(),
+        "transform": repr(dataset.transform),
+    }
 
 
 def cache_location(enabled: bool, configured: str | None, results_dir: str | Path) -> Path | None:
@@ -102,9 +122,17 @@ def cache_location(enabled: bool, configured: str | None, results_dir: str | Pat
     return Path(configured or os.environ.get(CACHE_ENV) or Path(results_dir) / ".feature_cache")
 
 
-def cached_features(backbone: nn.Module, weights_sha256: str, dataset: LabeledDataset, *,
-                    cache_dir: Path | None, batch_size: int, device: torch.device,
-                    num_workers: int = 0, progress: bool = True) -> Features:
+def cached_features(
+    backbone: nn.Module,
+    weights_sha256: str,
+    dataset: LabeledDataset,
+    *,
+    cache_dir: Path | None,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Features:
     """The backbone's features on `dataset`, read from `cache_dir` when present, else extracted
     (and written there atomically by the main process). cache_dir=None disables the cache."""
     key = cache_key(weights_sha256, dataset, readout(backbone))
@@ -119,16 +147,27 @@ def cached_features(backbone: nn.Module, weights_sha256: str, dataset: LabeledDa
         except (SafetensorError, OSError) as err:
             raise ValueError(f"feature cache {path} is unreadable ({err}); delete it") from None
         if not torch.equal(stored["labels"], labels):
-            raise ValueError(f"feature cache {path} holds other labels than {dataset.name}/"
-                             f"{dataset.split}: the dataset changed without its description "
-                             "changing; delete the cache file")
+            raise ValueError(
+                f"feature cache {path} holds other labels than {dataset.name}/"
+                f"{dataset.split}: the dataset changed without its description "
+                "changing; delete the cache file"
+            )
         return Features(stored["features"], labels, from_cache=True)
-    feats = infer(backbone, dataset, batch_size=batch_size, device=device,
-                  num_workers=num_workers, progress=progress,
-                  desc=f"features {dataset.name}/{dataset.split}")
+    feats = infer(
+        backbone,
+        dataset,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+        desc=f"features {dataset.name}/{dataset.split}",
+    )
     if path is not None and D.rank() == 0:
         with atomic_path(path) as tmp:
-            save_file({"features": feats.contiguous(), "labels": labels}, str(tmp),
-                      metadata={"key": json.dumps(key, sort_keys=True)})
+            save_file(
+                {"features": feats.contiguous(), "labels": labels},
+                str(tmp),
+                metadata={"key": json.dumps(key, sort_keys=True)},
+            )
     D.barrier()
     return Features(feats, labels)

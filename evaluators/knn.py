@@ -2,11 +2,11 @@
 
 Features are l2-normalised and searched exactly by inner product: with faiss on the CPU (IVF for
 very large banks, approximate), and on a GPU by chunked matmul + top-k in torch, which needs no
-faiss-gpu and is as fast (faiss#3621); faiss-gpu stays an option (knn.backend=faiss). Each of a query's k
-nearest training samples votes for its class with weight exp(sim / T). Neighbours are searched
-once for the largest k and every (k, T) of the grid is scored from them; queries go in chunks,
-so memory stays bounded by chunk_size x max(k) whatever the number of queries. (k, T) is chosen
-on val and the test split is scored once, with the chosen pair.
+faiss-gpu and is as fast (faiss#3621); faiss-gpu stays an option (knn.backend=faiss). Each of a
+query's k nearest training samples votes for its class with weight exp(sim / T). Neighbours are
+searched once for the largest k and every (k, T) of the grid is scored from them; queries go in
+chunks, so memory stays bounded by chunk_size x max(k) whatever the number of queries. (k, T) is
+chosen on val and the test split is scored once, with the chosen pair.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .accuracy import topk_hits
 from sslbench.results import HITS_KEY, TaskOutput, pack_hits
 
+from .accuracy import topk_hits
 from .context import EvalContext
 
 TOP = (1, 5)
@@ -31,8 +31,14 @@ TOP = (1, 5)
 class NeighbourIndex:
     """A faiss inner-product index over the l2-normalised bank: search returns cosines."""
 
-    def __init__(self, bank: torch.Tensor, kind: str = "flat", nlist: int = 1024,
-                 nprobe: int = 32, gpu: int | None = None):
+    def __init__(
+        self,
+        bank: torch.Tensor,
+        kind: str = "flat",
+        nlist: int = 1024,
+        nprobe: int = 32,
+        gpu: int | None = None,
+    ):
         """gpu: the CUDA device index to search on (faiss-gpu), or None for the CPU."""
         vectors = _normalised(bank)
         n, dim = vectors.shape
@@ -40,10 +46,13 @@ class NeighbourIndex:
             index = faiss.IndexFlatIP(dim)
         elif kind == "ivf":
             if nlist > n:
-                raise ValueError(f"knn.ivf_nlist={nlist} is larger than the bank ({n} vectors); "
-                                 "lower it or use knn.index=flat")
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist,
-                                       faiss.METRIC_INNER_PRODUCT)
+                raise ValueError(
+                    f"knn.ivf_nlist={nlist} is larger than the bank ({n} vectors); "
+                    "lower it or use knn.index=flat"
+                )
+            index = faiss.IndexIVFFlat(
+                faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT
+            )
             index.train(vectors)
             index.nprobe = nprobe
         else:
@@ -90,8 +99,14 @@ class TorchIndex:
 BACKENDS = ("auto", "faiss", "torch")
 
 
-def build_index(bank: torch.Tensor, device: torch.device, backend: str = "auto",
-                kind: str = "flat", nlist: int = 1024, nprobe: int = 32):
+def build_index(
+    bank: torch.Tensor,
+    device: torch.device,
+    backend: str = "auto",
+    kind: str = "flat",
+    nlist: int = 1024,
+    nprobe: int = 32,
+):
     """faiss on the CPU, torch on a GPU ("auto"); faiss searches on the GPU where faiss-gpu is
     installed and asked for (backend="faiss"). IVF (approximate) is faiss's only."""
     if backend not in BACKENDS:
@@ -100,8 +115,9 @@ def build_index(bank: torch.Tensor, device: torch.device, backend: str = "auto",
         backend = "torch" if device.type == "cuda" and kind == "flat" else "faiss"
     if backend == "torch":
         if kind != "flat":
-            raise ValueError(f"knn.index={kind!r} needs knn.backend=faiss (the torch search is "
-                             "exact only)")
+            raise ValueError(
+                f"knn.index={kind!r} needs knn.backend=faiss (the torch search is exact only)"
+            )
         return TorchIndex(bank, device)
     on_gpu = device.type == "cuda" and faiss_gpu_available()
     gpu = (device.index or 0) if on_gpu else None
@@ -116,8 +132,9 @@ def _normalised(x: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(F.normalize(x.float(), dim=1).numpy(), dtype=np.float32)
 
 
-def weighted_votes(sims: torch.Tensor, neighbour_labels: torch.Tensor, temperature: float,
-                   num_classes: int) -> torch.Tensor:
+def weighted_votes(
+    sims: torch.Tensor, neighbour_labels: torch.Tensor, temperature: float, num_classes: int
+) -> torch.Tensor:
     """(n, C) class scores: sum over neighbours of exp(sim / T), in float64.
 
     Shifting by each query's top similarity (a per-row factor exp(-max/T)) leaves the ranking
@@ -131,18 +148,27 @@ def weighted_votes(sims: torch.Tensor, neighbour_labels: torch.Tensor, temperatu
 
 def _chunks(n: int, size: int, desc: str, progress: bool):
     starts = range(0, n, size)
-    return tqdm(starts, desc=desc, unit="chunk", leave=False,
-                disable=not progress or len(starts) < 2)
+    return tqdm(
+        starts, desc=desc, unit="chunk", leave=False, disable=not progress or len(starts) < 2
+    )
 
 
-def vote_hits(sims: torch.Tensor, neighbour_labels: torch.Tensor, truth: torch.Tensor,
-              ks: list[int], temperatures: list[float],
-              num_classes: int) -> dict[tuple[int, float], torch.Tensor]:
+def vote_hits(
+    sims: torch.Tensor,
+    neighbour_labels: torch.Tensor,
+    truth: torch.Tensor,
+    ks: list[int],
+    temperatures: list[float],
+    num_classes: int,
+) -> dict[tuple[int, float], torch.Tensor]:
     """Each query's top-1/top-5 hits (n, 2) of the vote for every (k, T), from neighbours sorted
     by similarity."""
-    return {(k, t): topk_hits(weighted_votes(sims[:, :k], neighbour_labels[:, :k], t, num_classes),
-                              truth, TOP)
-            for k, t in itertools.product(ks, temperatures)}
+    return {
+        (k, t): topk_hits(
+            weighted_votes(sims[:, :k], neighbour_labels[:, :k], t, num_classes), truth, TOP
+        )
+        for k, t in itertools.product(ks, temperatures)
+    }
 
 
 def as_percent(hits: torch.Tensor) -> dict[str, float]:
@@ -150,29 +176,63 @@ def as_percent(hits: torch.Tensor) -> dict[str, float]:
     return {f"top{top}": 100.0 * h.item() / len(hits) for top, h in zip(TOP, hits.sum(0))}
 
 
-def grid_hits(index: NeighbourIndex, bank_labels: torch.Tensor, queries: torch.Tensor,
-              query_labels: torch.Tensor, ks: list[int], temperatures: list[float],
-              num_classes: int, chunk_size: int = 4096, progress: bool = True,
-              desc: str = "knn") -> dict[tuple[int, float], torch.Tensor]:
+def grid_hits(
+    index: NeighbourIndex,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    ks: list[int],
+    temperatures: list[float],
+    num_classes: int,
+    chunk_size: int = 4096,
+    progress: bool = True,
+    desc: str = "knn",
+) -> dict[tuple[int, float], torch.Tensor]:
     """Each query's top-1/top-5 hits (n, 2) for every (k, T); k must be <= bank size."""
     hits = {key: [] for key in itertools.product(ks, temperatures)}
     for lo in _chunks(len(queries), chunk_size, desc, progress):
         sims, idx = index.search(queries[lo : lo + chunk_size], max(ks))
-        chunk = vote_hits(sims, bank_labels[idx], query_labels[lo : lo + chunk_size], ks,
-                          temperatures, num_classes)
+        chunk = vote_hits(
+            sims,
+            bank_labels[idx],
+            query_labels[lo : lo + chunk_size],
+            ks,
+            temperatures,
+            num_classes,
+        )
         for key, value in chunk.items():
             hits[key].append(value)
     return {key: torch.cat(parts) for key, parts in hits.items()}
 
 
-def knn_grid(index: NeighbourIndex, bank_labels: torch.Tensor, queries: torch.Tensor,
-             query_labels: torch.Tensor, ks: list[int], temperatures: list[float],
-             num_classes: int, chunk_size: int = 4096, progress: bool = True,
-             desc: str = "knn") -> dict[tuple[int, float], dict[str, float]]:
+def knn_grid(
+    index: NeighbourIndex,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    query_labels: torch.Tensor,
+    ks: list[int],
+    temperatures: list[float],
+    num_classes: int,
+    chunk_size: int = 4096,
+    progress: bool = True,
+    desc: str = "knn",
+) -> dict[tuple[int, float], dict[str, float]]:
     """Top-1/top-5 accuracy (%) of the weighted vote for every (k, T); k must be <= bank size."""
-    return {key: as_percent(hits) for key, hits in grid_hits(
-        index, bank_labels, queries, query_labels, ks, temperatures, num_classes, chunk_size,
-        progress, desc).items()}
+    return {
+        key: as_percent(hits)
+        for key, hits in grid_hits(
+            index,
+            bank_labels,
+            queries,
+            query_labels,
+            ks,
+            temperatures,
+            num_classes,
+            chunk_size,
+            progress,
+            desc,
+        ).items()
+    }
 
 
 @dataclass(frozen=True)
@@ -181,38 +241,76 @@ class KnnResult:
     details: dict
 
 
-def evaluate_knn(train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-                 test: tuple[torch.Tensor, torch.Tensor], num_classes: int, ks: list[int],
-                 temperatures: list[float], *, index: str = "flat", ivf_nlist: int = 1024,
-                 ivf_nprobe: int = 32, chunk_size: int = 4096,
-                 device: torch.device = torch.device("cpu"), backend: str = "auto",
-                 progress: bool = True) -> KnnResult:
+def evaluate_knn(
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    ks: list[int],
+    temperatures: list[float],
+    *,
+    index: str = "flat",
+    ivf_nlist: int = 1024,
+    ivf_nprobe: int = 32,
+    chunk_size: int = 4096,
+    device: torch.device = torch.device("cpu"),
+    backend: str = "auto",
+    progress: bool = True,
+) -> KnnResult:
     """Choose (k, T) by val top-1 (then top-5, then smaller k, then smaller T); score test with it.
 
     k larger than the bank is clipped to the bank size (with a note in the details)."""
     if not ks or not temperatures or min(ks) < 1 or min(temperatures) <= 0:
-        raise ValueError(f"knn.k must be positive integers and knn.temperature positive numbers, "
-                         f"got k={ks}, temperature={temperatures}")
+        raise ValueError(
+            f"knn.k must be positive integers and knn.temperature positive numbers, "
+            f"got k={ks}, temperature={temperatures}"
+        )
     bank, bank_labels = train
     ks, temperatures = sorted(set(ks)), sorted(set(temperatures))
     notes = []
     clipped = sorted({min(k, len(bank)) for k in ks})
     if ks[-1] > len(bank):
-        notes.append(f"k values {sorted(k for k in ks if k > len(bank))} exceed the bank size "
-                     f"{len(bank)} and were clipped to it")
+        notes.append(
+            f"k values {sorted(k for k in ks if k > len(bank))} exceed the bank size "
+            f"{len(bank)} and were clipped to it"
+        )
     index_ = build_index(bank, device, backend, index, ivf_nlist, ivf_nprobe)
-    grid = knn_grid(index_, bank_labels, *val, clipped, temperatures, num_classes, chunk_size,
-                    progress, "knn val")
+    grid = knn_grid(
+        index_,
+        bank_labels,
+        *val,
+        clipped,
+        temperatures,
+        num_classes,
+        chunk_size,
+        progress,
+        "knn val",
+    )
     order = list(grid)
     best = max(order, key=lambda key: (grid[key]["top1"], grid[key]["top5"], -order.index(key)))
-    test_hits = grid_hits(index_, bank_labels, *test, [best[0]], [best[1]], num_classes,
-                          chunk_size, progress, "knn test")[best]
-    metrics = {**as_percent(test_hits), "val_top1": grid[best]["top1"],
-               "val_top5": grid[best]["top5"]}
-    details = {"selected": {"k": best[0], "temperature": best[1]},
-               HITS_KEY: pack_hits(test_hits[:, 0].bool()),
-               "val_grid": [{"k": k, "temperature": t, **s} for (k, t), s in grid.items()],
-               "index": index_.description, "notes": notes}
+    test_hits = grid_hits(
+        index_,
+        bank_labels,
+        *test,
+        [best[0]],
+        [best[1]],
+        num_classes,
+        chunk_size,
+        progress,
+        "knn test",
+    )[best]
+    metrics = {
+        **as_percent(test_hits),
+        "val_top1": grid[best]["top1"],
+        "val_top5": grid[best]["top5"],
+    }
+    details = {
+        "selected": {"k": best[0], "temperature": best[1]},
+        HITS_KEY: pack_hits(test_hits[:, 0].bool()),
+        "val_grid": [{"k": k, "temperature": t, **s} for (k, t), s in grid.items()],
+        "index": index_.description,
+        "notes": notes,
+    }
     return KnnResult(metrics, details)
 
 
@@ -220,12 +318,21 @@ def run(ctx: EvalContext) -> TaskOutput:
     """The kNN evaluator: cached features of train (the bank), val and test."""
     cfg = ctx.cfg.knn
     train, val, test = (ctx.features(split) for split in ("train", "val", "test"))
-    result = evaluate_knn((train.features, train.labels), (val.features, val.labels),
-                          (test.features, test.labels), ctx.num_classes, list(cfg.k),
-                          list(cfg.temperature), index=cfg.index, ivf_nlist=cfg.ivf_nlist,
-                          ivf_nprobe=cfg.ivf_nprobe, chunk_size=cfg.chunk_size,
-                          device=ctx.device, backend=cfg.backend,
-                          progress=ctx.cfg.run.progress)
+    result = evaluate_knn(
+        (train.features, train.labels),
+        (val.features, val.labels),
+        (test.features, test.labels),
+        ctx.num_classes,
+        list(cfg.k),
+        list(cfg.temperature),
+        index=cfg.index,
+        ivf_nlist=cfg.ivf_nlist,
+        ivf_nprobe=cfg.ivf_nprobe,
+        chunk_size=cfg.chunk_size,
+        device=ctx.device,
+        backend=cfg.backend,
+        progress=ctx.cfg.run.progress,
+    )
     protocol = {"k": sorted(cfg.k), "temperature": sorted(cfg.temperature), "index": cfg.index}
     if cfg.index == "ivf":
         protocol.update(ivf_nlist=cfg.ivf_nlist, ivf_nprobe=cfg.ivf_nprobe)

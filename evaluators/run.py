@@ -28,8 +28,9 @@ from .context import EvalContext, load_splits
 from .features import cache_location
 
 
-def evaluate(task: str, cfg: DictConfig, backbone_dir: str | Path,
-             out_dir: str | Path) -> Path | None:
+def evaluate(
+    task: str, cfg: DictConfig, backbone_dir: str | Path, out_dir: str | Path
+) -> Path | None:
     """Evaluate the backbone in `backbone_dir` and write the record into `out_dir`.
 
     Returns the record's path (None on processes other than the main one).
@@ -41,8 +42,9 @@ def evaluate(task: str, cfg: DictConfig, backbone_dir: str | Path,
         D.shutdown()
 
 
-def _evaluate(task: str, cfg: DictConfig, backbone_dir: Path, out_dir: Path,
-              env: D.DistEnv) -> Path | None:
+def _evaluate(
+    task: str, cfg: DictConfig, backbone_dir: Path, out_dir: Path, env: D.DistEnv
+) -> Path | None:
     if cfg.run.threads is not None:
         torch.set_num_threads(cfg.run.threads)
         faiss.omp_set_num_threads(cfg.run.threads)
@@ -56,24 +58,47 @@ def _evaluate(task: str, cfg: DictConfig, backbone_dir: Path, out_dir: Path,
         datasets = load_splits(cfg.data, transform)
     cache_dir = cache_location(cfg.features.cache, cfg.features.cache_dir, out_dir)
     torch.manual_seed(cfg.run.seed)
-    ctx = EvalContext(cfg, backbone, manifest, env.device, datasets, cache_dir, task=task,
-                      work_root=out_dir / ".work")
+    ctx = EvalContext(
+        cfg,
+        backbone,
+        manifest,
+        env.device,
+        datasets,
+        cache_dir,
+        task=task,
+        work_root=out_dir / ".work",
+    )
     output = get_task(task).run_function()(ctx)
     if not env.is_main:
         return None
     train = datasets["train"]
     resumed = ctx.resume is not None and ctx.resume.from_step is not None
     output = dataclasses.replace(
-        output, protocol=ctx.protocol(output.protocol),
-        dataset=DatasetInfo(train.name, train.num_classes,
-                            {**{s: len(ds) for s, ds in datasets.items()}, **output.splits},
-                            train.describe()),
-        details={**output.details, "feature_cache": ctx.cache_use,
-                 "backbone_dir": str(backbone_dir),
-                 **({"resumed_from_step": ctx.resume.from_step} if resumed else {})})
-    record = build_record(task, output, manifest, seed=cfg.run.seed, started=started,
-                          device=D.device_name(env.device, env.world_size),
-                          world_size=env.world_size, cuda=env.device.type == "cuda")
+        output,
+        protocol=ctx.protocol(output.protocol),
+        dataset=DatasetInfo(
+            train.name,
+            train.num_classes,
+            {**{s: len(ds) for s, ds in datasets.items()}, **output.splits},
+            train.describe(),
+        ),
+        details={
+            **output.details,
+            "feature_cache": ctx.cache_use,
+            "backbone_dir": str(backbone_dir),
+            **({"resumed_from_step": ctx.resume.from_step} if resumed else {}),
+        },
+    )
+    record = build_record(
+        task,
+        output,
+        manifest,
+        seed=cfg.run.seed,
+        started=started,
+        device=D.device_name(env.device, env.world_size),
+        world_size=env.world_size,
+        cuda=env.device.type == "cuda",
+    )
     path = write_record(out_dir, record)
     if ctx.resume is not None:  # recorded: nothing left to resume
         shutil.rmtree(ctx.resume.path.parent, ignore_errors=True)

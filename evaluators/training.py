@@ -38,14 +38,22 @@ from .accuracy import scored
 from .features import infer
 
 
-def train_transform(image_size: int, crop_min_scale: float,
-                    mean: Sequence[float] = IMAGENET_MEAN,
-                    std: Sequence[float] = IMAGENET_STD) -> Callable:
+def train_transform(
+    image_size: int,
+    crop_min_scale: float,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable:
     """The linear-evaluation augmentation of the seed papers: random-resized crop and flip;
     mean/std: the backbone's input normalisation (artifact.input_normalization)."""
-    return T.Compose([T.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0)),
-                      T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(tuple(mean), tuple(std))])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(crop_min_scale, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(tuple(mean), tuple(std)),
+        ]
+    )
 
 
 class SeededAugmentation(Dataset):
@@ -57,8 +65,13 @@ class SeededAugmentation(Dataset):
     other's crops. `fit` sets `epoch` before each epoch.
     """
 
-    def __init__(self, dataset: LabeledDataset, transform: Callable, seed: int,
-                 indices: Sequence[int] | None = None):
+    def __init__(
+        self,
+        dataset: LabeledDataset,
+        transform: Callable,
+        seed: int,
+        indices: Sequence[int] | None = None,
+    ):
         self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
         self.indices = range(len(dataset)) if indices is None else [int(i) for i in indices]
 
@@ -87,7 +100,7 @@ class Classifier(nn.Module):
         if frozen:
             backbone.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "Classifier":
+    def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
         if self.frozen:
             self.backbone.eval()
@@ -103,8 +116,9 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
-def epoch_batches(size: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                  world_size: int = 1) -> list[list[int]]:
+def epoch_batches(
+    size: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+) -> list[list[int]]:
     """This process's share of each global batch of one epoch.
 
     The order is a permutation seeded by (seed, epoch), padded by wrapping around to a multiple of
@@ -144,8 +158,15 @@ def _trained(model: Classifier) -> nn.Module:
     return model.head if model.frozen else model
 
 
-def _save_state(resume: Resume, model: Classifier, optimizer: torch.optim.Optimizer, step: int,
-                total: int, losses: list[torch.Tensor], device: torch.device) -> None:
+def _save_state(
+    resume: Resume,
+    model: Classifier,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    total: int,
+    losses: list[torch.Tensor],
+    device: torch.device,
+) -> None:
     """Every process calls this (the epoch's losses are averaged over them); the main one writes.
 
     Every process seeds and draws its RNG alike, so the main one's states stand for all.
@@ -156,19 +177,33 @@ def _save_state(resume: Resume, model: Classifier, optimizer: torch.optim.Optimi
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
-    save_checkpoint(resume.path, {"step": step, "total_steps": total,
-                                  "trained": _trained(model).state_dict(),
-                                  "optimizer": optimizer.state_dict(), "epoch_losses": mean_losses,
-                                  "rng": rng})
+    save_checkpoint(
+        resume.path,
+        {
+            "step": step,
+            "total_steps": total,
+            "trained": _trained(model).state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch_losses": mean_losses,
+            "rng": rng,
+        },
+    )
 
 
-def _load_state(resume: Resume, model: Classifier, optimizer: torch.optim.Optimizer, total: int,
-                device: torch.device) -> tuple[int, list[torch.Tensor]]:
+def _load_state(
+    resume: Resume,
+    model: Classifier,
+    optimizer: torch.optim.Optimizer,
+    total: int,
+    device: torch.device,
+) -> tuple[int, list[torch.Tensor]]:
     """Restore a saved state; returns its step and its epoch's losses so far."""
     state = load_checkpoint(resume.path)
     if state["total_steps"] != total:
-        raise CheckpointError(f"{resume.path} was saved by a run of {state['total_steps']} steps; "
-                              f"this one has {total}. Delete it to start again.")
+        raise CheckpointError(
+            f"{resume.path} was saved by a run of {state['total_steps']} steps; "
+            f"this one has {total}. Delete it to start again."
+        )
     _trained(model).load_state_dict(state["trained"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["cpu"])
@@ -178,10 +213,22 @@ def _load_state(resume: Resume, model: Classifier, optimizer: torch.optim.Optimi
     return resume.from_step, [loss.to(device) for loss in state["epoch_losses"].unbind()]
 
 
-def fit(model: Classifier, dataset: SeededAugmentation, optimizer: torch.optim.Optimizer,
-        base_lr: float, *, epochs: int, batch_size: int, warmup_epochs: float, seed: int,
-        device: torch.device, num_workers: int = 0, progress: bool = True,
-        desc: str = "train", resume: Resume | None = None) -> float:
+def fit(
+    model: Classifier,
+    dataset: SeededAugmentation,
+    optimizer: torch.optim.Optimizer,
+    base_lr: float,
+    *,
+    epochs: int,
+    batch_size: int,
+    warmup_epochs: float,
+    seed: int,
+    device: torch.device,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+    resume: Resume | None = None,
+) -> float:
     """Train with cross-entropy under a warm-up + cosine schedule; returns the last epoch's loss.
 
     With `resume`, continue from the state at resume.path when there is one, and save one there
@@ -196,34 +243,50 @@ def fit(model: Classifier, dataset: SeededAugmentation, optimizer: torch.optim.O
         step, losses = _load_state(resume, model, optimizer, total, device)
         if rank == 0:
             print(f"{desc}: resuming at step {step} of {total} from {resume.path}", flush=True)
-    net = model if world == 1 else DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = (
+        model
+        if world == 1
+        else DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    )
     net.train()
-    bar = tqdm(total=total, initial=step, desc=desc, unit="step", leave=False,
-               disable=not (progress and rank == 0), dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=step,
+        desc=desc,
+        unit="step",
+        leave=False,
+        disable=not (progress and rank == 0),
+        dynamic_ncols=True,
+    )
     for epoch in range(step // steps_per_epoch, epochs):
         dataset.epoch = epoch
         done = step - epoch * steps_per_epoch  # batches of this epoch trained before a resume
         losses = losses if done else []
         batches = epoch_batches(len(dataset), batch_size, seed, epoch, rank, world)[done:]
         # The loader's own generator: it leaves the global RNG to the model, as saved.
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                            pin_memory=device.type == "cuda",
-                            generator=_epoch_generator(seed, epoch))
+        loader = DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+            generator=_epoch_generator(seed, epoch),
+        )
         for x, y in loader:
             set_lr(optimizer, warmup_cosine(step, total, warmup, base_lr), base_lr)
             loss = F.cross_entropy(net(x.to(device, non_blocking=True)), y.to(device))
             if not torch.isfinite(loss.detach()):
-                raise RuntimeError(f"{desc}: loss is {loss.item()} at step {step}; lower "
-                                   "the learning rate")
+                raise RuntimeError(
+                    f"{desc}: loss is {loss.item()} at step {step}; lower the learning rate"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             losses.append(loss.detach())
             step += 1
             bar.update()
-            if resume is not None and resume.every and (step % resume.every == 0
-                                                        or step == total):
+            if resume is not None and resume.every and (step % resume.every == 0 or step == total):
                 _save_state(resume, model, optimizer, step, total, losses, device)
         bar.set_postfix(epoch=epoch + 1, loss=f"{_mean(losses):.4f}")
     bar.close()
@@ -235,11 +298,25 @@ def _mean(losses: list[torch.Tensor]) -> float:
     return D.all_reduce_mean(torch.stack(losses).mean()).item() if losses else math.nan
 
 
-def evaluate(model: nn.Module, dataset: LabeledDataset, *, batch_size: int, device: torch.device,
-             num_workers: int = 0, progress: bool = True,
-             desc: str = "evaluate") -> tuple[dict[str, float], torch.Tensor]:
+def evaluate(
+    model: nn.Module,
+    dataset: LabeledDataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> tuple[dict[str, float], torch.Tensor]:
     """Top-1 / top-5 accuracy (%) of `model`'s logits on `dataset` (eval mode, no augmentation)
     and the per-sample top-1 hits."""
-    logits = infer(model, dataset, batch_size=batch_size, device=device,
-                   num_workers=num_workers, progress=progress, desc=desc)
+    logits = infer(
+        model,
+        dataset,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        progress=progress,
+        desc=desc,
+    )
     return scored(logits, torch.as_tensor(dataset.targets))

@@ -58,7 +58,7 @@ class RowKey:
     recipe: str  # the recipe hash, else an imported source's sha256 (prefixes), else ""
 
     @classmethod
-    def of(cls, record: ResultRecord) -> "RowKey":
+    def of(cls, record: ResultRecord) -> RowKey:
         b = record.backbone
         source = (b.source or {}).get("sha256")
         identity = b.config_hash or source or ""  # "": a record from before schema 2
@@ -112,7 +112,7 @@ class Row:
 
     @property
     def baseline(self) -> str | None:
-        """"floor" or "ceiling" for a baseline row, else None."""
+        """ "floor" or "ceiling" for a baseline row, else None."""
         return BASELINES.get(self.key.method)
 
     @property
@@ -137,19 +137,26 @@ class Board:
         siblings = [_flatten(c.protocol) for c in self.columns if c.task == column.task]
         mine = _flatten(column.protocol)
         keys = sorted(set().union(*siblings))
-        return {k: mine.get(k, "(unset)") for k in keys
-                if len({s.get(k, "(unset)") for s in siblings}) > 1}
+        return {
+            k: mine.get(k, "(unset)")
+            for k in keys
+            if len({s.get(k, "(unset)") for s in siblings}) > 1
+        }
 
 
 def _flatten(obj: Any, prefix: str = "") -> dict[str, str]:
     if isinstance(obj, dict) and obj:
-        return {k: v for key, value in obj.items()
-                for k, v in _flatten(value, f"{prefix}{key}.").items()}
+        return {
+            k: v
+            for key, value in obj.items()
+            for k, v in _flatten(value, f"{prefix}{key}.").items()
+        }
     return {prefix[:-1]: json.dumps(obj, sort_keys=True)}
 
 
-def collect(directory: str | Path, metrics: dict[str, str] | None = None
-            ) -> tuple[list[ResultRecord], list[str]]:
+def collect(
+    directory: str | Path, metrics: dict[str, str] | None = None
+) -> tuple[list[ResultRecord], list[str]]:
     """The usable records under `directory` and a warning for each file left out.
 
     Left out: a malformed record (the warning names the file and field), one without its task's
@@ -165,8 +172,10 @@ def collect(directory: str | Path, metrics: dict[str, str] | None = None
         if metric in record.metrics:
             usable.append(record)
         else:
-            warnings.append(f"skipped {record.file_name}: no metric {metric!r} to rank "
-                            f"{record.task} by (it has {', '.join(sorted(record.metrics))})")
+            warnings.append(
+                f"skipped {record.file_name}: no metric {metric!r} to rank "
+                f"{record.task} by (it has {', '.join(sorted(record.metrics))})"
+            )
     copies: dict[str, list[ResultRecord]] = {}
     for record in usable:
         copies.setdefault(record.file_name, []).append(record)
@@ -174,8 +183,10 @@ def collect(directory: str | Path, metrics: dict[str, str] | None = None
     for name, found in copies.items():
         kept.append(max(found, key=lambda r: _utc(r.created)))  # the first of equals
         if len(found) > 1:
-            warnings.append(f"{len(found)} copies of {name} (same weights, task, protocol and "
-                            "seed): counted once, the newest")
+            warnings.append(
+                f"{len(found)} copies of {name} (same weights, task, protocol and "
+                "seed): counted once, the newest"
+            )
     return kept, warnings
 
 
@@ -195,8 +206,9 @@ def build_board(records: Iterable[ResultRecord], metrics: dict[str, str] | None 
         column = Column(r.task, r.protocol_id, metrics[r.task], r.dataset.name, r.protocol)
         columns.setdefault(column.key, column)
         groups.setdefault((RowKey.of(r), column.key), []).append(r)
-    ordered = _labelled(sorted(columns.values(),
-                               key=lambda c: (order.index(c.task), c.dataset, c.protocol_id)))
+    ordered = _labelled(
+        sorted(columns.values(), key=lambda c: (order.index(c.task), c.dataset, c.protocol_id))
+    )
     cells: dict[RowKey, dict[str, Cell]] = {}
     for column in ordered:
         found = {row: recs for (row, key), recs in groups.items() if key == column.key}
@@ -205,10 +217,14 @@ def build_board(records: Iterable[ResultRecord], metrics: dict[str, str] | None 
     first = {key: groups[next(k for k in groups if k[0] == key)][0] for key in cells}
     labels = _row_labels(first)
     rows = [Row(key, c, labels[key], first[key].backbone.source) for key, c in cells.items()]
-    ranked = sorted((r for r in rows if r.baseline is None),
-                    key=lambda row: (-len(row.cells), row.average_rank, row.key))
-    baselines = sorted((r for r in rows if r.baseline is not None),
-                       key=lambda row: (list(BASELINES.values()).index(row.baseline), row.key))
+    ranked = sorted(
+        (r for r in rows if r.baseline is None),
+        key=lambda row: (-len(row.cells), row.average_rank, row.key),
+    )
+    baselines = sorted(
+        (r for r in rows if r.baseline is not None),
+        key=lambda row: (list(BASELINES.values()).index(row.baseline), row.key),
+    )
     return Board(tuple(ordered), tuple(ranked), len(records), tuple(baselines))
 
 
@@ -227,11 +243,14 @@ def _column_cells(column: Column, found: dict[RowKey, list[ResultRecord]]) -> di
     values = {row: [r.metrics[column.metric] for r in recs] for row, recs in found.items()}
     per_image = {row: _per_image(recs) for row, recs in found.items()}
     means = {row: statistics.fmean(v) for row, v in values.items()}
-    ranks = fractional_ranks({row: m for row, m in means.items() if row.method not in BASELINES},
-                             get_task(column.task).higher_is_better)
+    ranks = fractional_ranks(
+        {row: m for row, m in means.items() if row.method not in BASELINES},
+        get_task(column.task).higher_is_better,
+    )
     best = min(ranks, key=lambda row: (ranks[row], row), default=None)
-    bounds = {(row.arch, BASELINES[row.method]): means[row] for row in means
-              if row.method in BASELINES}
+    bounds = {
+        (row.arch, BASELINES[row.method]): means[row] for row in means if row.method in BASELINES
+    }
     cells = {}
     for row, vals in values.items():
         if len(vals) >= 2:
@@ -242,8 +261,11 @@ def _column_cells(column: Column, found: dict[RowKey, list[ResultRecord]]) -> di
             interval, kind = None, ""
         tied = None
         if row in ranks:
-            tied = True if ranks[row] == ranks[best] else _indistinguishable(
-                values[best], vals, per_image[best], per_image[row])
+            tied = (
+                True
+                if ranks[row] == ranks[best]
+                else _indistinguishable(values[best], vals, per_image[best], per_image[row])
+            )
         floor, ceiling = bounds.get((row.arch, "floor")), bounds.get((row.arch, "ceiling"))
         position = None
         if row in ranks and floor is not None and ceiling is not None and ceiling != floor:
@@ -252,12 +274,19 @@ def _column_cells(column: Column, found: dict[RowKey, list[ResultRecord]]) -> di
     return cells
 
 
-def _indistinguishable(best: list[float], other: list[float], best_images: np.ndarray | None,
-                       other_images: np.ndarray | None) -> bool | None:
+def _indistinguishable(
+    best: list[float],
+    other: list[float],
+    best_images: np.ndarray | None,
+    other_images: np.ndarray | None,
+) -> bool | None:
     """Paired over test images where both rows kept them, else Welch over seeds (n >= 2 each),
     else None: no test is possible."""
-    if best_images is not None and other_images is not None \
-            and best_images.shape == other_images.shape:
+    if (
+        best_images is not None
+        and other_images is not None
+        and best_images.shape == other_images.shape
+    ):
         return stats.indistinguishable_paired(best_images, other_images)
     if len(best) >= 2 and len(other) >= 2:
         return stats.indistinguishable_seeds(best, other)
@@ -269,14 +298,19 @@ def _row_labels(first: dict[RowKey, ResultRecord]) -> dict[RowKey, str]:
     (dotted keys) in which they differ, e.g. `simclr [method.loss_form=exact]`."""
     labels = {}
     for key, record in first.items():
-        namesakes = [k for k in first if (k.method, k.arch, k.run) == (key.method, key.arch, key.run)]
+        namesakes = [
+            k for k in first if (k.method, k.arch, k.run) == (key.method, key.arch, key.run)
+        ]
         if len(namesakes) == 1:
             labels[key] = key.run
             continue
         configs = [_flatten(first[k].backbone.config) for k in namesakes]
         mine = _flatten(record.backbone.config)
-        differ = [k for k in sorted(set().union(*configs)) if k not in RECIPE_IGNORED_KEYS
-                  and len({c.get(k, "(unset)") for c in configs}) > 1]
+        differ = [
+            k
+            for k in sorted(set().union(*configs))
+            if k not in RECIPE_IGNORED_KEYS and len({c.get(k, "(unset)") for c in configs}) > 1
+        ]
         shown = ", ".join(f"{k}={mine.get(k, '(unset)')}" for k in differ) or key.recipe or "?"
         labels[key] = f"{key.run} [{shown}]"
     return labels
@@ -297,8 +331,7 @@ def _labelled(columns: list[Column]) -> list[Column]:
     return labelled
 
 
-def fractional_ranks(scores: dict[Any, float], higher_is_better: bool = True
-                     ) -> dict[Any, float]:
+def fractional_ranks(scores: dict[Any, float], higher_is_better: bool = True) -> dict[Any, float]:
     """1 for the best score; tied scores share the mean of the positions they span."""
     sign = -1 if higher_is_better else 1
     order = sorted(scores, key=lambda k: sign * scores[k])
@@ -307,7 +340,7 @@ def fractional_ranks(scores: dict[Any, float], higher_is_better: bool = True
         end = start
         while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
             end += 1
-        for k in order[start:end + 1]:
+        for k in order[start : end + 1]:
             ranks[k] = (start + end) / 2 + 1
         start = end + 1
     return ranks
@@ -316,6 +349,7 @@ def fractional_ranks(scores: dict[Any, float], higher_is_better: bool = True
 @dataclass(frozen=True)
 class ReferenceTable:
     """One published table, as published: rows of methods, columns of settings or metrics."""
+
     source: str  # the citation, down to the table
     task: str
     protocol: str
@@ -340,32 +374,67 @@ def load_reference(path: str | Path) -> list[ReferenceTable]:
         if not ok:
             raise ValueError(f"{path}: {where}: {problem}")
 
-    check(isinstance(doc, dict) and isinstance(doc.get("tables"), list), "tables",
-          "expected a top-level list 'tables'")
+    check(
+        isinstance(doc, dict) and isinstance(doc.get("tables"), list),
+        "tables",
+        "expected a top-level list 'tables'",
+    )
     tables = []
     for i, t in enumerate(doc["tables"]):
         where = f"tables[{i}]"
         keys = ("source", "task", "protocol", "arch", "columns", "rows")
-        check(isinstance(t, dict) and set(keys) <= set(t) <= {*keys, *FORM_TAG_KEYS}, where,
-              f"expected the keys {keys} and optionally {FORM_TAG_KEYS}")
+        check(
+            isinstance(t, dict) and set(keys) <= set(t) <= {*keys, *FORM_TAG_KEYS},
+            where,
+            f"expected the keys {keys} and optionally {FORM_TAG_KEYS}",
+        )
         for key in keys[:4]:
             check(isinstance(t[key], str) and bool(t[key]), f"{where}.{key}", "expected a string")
-        check(t["task"] in tasks(), f"{where}.task",
-              f"expected a registered task ({', '.join(tasks().names())})")
-        check(isinstance(t["columns"], list) and bool(t["columns"])
-              and all(isinstance(c, str) for c in t["columns"]), f"{where}.columns",
-              "expected a list of strings")
-        check(isinstance(t["rows"], dict) and bool(t["rows"]), f"{where}.rows",
-              "expected a mapping of method to values")
+        check(
+            t["task"] in tasks(),
+            f"{where}.task",
+            f"expected a registered task ({', '.join(tasks().names())})",
+        )
+        check(
+            isinstance(t["columns"], list)
+            and bool(t["columns"])
+            and all(isinstance(c, str) for c in t["columns"]),
+            f"{where}.columns",
+            "expected a list of strings",
+        )
+        check(
+            isinstance(t["rows"], dict) and bool(t["rows"]),
+            f"{where}.rows",
+            "expected a mapping of method to values",
+        )
         for name, row in t["rows"].items():
-            check(isinstance(row, list) and len(row) == len(t["columns"])
-                  and all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
-                          for v in row), f"{where}.rows.{name}",
-                  f"expected {len(t['columns'])} numbers (null where the source has none)")
-        tags = form_tags(t, len(t["columns"]), lambda ok, key, problem, where=where:
-                         check(ok, f"{where}.{key}", problem))
-        tables.append(ReferenceTable(
-            t["source"], t["task"], t["protocol"], t["arch"], tuple(t["columns"]),
-            tuple((str(name), tuple(None if v is None else float(v) for v in row))
-                  for name, row in t["rows"].items()), *tags))
+            check(
+                isinstance(row, list)
+                and len(row) == len(t["columns"])
+                and all(
+                    v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                    for v in row
+                ),
+                f"{where}.rows.{name}",
+                f"expected {len(t['columns'])} numbers (null where the source has none)",
+            )
+        tags = form_tags(
+            t,
+            len(t["columns"]),
+            lambda ok, key, problem, where=where: check(ok, f"{where}.{key}", problem),
+        )
+        tables.append(
+            ReferenceTable(
+                t["source"],
+                t["task"],
+                t["protocol"],
+                t["arch"],
+                tuple(t["columns"]),
+                tuple(
+                    (str(name), tuple(None if v is None else float(v) for v in row))
+                    for name, row in t["rows"].items()
+                ),
+                *tags,
+            )
+        )
     return tables

@@ -23,16 +23,29 @@ examples:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = EPILOG.format(metrics=", ".join(f"{task}={metric}" for task, metric
-                                                    in ranked_metrics().items()))
-    parser.add_argument("directory", metavar="RESULTS_DIR",
-                        help="directory of result records (searched recursively)")
-    parser.add_argument("--out", metavar="DIR",
-                        help="where to write the board (default: RESULTS_DIR)")
-    parser.add_argument("--reference", metavar="YAML",
-                        help="published numbers to show apart, unranked (configs/reference/)")
-    parser.add_argument("--metric", action="append", default=[], metavar="TASK=NAME",
-                        help="rank TASK by metric NAME instead of its default (repeatable)")
+    parser.epilog = EPILOG.format(
+        metrics=", ".join(f"{task}={metric}" for task, metric in ranked_metrics().items())
+    )
+    parser.add_argument(
+        "directory",
+        metavar="RESULTS_DIR",
+        help="directory of result records (searched recursively)",
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", help="where to write the board (default: RESULTS_DIR)"
+    )
+    parser.add_argument(
+        "--reference",
+        metavar="YAML",
+        help="published numbers to show apart, unranked (configs/reference/)",
+    )
+    parser.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        metavar="TASK=NAME",
+        help="rank TASK by metric NAME instead of its default (repeatable)",
+    )
 
 
 def _metrics(overrides: list[str]) -> dict[str, str]:
@@ -40,8 +53,9 @@ def _metrics(overrides: list[str]) -> dict[str, str]:
     for item in overrides:
         task, sep, name = item.partition("=")
         if not sep or task not in metrics or not name:
-            raise ValueError(f"--metric {item!r}: expected TASK=NAME with TASK one of "
-                             f"{', '.join(metrics)}")
+            raise ValueError(
+                f"--metric {item!r}: expected TASK=NAME with TASK one of {', '.join(metrics)}"
+            )
         metrics[task] = name
     return metrics
 
@@ -67,14 +81,17 @@ def run(args: argparse.Namespace) -> int:
         with atomic_path(written[-1]) as tmp:
             tmp.write_bytes(png)
     pivots = build_pivots(board, records, reference)  # [] unless the runs differ in loss form
-    texts = {"leaderboard.md": markdown(board, reference, args.directory) + pivot_markdown(pivots),
-             "leaderboard.csv": csv_text(board),
-             "leaderboard.html": html_page(board, reference, args.directory, charts,
-                                           pivot_html(pivots))}
+    texts = {
+        "leaderboard.md": markdown(board, reference, args.directory) + pivot_markdown(pivots),
+        "leaderboard.csv": csv_text(board),
+        "leaderboard.html": html_page(board, reference, args.directory, charts, pivot_html(pivots)),
+    }
     for name, text in texts.items():
         written.append(out / name)
         write_text_atomic(written[-1], text)
-    print(f"{board.records} records, {len(board.rows)} runs x {len(board.columns)} columns"
-          + (f", {len(warnings)} warnings" if warnings else ""))
+    print(
+        f"{board.records} records, {len(board.rows)} runs x {len(board.columns)} columns"
+        + (f", {len(warnings)} warnings" if warnings else "")
+    )
     print("\n".join(str(p) for p in written))
     return 0

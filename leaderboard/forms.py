@@ -50,8 +50,9 @@ def form_of(config: dict[str, Any]) -> Form:
 Check = Callable[[bool, str, str], None]  # (ok, key, problem) -> raise naming the key
 
 
-def form_tags(table: dict[str, Any], columns: int, check: Check
-              ) -> tuple[tuple[Form, ...], tuple[str, ...], tuple[tuple[str, str], ...]]:
+def form_tags(
+    table: dict[str, Any], columns: int, check: Check
+) -> tuple[tuple[Form, ...], tuple[str, ...], tuple[tuple[str, str], ...]]:
     """A reference table's tags: the form and setting of each column (`loss_form` and `setting`:
     one value for every column or a list of one per column; `momentum_encoder`: a list, true or
     false under `unigrad`, null elsewhere) and `methods`, its row names as `method.name`s.
@@ -62,24 +63,40 @@ def form_tags(table: dict[str, Any], columns: int, check: Check
     def per_column(key: str, kind: type) -> list:
         value = table.get(key)
         values = value if isinstance(value, list) else [value] * columns
-        check(len(values) == columns and all(isinstance(v, kind) for v in values), key,
-              f"expected a {kind.__name__} or a list of {columns}")
+        check(
+            len(values) == columns and all(isinstance(v, kind) for v in values),
+            key,
+            f"expected a {kind.__name__} or a list of {columns}",
+        )
         return values
 
     loss_forms = per_column("loss_form", str)
     for form in loss_forms:
-        check(form in LOSS_FORMS and form != "exact", "loss_form",
-              f"{form!r}: expected 'original' or 'unigrad' ('exact' is no published form)")
+        check(
+            form in LOSS_FORMS and form != "exact",
+            "loss_form",
+            f"{form!r}: expected 'original' or 'unigrad' ('exact' is no published form)",
+        )
     switches = table.get("momentum_encoder", [None] * columns)
-    check(isinstance(switches, list) and len(switches) == columns, "momentum_encoder",
-          f"expected a list of {columns}")
+    check(
+        isinstance(switches, list) and len(switches) == columns,
+        "momentum_encoder",
+        f"expected a list of {columns}",
+    )
     for form, switch in zip(loss_forms, switches):
-        check(isinstance(switch, bool) if form == "unigrad" else switch is None,
-              "momentum_encoder", "expected true or false under unigrad, null elsewhere")
+        check(
+            isinstance(switch, bool) if form == "unigrad" else switch is None,
+            "momentum_encoder",
+            "expected true or false under unigrad, null elsewhere",
+        )
     settings = per_column("setting", str)
     methods = table.get("methods", {})
-    check(isinstance(methods, dict) and set(methods) <= set(table["rows"])
-          and all(isinstance(v, str) for v in methods.values()), "methods",
-          "expected a mapping of the table's row names to method names")
+    check(
+        isinstance(methods, dict)
+        and set(methods) <= set(table["rows"])
+        and all(isinstance(v, str) for v in methods.values()),
+        "methods",
+        "expected a mapping of the table's row names to method names",
+    )
     forms = tuple(Form(f, s) for f, s in zip(loss_forms, switches))
     return forms, tuple(settings), tuple(methods.items())

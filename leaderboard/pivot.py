@@ -19,11 +19,13 @@ from .aggregate import Board, Cell, Column, ReferenceTable, RowKey
 from .forms import DERIVED, Form, form_of
 from .render import _md
 
-INTRO = ("Rows: methods; columns: the loss form each run trained in (original: the method's own "
-         "recipe and loss; unigrad: UniGrad's unified gradient form under one shared setting, "
-         "without and with momentum encoder). Cells: mean ± sample std over n records. "
-         "'published' rows: the seed papers' numbers, under the same form only, from their own "
-         "protocol and scale: compare the pattern across forms, not the values.")
+INTRO = (
+    "Rows: methods; columns: the loss form each run trained in (original: the method's own "
+    "recipe and loss; unigrad: UniGrad's unified gradient form under one shared setting, "
+    "without and with momentum encoder). Cells: mean ± sample std over n records. "
+    "'published' rows: the seed papers' numbers, under the same form only, from their own "
+    "protocol and scale: compare the pattern across forms, not the values."
+)
 DERIVED_NOTE = "†: a unigrad form derived by sslbench (docs/methods.md), not given by the paper."
 
 
@@ -37,8 +39,9 @@ class Pivot:
     sources: tuple[str, ...]  # the reference tables placed, as cited
 
 
-def build_pivots(board: Board, records: list[ResultRecord], reference: list[ReferenceTable]
-                 ) -> list[Pivot]:
+def build_pivots(
+    board: Board, records: list[ResultRecord], reference: list[ReferenceTable]
+) -> list[Pivot]:
     """One pivot per board column, or none when the board's runs share one loss form."""
     form_of_row = {RowKey.of(r): form_of(r.backbone.config) for r in records}
     rows = [row for row in board.rows if row.key in form_of_row]
@@ -60,8 +63,11 @@ def build_pivots(board: Board, records: list[ResultRecord], reference: list[Refe
     return pivots
 
 
-def _placed(column: Column, measured: dict[tuple[str, Form], tuple[Cell, ...]],
-            reference: list[ReferenceTable]) -> tuple[dict[tuple[str, Form], float], tuple]:
+def _placed(
+    column: Column,
+    measured: dict[tuple[str, Form], tuple[Cell, ...]],
+    reference: list[ReferenceTable],
+) -> tuple[dict[tuple[str, Form], float], tuple]:
     """The published numbers of `column`'s task at the positions (method, form) that hold a
     measured cell (the first table with a number there wins), and the tables they come from."""
     published, sources = {}, []
@@ -81,8 +87,10 @@ def _placed(column: Column, measured: dict[tuple[str, Form], tuple[Cell, ...]],
 
 def _measured(pivot: Pivot, method: str, form: Form) -> str:
     cells = pivot.cells.get((method, form), ())
-    text = " / ".join(f"{c.mean:.2f}" + ("" if c.std is None else f" ± {c.std:.2f}")
-                      + f" (n={c.n})" for c in cells)
+    text = " / ".join(
+        f"{c.mean:.2f}" + ("" if c.std is None else f" ± {c.std:.2f}") + f" (n={c.n})"
+        for c in cells
+    )
     mark = "†" if cells and form.loss_form == "unigrad" and method in DERIVED else ""
     return (text or "–") + mark
 
@@ -93,9 +101,13 @@ def _rows(pivot: Pivot) -> list[list[str]]:
     for method in pivot.methods:
         lines.append([method] + [_measured(pivot, method, f) for f in pivot.forms])
         if any((method, f) in pivot.published for f in pivot.forms):
-            lines.append([f"{method}, published"] + [
-                str(pivot.published[(method, f)]) if (method, f) in pivot.published else "–"
-                for f in pivot.forms])
+            lines.append(
+                [f"{method}, published"]
+                + [
+                    str(pivot.published[(method, f)]) if (method, f) in pivot.published else "–"
+                    for f in pivot.forms
+                ]
+            )
     return lines
 
 
@@ -106,8 +118,13 @@ def pivot_markdown(pivots: list[Pivot]) -> str:
     lines = ["", "## Loss forms", "", INTRO]
     for p in pivots:
         header = ["method"] + [f.label for f in p.forms]
-        lines += ["", f"### {_md(p.column.label)} {_md(p.column.metric)}", "",
-                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += [
+            "",
+            f"### {_md(p.column.label)} {_md(p.column.metric)}",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+        ]
         lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in _rows(p)]
         if p.sources:
             lines += ["", "Published: " + "; ".join(_md(s) for s in p.sources) + "."]
@@ -124,11 +141,14 @@ def pivot_html(pivots: list[Pivot]) -> str:
     parts = ["<h2>Loss forms</h2>", f"<p>{e(INTRO)}</p>"]
     for p in pivots:
         head = "".join(f"<th>{e(h)}</th>" for h in ["method"] + [f.label for f in p.forms])
-        body = "\n".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>"
-                         for row in _rows(p))
-        parts.append(f"<h3>{e(p.column.label)} <span class=meta>{e(p.column.metric)}</span></h3>"
-                     f"\n<table class=pivot>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}"
-                     "\n</tbody>\n</table>")
+        body = "\n".join(
+            "<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in _rows(p)
+        )
+        parts.append(
+            f"<h3>{e(p.column.label)} <span class=meta>{e(p.column.metric)}</span></h3>"
+            f"\n<table class=pivot>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}"
+            "\n</tbody>\n</table>"
+        )
         if p.sources:
             parts.append("<p class=meta>Published: " + "; ".join(e(s) for s in p.sources) + ".</p>")
     if any(m in DERIVED for p in pivots for m in p.methods):

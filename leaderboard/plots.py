@@ -17,7 +17,7 @@ def _text(label: str, limit: int = 48) -> str:
     """Plain text for matplotlib, at most `limit` characters: a '$' would otherwise start math
     mode (and can fail to parse)."""
     if len(label) > limit:
-        label = label[:limit - 1] + "…"
+        label = label[: limit - 1] + "…"
     return label.replace("$", r"\$")
 
 
@@ -26,19 +26,35 @@ def bar_chart(board: Board, task: str) -> bytes:
     columns = [c for c in board.columns if c.task == task]
     rows = [r for r in board.rows if any(c.key in r.cells for c in columns)]
     height = 0.8 / len(columns)
-    fig = Figure(figsize=(8, 1.4 + 0.35 * len(rows) * len(columns) + 0.2 * (len(columns) > 1)),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(8, 1.4 + 0.35 * len(rows) * len(columns) + 0.2 * (len(columns) > 1)),
+        layout="constrained",
+    )
     ax = fig.subplots()
     for j, column in enumerate(columns):
-        placed = [(i + (j - (len(columns) - 1) / 2) * height, row.cells[column.key])
-                  for i, row in enumerate(rows) if column.key in row.cells]
+        placed = [
+            (i + (j - (len(columns) - 1) / 2) * height, row.cells[column.key])
+            for i, row in enumerate(rows)
+            if column.key in row.cells
+        ]
         ys, cells = zip(*placed)
-        ax.barh(ys, [c.mean for c in cells], height=height, capsize=3,
-                xerr=[float("nan") if c.std is None else c.std for c in cells],  # none for n=1
-                label=_text(f"{column.label} ({column.dataset})"))
+        ax.barh(
+            ys,
+            [c.mean for c in cells],
+            height=height,
+            capsize=3,
+            xerr=[float("nan") if c.std is None else c.std for c in cells],  # none for n=1
+            label=_text(f"{column.label} ({column.dataset})"),
+        )
         for y, c in placed:
-            ax.annotate(f"n={c.n}", (c.mean + (c.std or 0.0), y), xytext=(4, 0),
-                        textcoords="offset points", va="center", fontsize=8)
+            ax.annotate(
+                f"n={c.n}",
+                (c.mean + (c.std or 0.0), y),
+                xytext=(4, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
+            )
     ax.set_yticks(range(len(rows)), [_text(f"{r.label} ({r.key.method})") for r in rows])
     ax.invert_yaxis()  # best first, as in the table
     ax.set_xlabel(_text(f"{columns[0].metric} (mean ± std over n records)"))

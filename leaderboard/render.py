@@ -18,23 +18,31 @@ import json
 
 from .aggregate import Board, Cell, Column, ReferenceTable, Row
 
-INTRO = ("Each cell: mean ± sample std of the column's metric over n records (evaluation seeds "
-         "and pretraining runs of the row's recipe) and the row's rank in the column. Rows are "
-         "ordered by the number of columns they have, then by average rank over those columns. "
-         "Numbers measured under different protocols are different columns, never averaged.")
-LEGEND = ("[lo, hi]: 95% interval: Student's t over the seeds where n ≥ 2; for a single run of a "
-          "classification task, a percentile bootstrap over the test images (2,000 resamples); "
-          "none where n=1 and the task keeps no per-image scores (detection, segmentation). "
-          "≈best: statistically indistinguishable from the column's best row: a paired "
-          "bootstrap over the same test images of the difference in per-image top-1 (its 95% "
-          "interval holds 0) for classification, Welch's t-test over seeds (p ≥ 0.05) otherwise; "
-          "no mark where neither test is possible. pos: where the cell falls between the "
-          "baselines of its architecture, random-init (0) and supervised (1).")
-BASELINE_INTRO = ("Baselines, not ranked: random-init (the same architecture, untrained: the "
-                  "floor) and supervised (the same backbone trained with labels under the SSL "
-                  "recipes' data, augmentation and step budget: the ceiling).")
-REFERENCE_INTRO = ("Published numbers, as printed in the seed papers. They were measured under "
-                   "the papers' own protocols, so they are not ranked with the rows above.")
+INTRO = (
+    "Each cell: mean ± sample std of the column's metric over n records (evaluation seeds "
+    "and pretraining runs of the row's recipe) and the row's rank in the column. Rows are "
+    "ordered by the number of columns they have, then by average rank over those columns. "
+    "Numbers measured under different protocols are different columns, never averaged."
+)
+LEGEND = (
+    "[lo, hi]: 95% interval: Student's t over the seeds where n ≥ 2; for a single run of a "
+    "classification task, a percentile bootstrap over the test images (2,000 resamples); "
+    "none where n=1 and the task keeps no per-image scores (detection, segmentation). "
+    "≈best: statistically indistinguishable from the column's best row: a paired "
+    "bootstrap over the same test images of the difference in per-image top-1 (its 95% "
+    "interval holds 0) for classification, Welch's t-test over seeds (p ≥ 0.05) otherwise; "
+    "no mark where neither test is possible. pos: where the cell falls between the "
+    "baselines of its architecture, random-init (0) and supervised (1)."
+)
+BASELINE_INTRO = (
+    "Baselines, not ranked: random-init (the same architecture, untrained: the "
+    "floor) and supervised (the same backbone trained with labels under the SSL "
+    "recipes' data, augmentation and step budget: the ceiling)."
+)
+REFERENCE_INTRO = (
+    "Published numbers, as printed in the seed papers. They were measured under "
+    "the papers' own protocols, so they are not ranked with the rows above."
+)
 
 
 def _mean_std(cell: Cell) -> str:
@@ -115,32 +123,56 @@ def _tagged_columns(table: ReferenceTable) -> list[str]:
 
 
 def markdown(board: Board, reference: list[ReferenceTable], source: str) -> str:
-    lines = ["# Leaderboard", "",
-             f"{board.records} result records from `{_md(source)}`, {len(board.rows)} pretraining "
-             f"runs × {len(board.columns)} task protocols. {INTRO}", "", LEGEND, ""]
+    lines = [
+        "# Leaderboard",
+        "",
+        f"{board.records} result records from `{_md(source)}`, {len(board.rows)} pretraining "
+        f"runs × {len(board.columns)} task protocols. {INTRO}",
+        "",
+        LEGEND,
+        "",
+    ]
     header = ["run", "method", "arch", "avg rank"] + [
-        f"{_md(c.label)} {_md(c.metric)}" for c in board.columns]
+        f"{_md(c.label)} {_md(c.metric)}" for c in board.columns
+    ]
 
     def table(rows: tuple[Row, ...]) -> list[str]:
-        return _md_table(header, [
-            [_md(_run(r)), _md(r.key.method), _md(r.key.arch), _avg_rank(r, board)]
-            + [_md_cell(r.cells.get(c.key)) for c in board.columns] for r in rows])
+        return _md_table(
+            header,
+            [
+                [_md(_run(r)), _md(r.key.method), _md(r.key.arch), _avg_rank(r, board)]
+                + [_md_cell(r.cells.get(c.key)) for c in board.columns]
+                for r in rows
+            ],
+        )
 
     lines += table(board.rows)
     if board.baselines:
         lines += ["", "## Baselines", "", BASELINE_INTRO, ""] + table(board.baselines)
     lines += ["", "## Columns", ""]
-    lines += _md_table(["column", "task", "dataset", "metric", "protocol id", "differs in"], [
-        [_md(c.label), c.task, _md(c.dataset), _md(c.metric), c.protocol_id,
-         _md(_settings(board, c)) or "–"] for c in board.columns])
+    lines += _md_table(
+        ["column", "task", "dataset", "metric", "protocol id", "differs in"],
+        [
+            [
+                _md(c.label),
+                c.task,
+                _md(c.dataset),
+                _md(c.metric),
+                c.protocol_id,
+                _md(_settings(board, c)) or "–",
+            ]
+            for c in board.columns
+        ],
+    )
     if reference:
         lines += ["", "## Published numbers (not ranked)", "", REFERENCE_INTRO]
         for t in reference:
             caption = f"**{_md(t.source)}**. {_md(t.task)}, {_md(t.arch)}: {_md(t.protocol)}."
             lines += ["", " ".join([caption, _md(_uniform_tag(t))]).strip(), ""]
-            lines += _md_table(["method"] + [_md(c) for c in _tagged_columns(t)],
-                               [[_md(name)] + [_number(v) for v in values]
-                                for name, values in t.rows])
+            lines += _md_table(
+                ["method"] + [_md(c) for c in _tagged_columns(t)],
+                [[_md(name)] + [_number(v) for v in values] for name, values in t.rows],
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -151,28 +183,54 @@ def csv_text(board: Board) -> str:
     writer = csv.writer(out, lineterminator="\n")
     names = [f"{c.task}:{c.protocol_id}:{c.metric}" for c in board.columns]
     stats = ("mean", "std", "n", "rank", "lo", "hi", "interval", "tied_with_best", "position")
-    writer.writerow(["run", "method", "arch", "recipe", "baseline", "imported_format",
-                     "imported_file", "avg_rank", "columns"]
-                    + [f"{n}:{stat}" for n in names for stat in stats])
+    writer.writerow(
+        [
+            "run",
+            "method",
+            "arch",
+            "recipe",
+            "baseline",
+            "imported_format",
+            "imported_file",
+            "avg_rank",
+            "columns",
+        ]
+        + [f"{n}:{stat}" for n in names for stat in stats]
+    )
 
     def blank(value) -> str:
         return "" if value is None else value
 
     for row in (*board.rows, *board.baselines):
         source = row.imported or {}
-        fields = [row.label, row.key.method, row.key.arch, row.key.recipe, blank(row.baseline),
-                  source.get("format", ""), source.get("file", ""),
-                  blank(row.average_rank and repr(row.average_rank)), len(row.cells)]
+        fields = [
+            row.label,
+            row.key.method,
+            row.key.arch,
+            row.key.recipe,
+            blank(row.baseline),
+            source.get("format", ""),
+            source.get("file", ""),
+            blank(row.average_rank and repr(row.average_rank)),
+            len(row.cells),
+        ]
         for column in board.columns:
             cell = row.cells.get(column.key)
             if cell is None:
                 fields += [""] * len(stats)
                 continue
             lo, hi = cell.interval or (None, None)
-            fields += [repr(cell.mean), blank(cell.std and repr(cell.std)), cell.n,
-                       "" if cell.rank is None else f"{cell.rank:g}",
-                       blank(lo and repr(lo)), blank(hi and repr(hi)), cell.interval_kind,
-                       blank(cell.tied_with_best), blank(cell.position and repr(cell.position))]
+            fields += [
+                repr(cell.mean),
+                blank(cell.std and repr(cell.std)),
+                cell.n,
+                "" if cell.rank is None else f"{cell.rank:g}",
+                blank(lo and repr(lo)),
+                blank(hi and repr(hi)),
+                cell.interval_kind,
+                blank(cell.tied_with_best),
+                blank(cell.position and repr(cell.position)),
+            ]
         writer.writerow(fields)
     return out.getvalue()
 
@@ -245,40 +303,69 @@ def _e(text: str) -> str:
 
 def _th(key: str, label: str, kind: str, first: str, sort: str = "none") -> str:
     """A sortable header: `first` is the direction of its first click (best first)."""
-    return (f'<th data-key="{_e(key)}" data-type="{kind}" data-first="{first}" '
-            f'aria-sort="{sort}"><button type="button">{label}</button></th>')
+    return (
+        f'<th data-key="{_e(key)}" data-type="{kind}" data-first="{first}" '
+        f'aria-sort="{sort}"><button type="button">{label}</button></th>'
+    )
 
 
 def _td(text: str, value: str | float | None = None, numeric: bool = False) -> str:
     data = "" if value is None else f' data-value="{_e(str(value))}"'
-    return f'<td{data}{" class=num" if numeric else ""}>{text}</td>'
+    return f"<td{data}{' class=num' if numeric else ''}>{text}</td>"
 
 
 def _board_table(board: Board, rows: tuple[Row, ...], table_id: str) -> str:
-    head = [_th("run", "run", "text", "ascending"), _th("method", "method", "text", "ascending"),
-            _th("arch", "arch", "text", "ascending"),
-            _th("avg_rank", "avg rank", "number", "ascending", sort="ascending")]
-    head += [_th(c.key, f"{_e(c.label)}<br><span class=meta>{_e(c.metric)}</span>", "number",
-                 "descending") for c in board.columns]
+    head = [
+        _th("run", "run", "text", "ascending"),
+        _th("method", "method", "text", "ascending"),
+        _th("arch", "arch", "text", "ascending"),
+        _th("avg_rank", "avg rank", "number", "ascending", sort="ascending"),
+    ]
+    head += [
+        _th(
+            c.key,
+            f"{_e(c.label)}<br><span class=meta>{_e(c.metric)}</span>",
+            "number",
+            "descending",
+        )
+        for c in board.columns
+    ]
     body = []
     for r in rows:
         rank = "–" if r.average_rank is None else f"{r.average_rank:.2f}"
-        cells = [_td(_e(_run(r)), r.label), _td(_e(r.key.method), r.key.method),
-                 _td(_e(r.key.arch), r.key.arch),
-                 _td(f"{rank} <span class=meta>({len(r.cells)}/{len(board.columns)})</span>",
-                     None if r.average_rank is None else repr(r.average_rank), numeric=True)]
+        cells = [
+            _td(_e(_run(r)), r.label),
+            _td(_e(r.key.method), r.key.method),
+            _td(_e(r.key.arch), r.key.arch),
+            _td(
+                f"{rank} <span class=meta>({len(r.cells)}/{len(board.columns)})</span>",
+                None if r.average_rank is None else repr(r.average_rank),
+                numeric=True,
+            ),
+        ]
         for c in board.columns:
             cell = r.cells.get(c.key)
             if cell is None:
                 cells.append(_td("–"))
                 continue
             extra = _uncertainty(cell)
-            cells.append(_td(f"{_mean_std(cell)}<br><span class=meta>{_count_rank(cell)}"
-                             + (f"<br>{_e(extra)}" if extra else "") + "</span>",
-                             repr(cell.mean), numeric=True))
+            cells.append(
+                _td(
+                    f"{_mean_std(cell)}<br><span class=meta>{_count_rank(cell)}"
+                    + (f"<br>{_e(extra)}" if extra else "")
+                    + "</span>",
+                    repr(cell.mean),
+                    numeric=True,
+                )
+            )
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<table id="{table_id}" class="sortable">\n<thead><tr>' + "".join(head)
-            + "</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>")
+    return (
+        f'<table id="{table_id}" class="sortable">\n<thead><tr>'
+        + "".join(head)
+        + "</tr></thead>\n<tbody>\n"
+        + "\n".join(body)
+        + "\n</tbody>\n</table>"
+    )
 
 
 def _columns_section(board: Board) -> str:
@@ -290,7 +377,8 @@ def _columns_section(board: Board) -> str:
             f"{_e(c.metric)}, protocol <code>{_e(c.protocol_id)}</code>"
             + (f"; differs in {_e(differs)}" if differs else "")
             + "<details><summary>protocol</summary><pre>"
-            f"{_e(json.dumps(c.protocol, indent=2, sort_keys=True))}</pre></details></li>")
+            f"{_e(json.dumps(c.protocol, indent=2, sort_keys=True))}</pre></details></li>"
+        )
     return "<h2>Columns</h2>\n<ul>\n" + "\n".join(items) + "\n</ul>"
 
 
@@ -298,37 +386,64 @@ def _reference_section(reference: list[ReferenceTable]) -> str:
     parts = ["<h2>Published numbers (not ranked)</h2>", f"<p>{_e(REFERENCE_INTRO)}</p>"]
     for t in reference:
         head = [_th("method", "method", "text", "ascending")] + [
-            _th(f"c{i}", _e(c), "number", "descending") for i, c in enumerate(_tagged_columns(t))]
-        rows = ["<tr>" + _td(_e(name), name) + "".join(
-            _td(_number(v), v, numeric=True) for v in values) + "</tr>" for name, values in t.rows]
-        parts.append(f"<p><b>{_e(t.source)}</b>. {_e(t.task)}, {_e(t.arch)}: {_e(t.protocol)}. "
-                     f"{_e(_uniform_tag(t))}</p>"
-                     '\n<table class="sortable">\n<thead><tr>' + "".join(head)
-                     + "</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>")
+            _th(f"c{i}", _e(c), "number", "descending") for i, c in enumerate(_tagged_columns(t))
+        ]
+        rows = [
+            "<tr>"
+            + _td(_e(name), name)
+            + "".join(_td(_number(v), v, numeric=True) for v in values)
+            + "</tr>"
+            for name, values in t.rows
+        ]
+        parts.append(
+            f"<p><b>{_e(t.source)}</b>. {_e(t.task)}, {_e(t.arch)}: {_e(t.protocol)}. "
+            f"{_e(_uniform_tag(t))}</p>"
+            '\n<table class="sortable">\n<thead><tr>'
+            + "".join(head)
+            + "</tr></thead>\n<tbody>\n"
+            + "\n".join(rows)
+            + "\n</tbody>\n</table>"
+        )
     return "\n".join(parts)
 
 
-def html_page(board: Board, reference: list[ReferenceTable], source: str,
-              charts: dict[str, bytes], extra: str = "") -> str:
+def html_page(
+    board: Board,
+    reference: list[ReferenceTable],
+    source: str,
+    charts: dict[str, bytes],
+    extra: str = "",
+) -> str:
     """`charts`: PNG bytes by task, embedded as data: URLs; `extra`: a section (HTML) to end
     the page with, e.g. leaderboard/pivot.py's."""
     figures = "\n".join(
         f'<figure><img alt="{_e(task)} bar chart" src="data:image/png;base64,'
-        f'{base64.b64encode(png).decode("ascii")}"></figure>' for task, png in charts.items())
-    body = ["<h1>Leaderboard</h1>",
-            f"<p>{board.records} result records from <code>{_e(source)}</code>, "
-            f"{len(board.rows)} pretraining runs × {len(board.columns)} task protocols. "
-            f"{_e(INTRO)} Click a header to sort.</p>", f"<p class=meta>{_e(LEGEND)}</p>",
-            _board_table(board, board.rows, "board")]
+        f'{base64.b64encode(png).decode("ascii")}"></figure>'
+        for task, png in charts.items()
+    )
+    body = [
+        "<h1>Leaderboard</h1>",
+        f"<p>{board.records} result records from <code>{_e(source)}</code>, "
+        f"{len(board.rows)} pretraining runs × {len(board.columns)} task protocols. "
+        f"{_e(INTRO)} Click a header to sort.</p>",
+        f"<p class=meta>{_e(LEGEND)}</p>",
+        _board_table(board, board.rows, "board"),
+    ]
     if board.baselines:
-        body += ["<h2>Baselines</h2>", f"<p>{_e(BASELINE_INTRO)}</p>",
-                 _board_table(board, board.baselines, "baselines")]
+        body += [
+            "<h2>Baselines</h2>",
+            f"<p>{_e(BASELINE_INTRO)}</p>",
+            _board_table(board, board.baselines, "baselines"),
+        ]
     body += [_columns_section(board), figures]
     if reference:
         body.append(_reference_section(reference))
     if extra:
         body.append(extra)
-    return ("<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-            f"<title>sslbench leaderboard</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
-            + "\n".join(body) + f"\n<script>{SCRIPT}</script>\n</body>\n</html>\n")
+    return (
+        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>sslbench leaderboard</title>\n<style>{STYLE}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + f"\n<script>{SCRIPT}</script>\n</body>\n</html>\n"
+    )

@@ -39,8 +39,12 @@ def _resampled_means(per_image: np.ndarray, resamples: int, seed: int) -> np.nda
     return per_image[..., index].mean(-1)
 
 
-def bootstrap_interval(per_image: np.ndarray, confidence: float = CONFIDENCE,
-                       resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float]:
+def bootstrap_interval(
+    per_image: np.ndarray,
+    confidence: float = CONFIDENCE,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> tuple[float, float]:
     """Percentile bootstrap interval (in %) of the mean of per-image scores in [0, 1]."""
     means = _resampled_means(np.asarray(per_image, dtype=np.float64), resamples, seed)
     tail = (1 - confidence) / 2 * 100
@@ -48,9 +52,13 @@ def bootstrap_interval(per_image: np.ndarray, confidence: float = CONFIDENCE,
     return float(100 * lo), float(100 * hi)
 
 
-def paired_difference_interval(a: np.ndarray, b: np.ndarray, confidence: float = CONFIDENCE,
-                               resamples: int = RESAMPLES,
-                               seed: int = SEED) -> tuple[float, float]:
+def paired_difference_interval(
+    a: np.ndarray,
+    b: np.ndarray,
+    confidence: float = CONFIDENCE,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> tuple[float, float]:
     """Percentile bootstrap interval (in points) of mean(a) − mean(b) over the same images."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:

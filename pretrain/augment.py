@@ -23,8 +23,15 @@ from torchvision import transforms as T
 
 from sslbench.transforms import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PIPELINES", "BLUR_MODES", "build_view_transforms",
-           "MultiViewTransform", "build_eval_transform"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PIPELINES",
+    "BLUR_MODES",
+    "build_view_transforms",
+    "MultiViewTransform",
+    "build_eval_transform",
+]
 
 
 @dataclass(frozen=True)
@@ -49,9 +56,12 @@ RECIPES = {
     "simclr": PipelineRecipe(0.08, (0.8, 0.8, 0.8, 0.2), T.InterpolationMode.BILINEAR, _SYMMETRIC),
     "mocov2": PipelineRecipe(0.2, (0.4, 0.4, 0.4, 0.1), T.InterpolationMode.BILINEAR, _SYMMETRIC),
     # BYOL's asymmetric views: always blurred / rarely blurred but sometimes solarized.
-    "byol": PipelineRecipe(0.08, (0.4, 0.4, 0.2, 0.1), T.InterpolationMode.BICUBIC,
-                           (ViewRecipe(blur_p=1.0, solarize_p=0.0),
-                            ViewRecipe(blur_p=0.1, solarize_p=0.2))),
+    "byol": PipelineRecipe(
+        0.08,
+        (0.4, 0.4, 0.2, 0.1),
+        T.InterpolationMode.BICUBIC,
+        (ViewRecipe(blur_p=1.0, solarize_p=0.0), ViewRecipe(blur_p=0.1, solarize_p=0.2)),
+    ),
 }
 PIPELINES = tuple(RECIPES)
 BLUR_MODES = ("auto", "on", "off")
@@ -76,13 +86,15 @@ def _use_blur(blur: str, image_size: int) -> bool:
     return blur == "on" or (blur == "auto" and image_size > MAX_SIZE_WITHOUT_BLUR)
 
 
-def resolve(pipeline: str, image_size: int, crop_min_scale: float | None = None,
-            blur: str = "auto") -> tuple[PipelineRecipe, float, bool]:
+def resolve(
+    pipeline: str, image_size: int, crop_min_scale: float | None = None, blur: str = "auto"
+) -> tuple[PipelineRecipe, float, bool]:
     """The recipe, its crop's minimum scale and whether it blurs at this size: what the PIL path
     and the batched path (augment_batched.py) both build from."""
     if pipeline not in RECIPES:
-        raise ValueError(f"unknown augmentation pipeline {pipeline!r}; valid: "
-                         f"{', '.join(PIPELINES)}")
+        raise ValueError(
+            f"unknown augmentation pipeline {pipeline!r}; valid: {', '.join(PIPELINES)}"
+        )
     recipe = RECIPES[pipeline]
     min_scale = recipe.crop_min_scale if crop_min_scale is None else crop_min_scale
     if not 0.0 < min_scale <= 1.0:
@@ -90,15 +102,20 @@ def resolve(pipeline: str, image_size: int, crop_min_scale: float | None = None,
     return recipe, min_scale, _use_blur(blur, image_size)
 
 
-def build_view_transforms(pipeline: str, image_size: int, crop_min_scale: float | None = None,
-                          blur: str = "auto") -> list[Callable]:
+def build_view_transforms(
+    pipeline: str, image_size: int, crop_min_scale: float | None = None, blur: str = "auto"
+) -> list[Callable]:
     """One PIL → normalised tensor transform per view (two), as in the pipeline's paper."""
     recipe, min_scale, with_blur = resolve(pipeline, image_size, crop_min_scale, blur)
 
     def view(v: ViewRecipe) -> T.Compose:
         ops: list[Callable] = [
-            T.RandomResizedCrop(image_size, scale=(min_scale, 1.0), ratio=CROP_RATIO,
-                                interpolation=recipe.interpolation),
+            T.RandomResizedCrop(
+                image_size,
+                scale=(min_scale, 1.0),
+                ratio=CROP_RATIO,
+                interpolation=recipe.interpolation,
+            ),
             T.RandomApply([T.ColorJitter(*recipe.jitter)], p=JITTER_P),
             T.RandomGrayscale(p=GRAYSCALE_P),
         ]
@@ -107,8 +124,11 @@ def build_view_transforms(pipeline: str, image_size: int, crop_min_scale: float 
             ops.append(T.RandomApply([blur_op], p=v.blur_p))
         if v.solarize_p > 0:
             ops.append(T.RandomSolarize(SOLARIZE_THRESHOLD, p=v.solarize_p))
-        ops += [T.RandomHorizontalFlip(p=FLIP_P), T.ToTensor(),
-                T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        ops += [
+            T.RandomHorizontalFlip(p=FLIP_P),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
         return T.Compose(ops)
 
     return [view(v) for v in recipe.views]

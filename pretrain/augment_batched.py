@@ -59,14 +59,23 @@ from .augment import (
     resolve,
 )
 
-__all__ = ["AUGMENT_DEVICES", "BatchedTwoViews", "DecodeResize", "ViewParams", "batch_generator",
-           "build_augmentation", "on_accelerator"]
+__all__ = [
+    "AUGMENT_DEVICES",
+    "BatchedTwoViews",
+    "DecodeResize",
+    "ViewParams",
+    "batch_generator",
+    "build_augmentation",
+    "on_accelerator",
+]
 
 AUGMENT_DEVICES = ("auto", "cpu", "accelerator")
 CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries this many boxes before its fallback
 # What DecodeResize hands PIL for the recipe's interpolation.
-_PIL_RESAMPLE = {InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
-                 InterpolationMode.BICUBIC: Image.Resampling.BICUBIC}
+_PIL_RESAMPLE = {
+    InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
+    InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
+}
 _CUBIC_A = -0.5  # PIL's (and torch's antialiased) bicubic
 # A pixel of continuous value x becomes uint8 round(255 x) in the PIL path, which inverts values
 # >= SOLARIZE_THRESHOLD: the same as inverting x >= (threshold - 0.5) / 255.
@@ -77,8 +86,9 @@ def on_accelerator(setting: str, device: torch.device) -> bool:
     """Whether augment.device=`setting` augments batches on the training device ('auto': when that
     device is CUDA) rather than in DataLoader workers."""
     if setting not in AUGMENT_DEVICES:
-        raise ValueError(f"augment.device={setting!r}; expected one of "
-                         f"{', '.join(AUGMENT_DEVICES)}")
+        raise ValueError(
+            f"augment.device={setting!r}; expected one of {', '.join(AUGMENT_DEVICES)}"
+        )
     return setting == "accelerator" or (setting == "auto" and device.type == "cuda")
 
 
@@ -89,8 +99,9 @@ def batch_generator(seed: int, epoch: int, batch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-def build_augmentation(cfg: DictConfig, device: torch.device
-                       ) -> tuple[Callable, BatchedTwoViews | None]:
+def build_augmentation(
+    cfg: DictConfig, device: torch.device
+) -> tuple[Callable, BatchedTwoViews | None]:
     """The DataLoader's per-image transform ((image, seed) → sample) and, when augment.device
     puts the random ops on `device`, the batched two views the loop applies to each batch."""
     a, size = cfg.augment, cfg.data.image_size
@@ -154,24 +165,41 @@ class BatchedTwoViews:
     """Both views of a uint8 batch from DecodeResize, as normalised float32 tensors on the batch's
     device: `views = BatchedTwoViews("byol", 64)(images, sizes, (seed, epoch, batch))`."""
 
-    def __init__(self, pipeline: str, image_size: int, crop_min_scale: float | None = None,
-                 blur: str = "auto"):
-        self.recipe, self.min_scale, self.with_blur = resolve(pipeline, image_size,
-                                                              crop_min_scale, blur)
+    def __init__(
+        self,
+        pipeline: str,
+        image_size: int,
+        crop_min_scale: float | None = None,
+        blur: str = "auto",
+    ):
+        self.recipe, self.min_scale, self.with_blur = resolve(
+            pipeline, image_size, crop_min_scale, blur
+        )
         self.pipeline, self.image_size = pipeline, image_size
         self.kernel = blur_kernel_size(image_size)
 
-    def __call__(self, images: torch.Tensor, sizes: torch.Tensor, key: tuple[int, int, int],
-                 part: tuple[int, int] = (0, 1)) -> list[torch.Tensor]:
+    def __call__(
+        self,
+        images: torch.Tensor,
+        sizes: torch.Tensor,
+        key: tuple[int, int, int],
+        part: tuple[int, int] = (0, 1),
+    ) -> list[torch.Tensor]:
         """`key` is (seed, epoch, batch index); `part` is (rank, world_size): `images` are rows
         rank·B … (rank+1)·B of a global batch of world_size·B."""
         rank, world_size = part
-        draws = self.draw(batch_generator(*key), sizes, rows=rank * len(images),
-                          total=world_size * len(images))
+        draws = self.draw(
+            batch_generator(*key), sizes, rows=rank * len(images), total=world_size * len(images)
+        )
         return [self.apply(images, p) for p in draws]
 
-    def draw(self, generator: torch.Generator, sizes: torch.Tensor, rows: int = 0,
-             total: int | None = None) -> list[ViewParams]:
+    def draw(
+        self,
+        generator: torch.Generator,
+        sizes: torch.Tensor,
+        rows: int = 0,
+        total: int | None = None,
+    ) -> list[ViewParams]:
         """Both views' draws for images of original (height, width) `sizes`, rows `rows` … of a
         global batch of `total` (default: just these)."""
         total = len(sizes) if total is None else total
@@ -188,11 +216,17 @@ class BatchedTwoViews:
         high = torch.tensor([1 + b, 1 + c, 1 + s, h], dtype=torch.float64)
         sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, _SIGMA_U]
         return ViewParams(
-            size=sizes, box=self._boxes(u, sizes.to(torch.float64)), flip=u[:, _FLIP_U] < FLIP_P,
-            jitter=u[:, _JITTER] < JITTER_P, factors=low + (high - low) * u[:, _FACTORS],
-            order=u[:, _ORDER].argsort(dim=1), gray=u[:, _GRAY_U] < GRAYSCALE_P,
-            blur=(u[:, _BLUR_U] < view.blur_p) & self.with_blur, sigma=sigma,
-            solarize=u[:, _SOLARIZE_U] < view.solarize_p)
+            size=sizes,
+            box=self._boxes(u, sizes.to(torch.float64)),
+            flip=u[:, _FLIP_U] < FLIP_P,
+            jitter=u[:, _JITTER] < JITTER_P,
+            factors=low + (high - low) * u[:, _FACTORS],
+            order=u[:, _ORDER].argsort(dim=1),
+            gray=u[:, _GRAY_U] < GRAYSCALE_P,
+            blur=(u[:, _BLUR_U] < view.blur_p) & self.with_blur,
+            sigma=sigma,
+            solarize=u[:, _SOLARIZE_U] < view.solarize_p,
+        )
 
     def _boxes(self, u: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
         """torchvision's RandomResizedCrop.get_params for each image, vectorised: the first of
@@ -222,18 +256,29 @@ class BatchedTwoViews:
 
     def apply(self, images: torch.Tensor, p: ViewParams) -> torch.Tensor:
         """One view of `images` (uint8, B×3×S×S on any device) under draws `p`."""
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3 \
-                or images.shape[2] != images.shape[3]:
-            raise ValueError(f"expected a uint8 batch of square images (B, 3, S, S) from "
-                             f"DecodeResize, got {images.dtype} {tuple(images.shape)}")
+        if (
+            images.dtype != torch.uint8
+            or images.ndim != 4
+            or images.shape[1] != 3
+            or images.shape[2] != images.shape[3]
+        ):
+            raise ValueError(
+                f"expected a uint8 batch of square images (B, 3, S, S) from "
+                f"DecodeResize, got {images.dtype} {tuple(images.shape)}"
+            )
         side = images.shape[-1]
         # (op, images) for each position of each image's own jitter order.
         jitter = [(op, p.jitter & (p.order[:, k] == op)) for k in range(4) for op in range(4)]
         masks = [p.flip, p.gray, p.blur, p.solarize] + [mask for _, mask in jitter]
         box, sigma, *rest = _upload(
-            [(p.box * (side / p.size).repeat(1, 2)).float(), p.sigma[p.blur].float(),
-             *(p.factors[mask, op].float() for op, mask in jitter),
-             *(m.nonzero()[:, 0] for m in masks)], images.device)
+            [
+                (p.box * (side / p.size).repeat(1, 2)).float(),
+                p.sigma[p.blur].float(),
+                *(p.factors[mask, op].float() for op, mask in jitter),
+                *(m.nonzero()[:, 0] for m in masks),
+            ],
+            images.device,
+        )
         factors, (flip, gray, blur, solarize, *chosen) = rest[: len(jitter)], rest[len(jitter) :]
         x = self._crop(images.float() / 255, box, flip)
         for (op, _), where, factor in zip(jitter, chosen, factors):
@@ -282,8 +327,10 @@ class BatchedTwoViews:
         return w / w.sum(dim=-1, keepdim=True)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({self.pipeline!r}, {self.image_size}, "
-                f"crop_min_scale={self.min_scale}, blur={self.with_blur})")
+        return (
+            f"{type(self).__name__}({self.pipeline!r}, {self.image_size}, "
+            f"crop_min_scale={self.min_scale}, blur={self.with_blur})"
+        )
 
 
 def _upload(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -297,8 +344,9 @@ def _upload(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Ten
     return [part.view(t.shape).to(t.dtype) for part, t in zip(parts, tensors)]
 
 
-def _update(x: torch.Tensor, chosen: torch.Tensor,
-            fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+def _update(
+    x: torch.Tensor, chosen: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
     """x[chosen] = fn(x[chosen]): fn sees the chosen images as one batch."""
     if len(chosen):
         x[chosen] = fn(x[chosen])
@@ -315,5 +363,9 @@ def _hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 # ColorJitter's ops in torchvision's numbering (ColorJitter.get_params' fn_idx), with
 # torchvision's formulas, each clamped to [0, 1].
-_JITTER_OPS = (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction,
-               adjust_saturation_with_gray_subtraction, _hue)
+_JITTER_OPS = (
+    adjust_brightness_accumulative,
+    adjust_contrast_with_mean_subtraction,
+    adjust_saturation_with_gray_subtraction,
+    _hue,
+)

@@ -60,8 +60,11 @@ class Supervised(Method):
         loss = torch.stack([F.cross_entropy(z, labels) for z in logits]).mean()
         top1 = torch.stack([(z.argmax(1) == labels).float().mean() for z in logits]).mean()
         second = features[1].detach() if len(features) > 1 else None
-        return {"loss": loss, "logs": {"top1": top1.detach()},
-                "embeddings": (features[0].detach(), second)}
+        return {
+            "loss": loss,
+            "logs": {"top1": top1.detach()},
+            "embeddings": (features[0].detach(), second),
+        }
 
 
 def _random_init(backbone: nn.Module, cfg: RandomInitConfig, num_classes: int) -> Method:
@@ -86,9 +89,11 @@ def config_class(name: str) -> type:
         return BASELINES.get(name).config
     if name in METHODS:
         return METHODS.get(name).config
-    raise KeyError(f"unknown method {name!r}{closest(name, [*METHODS, *BASELINES])}; SSL "
-                   f"methods: {', '.join(METHODS.names())}; baselines: "
-                   f"{', '.join(BASELINES.names())}")
+    raise KeyError(
+        f"unknown method {name!r}{closest(name, [*METHODS, *BASELINES])}; SSL "
+        f"methods: {', '.join(METHODS.names())}; baselines: "
+        f"{', '.join(BASELINES.names())}"
+    )
 
 
 def build(backbone: nn.Module, cfg: DictConfig, num_classes: int) -> Method:
@@ -103,17 +108,30 @@ def check(cfg: DictConfig) -> None:
     """Refuse what a baseline cannot be: a random init that trains, one-view SSL."""
     name = cfg.method.name
     if name == "random-init" and cfg.train.epochs != 0:
-        raise ConfigError(f"method.name=random-init trains nothing: it needs train.epochs=0 "
-                          f"(got {cfg.train.epochs})")
+        raise ConfigError(
+            f"method.name=random-init trains nothing: it needs train.epochs=0 "
+            f"(got {cfg.train.epochs})"
+        )
     if cfg.augment.pipeline == CLASSIFICATION and name != "supervised":
-        raise ConfigError(f"augment.pipeline={CLASSIFICATION} gives one view per image, which "
-                          f"only method.name=supervised trains on (method.name is {name})")
+        raise ConfigError(
+            f"augment.pipeline={CLASSIFICATION} gives one view per image, which "
+            f"only method.name=supervised trains on (method.name is {name})"
+        )
 
 
 def classification_views(image_size: int) -> MultiViewTransform:
     """One view per image of torchvision's classification training preset (its
     references/classification ClassificationPresetTrain without auto-augment), run in the
     DataLoader workers as there."""
-    return MultiViewTransform([T.Compose([
-        T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode.BILINEAR),
-        T.RandomHorizontalFlip(FLIP_P), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])])
+    return MultiViewTransform(
+        [
+            T.Compose(
+                [
+                    T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode.BILINEAR),
+                    T.RandomHorizontalFlip(FLIP_P),
+                    T.ToTensor(),
+                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+                ]
+            )
+        ]
+    )

@@ -20,16 +20,27 @@ Several processes: torchrun --nproc_per_node=N -m sslbench.cli pretrain CONFIG .
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
-    parser.add_argument("config",
-                        help="recipe YAML, e.g. configs/pretrain/simsiam_synthetic_r18.yaml")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted-key overrides applied after the YAML")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from run_dir/checkpoint.pt if present; a finished run "
-                             "is left as it is. Either needs the run's own config: a differing "
-                             "one is an error naming the keys that differ")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config and exit without training")
+    parser.add_argument(
+        "config", help="recipe YAML, e.g. configs/pretrain/simsiam_synthetic_r18.yaml"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted-key overrides applied after the YAML",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from run_dir/checkpoint.pt if present; a finished run "
+        "is left as it is. Either needs the run's own config: a differing "
+        "one is an error naming the keys that differ",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config and exit without training",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -96,8 +96,9 @@ class PretrainConfig:
 
 
 def load_pretrain_config(paths: Sequence[str | Path], overrides: Sequence[str] = ()) -> DictConfig:
-    cfg = build_config(PretrainConfig, paths, overrides,
-                       variants={"method": baselines.config_class})
+    cfg = build_config(
+        PretrainConfig, paths, overrides, variants={"method": baselines.config_class}
+    )
     baselines.check(cfg)
     try:  # before any data is read: a loss form the method lacks fails at once
         if cfg.method.name not in baselines.BASELINES:  # a baseline has no loss form

@@ -115,8 +115,15 @@ def collapse_diagnostics(z1: torch.Tensor, z2: torch.Tensor | None = None) -> di
     std = l2_std(z1)
     m_o, m_r = centre_residual(z1)
     l_c, l_nc = garrido_criteria(z1)
-    out = {"l2_std": std, "l2_std_x_sqrt_d": std * math.sqrt(z1.shape[1]), "m_o": m_o, "m_r": m_r,
-           "effective_rank": effective_rank(z1), "L_c": l_c, "L_nc": l_nc}
+    out = {
+        "l2_std": std,
+        "l2_std_x_sqrt_d": std * math.sqrt(z1.shape[1]),
+        "m_o": m_o,
+        "m_r": m_r,
+        "effective_rank": effective_rank(z1),
+        "L_c": l_c,
+        "L_nc": l_nc,
+    }
     if z2 is not None:
         out["pos_cos"] = positive_cosine(z1, z2)
     return out

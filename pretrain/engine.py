@@ -71,11 +71,16 @@ class Schedule:
         batch = cfg.optim.batch_size
         steps_per_epoch = num_images // batch
         if steps_per_epoch == 0:
-            raise ValueError(f"dataset {cfg.data.name} has {num_images} training images, fewer "
-                             f"than optim.batch_size={batch}")
-        return cls(steps_per_epoch, cfg.train.epochs * steps_per_epoch,
-                   round(cfg.optim.warmup_epochs * steps_per_epoch),
-                   scaled_lr(cfg.optim.base_lr, batch))
+            raise ValueError(
+                f"dataset {cfg.data.name} has {num_images} training images, fewer "
+                f"than optim.batch_size={batch}"
+            )
+        return cls(
+            steps_per_epoch,
+            cfg.train.epochs * steps_per_epoch,
+            round(cfg.optim.warmup_epochs * steps_per_epoch),
+            scaled_lr(cfg.optim.base_lr, batch),
+        )
 
 
 @dataclass
@@ -141,8 +146,9 @@ def _pretrain(cfg: DictConfig, resume: bool, env: D.DistEnv) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / CONFIG_FILE)
     views_data = MultiViewDataset(dataset, transform)
-    t = build_training(cfg, env, run_dir, Schedule.of(cfg, len(dataset)), state == "resume",
-                       len(dataset.classes))
+    t = build_training(
+        cfg, env, run_dir, Schedule.of(cfg, len(dataset)), state == "resume", len(dataset.classes)
+    )
     started = time.perf_counter()
     diagnostics: dict[str, float] = {}
     t.model.train()
@@ -157,16 +163,20 @@ def _pretrain(cfg: DictConfig, resume: bool, env: D.DistEnv) -> Path:
 
 
 def inspect_run_dir(run_dir: Path, cfg: DictConfig, resume: bool) -> str:
-    """"fresh", "resume" (from the checkpoint) or "finished" (nothing to do). Refuses to clobber
+    """ "fresh", "resume" (from the checkpoint) or "finished" (nothing to do). Refuses to clobber
     an existing run, and to resume one under another config, naming the keys that differ."""
     finished = (run_dir / MANIFEST_FILE).exists()
     has_ckpt = (run_dir / CHECKPOINT_FILE).exists()
     if finished and not resume:
-        raise RunDirError(f"{run_dir} already holds a finished backbone; choose another "
-                          "run.name or run.output_dir, or delete it")
+        raise RunDirError(
+            f"{run_dir} already holds a finished backbone; choose another "
+            "run.name or run.output_dir, or delete it"
+        )
     if has_ckpt and not resume:
-        raise RunDirError(f"{run_dir} holds a checkpoint of an unfinished run; pass --resume to "
-                          "continue it, or choose another run.name")
+        raise RunDirError(
+            f"{run_dir} holds a checkpoint of an unfinished run; pass --resume to "
+            "continue it, or choose another run.name"
+        )
     if not (finished or has_ckpt):
         return "fresh"
     # The run's config: the artifact's for a finished run, else the one saved when it started
@@ -179,9 +189,11 @@ def inspect_run_dir(run_dir: Path, cfg: DictConfig, resume: bool) -> str:
     differ = config_differences(theirs, to_dict(cfg)) if theirs is not None else []
     if differ:
         held = "a finished backbone" if finished else "an unfinished run"
-        raise RunDirError(f"{run_dir} holds {held} of another config; --resume needs the same "
-                          f"one. Differing keys (the run's value -> this one's): "
-                          f"{'; '.join(differ)}. Choose another run.name to train this config")
+        raise RunDirError(
+            f"{run_dir} holds {held} of another config; --resume needs the same "
+            f"one. Differing keys (the run's value -> this one's): "
+            f"{'; '.join(differ)}. Choose another run.name to train this config"
+        )
     return "finished" if finished else "resume"
 
 
@@ -190,8 +202,11 @@ def config_differences(old: dict, new: dict) -> list[str]:
     name or place a run (NON_SEMANTIC_KEYS)."""
     a, b = _flatten(old), _flatten(new)
     unset = "(unset)"
-    return [f"{k}: {a.get(k, unset)!r} -> {b.get(k, unset)!r}" for k in sorted({*a, *b})
-            if k not in NON_SEMANTIC_KEYS and a.get(k, unset) != b.get(k, unset)]
+    return [
+        f"{k}: {a.get(k, unset)!r} -> {b.get(k, unset)!r}"
+        for k in sorted({*a, *b})
+        if k not in NON_SEMANTIC_KEYS and a.get(k, unset) != b.get(k, unset)
+    ]
 
 
 def _flatten(node: dict, prefix: str = "") -> dict:
@@ -221,45 +236,82 @@ def backbone_kwargs(cfg: DictConfig) -> dict:
     return {**(resnet if b.arch in RESNETS else {}), **(to_dict(b.kwargs) if b.kwargs else {})}
 
 
-def build_training(cfg: DictConfig, env: D.DistEnv, run_dir: Path, schedule: Schedule,
-                   resume: bool, num_classes: int) -> Training:
+def build_training(
+    cfg: DictConfig,
+    env: D.DistEnv,
+    run_dir: Path,
+    schedule: Schedule,
+    resume: bool,
+    num_classes: int,
+) -> Training:
     """The method on its device, its optimiser and the step to start from (restored from the
     checkpoint when resuming), the DDP wrapper, the metrics log and the progress bar.
     `num_classes` (the training split's) sizes a supervised baseline's classifier."""
-    method = build_method(build_backbone(cfg.backbone.arch, **backbone_kwargs(cfg)), cfg.method,
-                          num_classes)
+    method = build_method(
+        build_backbone(cfg.backbone.arch, **backbone_kwargs(cfg)), cfg.method, num_classes
+    )
     if cfg.train.sync_bn and env.world_size > 1:
         method = D.convert_sync_batchnorm(method, env.device)
     method.to(env.device)
-    groups = param_groups(method, cfg.optim.weight_decay, cfg.optim.exclude_norm_bias,
-                          method.param_group_overrides(),
-                          norm_bias_overrides=method.norm_bias_overrides())
+    groups = param_groups(
+        method,
+        cfg.optim.weight_decay,
+        cfg.optim.exclude_norm_bias,
+        method.param_group_overrides(),
+        norm_bias_overrides=method.norm_bias_overrides(),
+    )
     extra = {"eta": cfg.optim.lars_eta} if cfg.optim.name == "lars" else {}
-    optimizer = build_optimizer(cfg.optim.name, groups, schedule.lr, cfg.optim.momentum,
-                                cfg.optim.weight_decay, **extra)
+    optimizer = build_optimizer(
+        cfg.optim.name, groups, schedule.lr, cfg.optim.momentum, cfg.optim.weight_decay, **extra
+    )
     chash = config_hash(cfg)
     step = _load_resume_state(run_dir, chash, method, optimizer, env.device) if resume else 0
     model = method
     if env.world_size > 1:
         model = DistributedDataParallel(
-            method, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+            method, device_ids=[env.device.index] if env.device.type == "cuda" else None
+        )
     log = MetricsLog(run_dir, enabled=env.is_main, resume_step=step if resume else None)
-    bar = tqdm(total=schedule.total_steps, initial=step, desc=f"pretrain {cfg.method.name}",
-               disable=not (env.is_main and cfg.train.progress), dynamic_ncols=True)
-    return Training(cfg, env, run_dir, chash, schedule, method, model, optimizer, step, log, bar,
-                    saved_step=step if resume else None)
+    bar = tqdm(
+        total=schedule.total_steps,
+        initial=step,
+        desc=f"pretrain {cfg.method.name}",
+        disable=not (env.is_main and cfg.train.progress),
+        dynamic_ncols=True,
+    )
+    return Training(
+        cfg,
+        env,
+        run_dir,
+        chash,
+        schedule,
+        method,
+        model,
+        optimizer,
+        step,
+        log,
+        bar,
+        saved_step=step if resume else None,
+    )
 
 
-def _load_resume_state(run_dir: Path, chash: str, method: Method,
-                       optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+def _load_resume_state(
+    run_dir: Path,
+    chash: str,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> int:
     """Load the checkpoint's weights, optimiser state and random number generators' states
     (after the method is built, whose initialisation draws from them); return its step."""
     path = run_dir / CHECKPOINT_FILE
     state = load_checkpoint(path, map_location=device)
     if state["config_hash"] != chash:
-        raise RunDirError(f"{path} was written by a different config (hash "
-                          f"{state['config_hash'][:12]}… vs {chash[:12]}…); resume needs the "
-                          "same config")
+        raise RunDirError(
+            f"{path} was written by a different config (hash "
+            f"{state['config_hash'][:12]}… vs {chash[:12]}…); resume needs the "
+            "same config"
+        )
     method.load_state_dict(state["method"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"]["cpu"].cpu())
@@ -268,8 +320,9 @@ def _load_resume_state(run_dir: Path, chash: str, method: Method,
     return int(state["step"])
 
 
-def train_one_epoch(t: Training, views_data: MultiViewDataset,
-                    augment: BatchedTwoViews | None = None) -> dict[str, float] | None:
+def train_one_epoch(
+    t: Training, views_data: MultiViewDataset, augment: BatchedTwoViews | None = None
+) -> dict[str, float] | None:
     """Train from `t.step` to the end of its epoch; the epoch's collapse diagnostics, over its
     last `train.diagnostics_batches` batches, or None when none of them ran here. With `augment`
     the loader yields uint8 images and their sizes, augmented here on the training device."""
@@ -278,21 +331,37 @@ def train_one_epoch(t: Training, views_data: MultiViewDataset,
     if isinstance(views_data.base, ShardDataset):  # streamed in an order of its own
         loader = shard_batches(views_data, cfg, env, epoch, start)
     else:
-        sampler = EpochBatchSampler(len(views_data), cfg.optim.batch_size, cfg.run.seed,
-                                    epoch, env.rank, env.world_size, start)
+        sampler = EpochBatchSampler(
+            len(views_data),
+            cfg.optim.batch_size,
+            cfg.run.seed,
+            epoch,
+            env.rank,
+            env.world_size,
+            start,
+        )
         # The loader draws its workers' base seed from a generator of its own: the global one
         # is the model's (dropout, drop-path), saved in the checkpoint, and a resumed epoch's
         # loader must not draw from it where the uninterrupted run's did not. (The views are
         # seeded per sample, so the workers' seeds do not matter.)
-        loader = DataLoader(views_data, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                            pin_memory=env.device.type == "cuda", generator=torch.Generator())
+        loader = DataLoader(
+            views_data,
+            batch_sampler=sampler,
+            num_workers=cfg.data.num_workers,
+            pin_memory=env.device.type == "cuda",
+            generator=torch.Generator(),
+        )
     diag_from = max(0, schedule.steps_per_epoch - cfg.train.diagnostics_batches)
     embeddings: list[tuple[torch.Tensor, torch.Tensor | None]] = []
     for batch_in_epoch, (views, labels) in enumerate(loader, start=start):
         if augment is not None:
             images, sizes = views
-            views = augment(images.to(env.device, non_blocking=True), sizes,
-                            (cfg.run.seed, epoch, batch_in_epoch), (env.rank, env.world_size))
+            views = augment(
+                images.to(env.device, non_blocking=True),
+                sizes,
+                (cfg.run.seed, epoch, batch_in_epoch),
+                (env.rank, env.world_size),
+            )
         out, lr = train_step(t, views, labels, epoch)
         if batch_in_epoch >= diag_from:
             embeddings.append(out["embeddings"])
@@ -303,23 +372,31 @@ def train_one_epoch(t: Training, views_data: MultiViewDataset,
     return _log_diagnostics(t, embeddings, epoch) if embeddings else None
 
 
-def train_step(t: Training, views: list[torch.Tensor], labels: torch.Tensor,
-               epoch: int) -> tuple[dict, float]:
+def train_step(
+    t: Training, views: list[torch.Tensor], labels: torch.Tensor, epoch: int
+) -> tuple[dict, float]:
     """One optimisation step at the schedule's learning rate; the method's output and that lr.
     The labels reach only a method that takes them (the supervised baseline)."""
     cfg, schedule = t.cfg, t.schedule
     inputs = [[v.to(t.env.device, non_blocking=True) for v in views]]
     if t.takes_labels:
         inputs.append(labels.to(t.env.device, non_blocking=True))
-    lr = warmup_cosine(t.step, schedule.total_steps, schedule.warmup_steps, schedule.lr,
-                       cfg.optim.final_lr, cfg.optim.warmup_start_lr)
+    lr = warmup_cosine(
+        t.step,
+        schedule.total_steps,
+        schedule.warmup_steps,
+        schedule.lr,
+        cfg.optim.final_lr,
+        cfg.optim.warmup_start_lr,
+    )
     set_lr(t.optimizer, lr, schedule.lr)
     with torch.autocast(t.env.device.type, dtype=torch.bfloat16, enabled=t.use_amp):
         out = t.model(*inputs)
     loss = out["loss"]
     if not torch.isfinite(loss.detach()).item():
-        raise NonFiniteLossError(f"loss is {loss.item()} at step {t.step} (epoch {epoch}); "
-                                 f"{_stopped(t)}")
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at step {t.step} (epoch {epoch}); {_stopped(t)}"
+        )
     t.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.optim.clip_grad_norm is not None:
@@ -335,8 +412,10 @@ def _log_train(t: Training, out: dict, lr: float) -> None:
     """The step's loss and the method's logs, averaged over processes (a collective: every
     process calls it at the same steps)."""
     scalars = {"loss": out["loss"].detach(), **out["logs"]}
-    values = {k: D.all_reduce_mean(torch.as_tensor(v, device=t.env.device).float()).item()
-              for k, v in scalars.items()}
+    values = {
+        k: D.all_reduce_mean(torch.as_tensor(v, device=t.env.device).float()).item()
+        for k, v in scalars.items()
+    }
     values["lr"] = lr
     t.log.log("train", t.step, values)
     t.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}")
@@ -344,15 +423,20 @@ def _log_train(t: Training, out: dict, lr: float) -> None:
 
 def _stopped(t: Training) -> str:
     """The end of a non-finite stop's message: where the run can be taken up again, and how."""
-    where = ("There is no last good checkpoint: none was written before it." if t.saved_step
-             is None else f"The last good checkpoint is {t.run_dir / CHECKPOINT_FILE} (step "
-             f"{t.saved_step}).")
-    return (f"stopped without saving. {where} Lower optim.base_lr, add warm-up, or set "
-            "optim.clip_grad_norm.")
+    where = (
+        "There is no last good checkpoint: none was written before it."
+        if t.saved_step is None
+        else f"The last good checkpoint is {t.run_dir / CHECKPOINT_FILE} (step {t.saved_step})."
+    )
+    return (
+        f"stopped without saving. {where} Lower optim.base_lr, add warm-up, or set "
+        "optim.clip_grad_norm."
+    )
 
 
-def _log_diagnostics(t: Training, embeddings: list[tuple[torch.Tensor, torch.Tensor | None]],
-                     epoch: int) -> dict[str, float]:
+def _log_diagnostics(
+    t: Training, embeddings: list[tuple[torch.Tensor, torch.Tensor | None]], epoch: int
+) -> dict[str, float]:
     """Collapse diagnostics of the views' embeddings, gathered from every process (the second
     view's, for the positive cosine, where the method has two), and their spectrum."""
     z1 = D.gather_no_grad(torch.cat([z for z, _ in embeddings])).float().cpu()
@@ -373,33 +457,53 @@ def save_resume_state(t: Training) -> None:
     the last good checkpoint."""
     if t.env.is_main:
         state = t.method.state_dict()
-        bad = next((k for k, v in state.items() if v.is_floating_point()
-                    and not torch.isfinite(v).all()), None)
+        bad = next(
+            (k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()),
+            None,
+        )
         if bad is not None:
-            raise NonFiniteLossError(f"{bad} is no longer finite at step {t.step}; "
-                                     f"{_stopped(t)}")
+            raise NonFiniteLossError(f"{bad} is no longer finite at step {t.step}; {_stopped(t)}")
         rng = {"cpu": torch.get_rng_state()}
         if t.env.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(t.env.device)
-        save_checkpoint(t.run_dir / CHECKPOINT_FILE, {
-            "step": t.step, "config_hash": t.config_hash, "method": state,
-            "optimizer": t.optimizer.state_dict(), "rng": rng})
+        save_checkpoint(
+            t.run_dir / CHECKPOINT_FILE,
+            {
+                "step": t.step,
+                "config_hash": t.config_hash,
+                "method": state,
+                "optimizer": t.optimizer.state_dict(),
+                "rng": rng,
+            },
+        )
     t.saved_step = t.step  # on every process: their error messages name it
 
 
-def finish(t: Training, dataset: dict, train_seconds: float,
-           diagnostics: dict[str, float]) -> None:
+def finish(t: Training, dataset: dict, train_seconds: float, diagnostics: dict[str, float]) -> None:
     """Write the backbone artifact and the curves' plot (main process only)."""
     cfg = t.cfg
     save_backbone(
-        t.run_dir, t.method.backbone, arch=cfg.backbone.arch, arch_kwargs=backbone_kwargs(cfg),
-        method=cfg.method.name, run_name=cfg.run.name, config=to_dict(cfg),
-        config_hash=t.config_hash, dataset=dataset, epochs=cfg.train.epochs, steps=t.step,
-        seed=cfg.run.seed, world_size=t.env.world_size, train_seconds=round(train_seconds, 2),
-        diagnostics=diagnostics)
+        t.run_dir,
+        t.method.backbone,
+        arch=cfg.backbone.arch,
+        arch_kwargs=backbone_kwargs(cfg),
+        method=cfg.method.name,
+        run_name=cfg.run.name,
+        config=to_dict(cfg),
+        config_hash=t.config_hash,
+        dataset=dataset,
+        epochs=cfg.train.epochs,
+        steps=t.step,
+        seed=cfg.run.seed,
+        world_size=t.env.world_size,
+        train_seconds=round(train_seconds, 2),
+        diagnostics=diagnostics,
+    )
     plot_curves(t.run_dir, ("train", "diagnostics"))
     if t.spectrum is not None:
         epoch = int(diagnostics["epoch"]) + 1
-        plot_spectrum({f"{cfg.method.name}, epoch {epoch} of {cfg.train.epochs}": t.spectrum},
-                      t.run_dir / SPECTRUM_FILE)
+        plot_spectrum(
+            {f"{cfg.method.name}, epoch {epoch} of {cfg.train.epochs}": t.spectrum},
+            t.run_dir / SPECTRUM_FILE,
+        )
     t.log.close()

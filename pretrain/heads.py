@@ -10,9 +10,17 @@ from __future__ import annotations
 from torch import nn
 
 
-def build_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, *,
-              last_bn: bool = False, last_bn_affine: bool = True,
-              hidden_bn: bool = True, last_bias: bool = True) -> nn.Sequential:
+def build_mlp(
+    in_dim: int,
+    hidden_dim: int,
+    out_dim: int,
+    layers: int = 2,
+    *,
+    last_bn: bool = False,
+    last_bn_affine: bool = True,
+    hidden_bn: bool = True,
+    last_bias: bool = True,
+) -> nn.Sequential:
     if layers < 1:
         raise ValueError(f"an MLP head needs at least one layer, got layers={layers}")
     modules: list[nn.Module] = []

@@ -38,8 +38,10 @@ class KeyQueue(nn.Module):
         """Enqueue this process's `keys` gathered from all processes, dropping the oldest."""
         keys = gather_no_grad(keys.detach())
         if keys.shape[0] > self.size:
-            raise ValueError(f"method.queue_size={self.size} is smaller than the {keys.shape[0]} "
-                             "keys one step pushes (the global batch); raise it")
+            raise ValueError(
+                f"method.queue_size={self.size} is smaller than the {keys.shape[0]} "
+                "keys one step pushes (the global batch); raise it"
+            )
         slots = (self.pushed + torch.arange(keys.shape[0], device=keys.device)) % self.size
         self.keys[slots] = keys.to(self.keys.dtype)
         self.pushed += keys.shape[0]

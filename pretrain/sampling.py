@@ -27,10 +27,20 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     order restores the single-process batch. Yields (index, augmentation seed) pairs.
     """
 
-    def __init__(self, size: int, global_batch: int, seed: int, epoch: int,
-                 rank: int = 0, world_size: int = 1, start: int = 0):
+    def __init__(
+        self,
+        size: int,
+        global_batch: int,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start: int = 0,
+    ):
         if global_batch % world_size:
-            raise ValueError(f"batch size {global_batch} is not divisible by {world_size} processes")
+            raise ValueError(
+                f"batch size {global_batch} is not divisible by {world_size} processes"
+            )
         self.size, self.global_batch, self.seed, self.epoch = size, global_batch, seed, epoch
         self.local = global_batch // world_size
         self.rank, self.start = rank, start

@@ -64,21 +64,33 @@ class Buffer:
 class EpochOrder:
     """One epoch's order over a split of shards with these sample counts (module docstring)."""
 
-    def __init__(self, counts: list[int], batch_size: int, streams: int, shuffle_buffer: int,
-                 seed: int, epoch: int):
+    def __init__(
+        self,
+        counts: list[int],
+        batch_size: int,
+        streams: int,
+        shuffle_buffer: int,
+        seed: int,
+        epoch: int,
+    ):
         if not 1 <= streams <= MAX_STREAMS or batch_size % streams:
-            raise ValueError(f"optim.batch_size={batch_size} must be a multiple of the number "
-                             f"of streams (data.options.streams={streams}, 1 to {MAX_STREAMS})")
+            raise ValueError(
+                f"optim.batch_size={batch_size} must be a multiple of the number "
+                f"of streams (data.options.streams={streams}, 1 to {MAX_STREAMS})"
+            )
         self.counts, self.streams, self.buffer = list(counts), streams, shuffle_buffer
         self.seed, self.epoch = seed, epoch
         self.firsts = [0, *accumulate(self.counts)][:-1]
         total = sum(self.counts)
         self.steps = total // batch_size
         self.run = batch_size // streams  # samples each stream gives each global batch
-        shards = torch.randperm(len(self.counts), generator=_generator(
-            seed, epoch, SHARD_ORDER_STREAM)).tolist()
-        self.pieces = [self._piece(shards, s * total // streams, (s + 1) * total // streams)
-                       for s in range(streams)]
+        shards = torch.randperm(
+            len(self.counts), generator=_generator(seed, epoch, SHARD_ORDER_STREAM)
+        ).tolist()
+        self.pieces = [
+            self._piece(shards, s * total // streams, (s + 1) * total // streams)
+            for s in range(streams)
+        ]
 
     def _piece(self, shards: list[int], start: int, stop: int) -> list[Segment]:
         """Positions [start, stop) of the permuted shards' samples laid end to end."""
@@ -101,8 +113,12 @@ class EpochOrder:
             held = sum(g.hi - g.lo for g in group)
             if held < self.buffer and i + 1 < len(segments):
                 continue
-            indices = torch.cat([torch.arange(self.firsts[g.shard] + g.lo,
-                                              self.firsts[g.shard] + g.hi) for g in group])
+            indices = torch.cat(
+                [
+                    torch.arange(self.firsts[g.shard] + g.lo, self.firsts[g.shard] + g.hi)
+                    for g in group
+                ]
+            )
             order = indices.sort().values[torch.randperm(held, generator=gen)][:left]
             yield Buffer(tuple(group), order)
             left -= len(order)
@@ -112,8 +128,10 @@ class EpochOrder:
 
     def batch(self, j: int) -> list[int]:
         """Global batch j's sample indices (no shard is read)."""
-        runs = [torch.cat([b.order for b in self.buffers(s)])[j * self.run : (j + 1) * self.run]
-                for s in range(self.streams)]
+        runs = [
+            torch.cat([b.order for b in self.buffers(s)])[j * self.run : (j + 1) * self.run]
+            for s in range(self.streams)
+        ]
         return torch.cat(runs).tolist()
 
 
@@ -121,11 +139,20 @@ class ShardViews(IterableDataset):
     """This process's part of an epoch, from global batch `start` on: for each batch and each
     of its streams that this worker reads, the stream's run of samples as views, collated."""
 
-    def __init__(self, dataset: ShardDataset, transform: Callable, order: EpochOrder, rank: int,
-                 world_size: int, start: int):
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        transform: Callable,
+        order: EpochOrder,
+        rank: int,
+        world_size: int,
+        start: int,
+    ):
         if order.streams % world_size:
-            raise ValueError(f"data.options.streams={order.streams} must be a multiple of the "
-                             f"number of processes ({world_size})")
+            raise ValueError(
+                f"data.options.streams={order.streams} must be a multiple of the "
+                f"number of processes ({world_size})"
+            )
         self.dataset, self.transform, self.order, self.start = dataset, transform, order, start
         per_rank = order.streams // world_size
         self.streams = range(rank * per_rank, (rank + 1) * per_rank)
@@ -141,8 +168,12 @@ class ShardViews(IterableDataset):
                 items = []
                 for _ in range(order.run):
                     index, image = next(samples[s])
-                    items.append((self.transform(image, sample_seed(order.seed, epoch, index)),
-                                  self.dataset.targets[index]))
+                    items.append(
+                        (
+                            self.transform(image, sample_seed(order.seed, epoch, index)),
+                            self.dataset.targets[index],
+                        )
+                    )
                 yield default_collate(items)
 
     def _samples(self, stream: int) -> Iterator:
@@ -161,25 +192,38 @@ class ShardViews(IterableDataset):
                 yield index, self.dataset.decode(index, held.pop(index))
 
 
-def shard_batches(views_data: MultiViewDataset, cfg: DictConfig, env: D.DistEnv, epoch: int,
-                  start: int) -> Iterator:
+def shard_batches(
+    views_data: MultiViewDataset, cfg: DictConfig, env: D.DistEnv, epoch: int, start: int
+) -> Iterator:
     """The (views, labels) batches of this process from global batch `start` of `epoch` to the
     end of it, read from the shards by cfg.data.num_workers workers (which must divide the
     number of streams each process reads)."""
     dataset: ShardDataset = views_data.base
-    order = EpochOrder([s.samples for s in dataset.shards], cfg.optim.batch_size,
-                       dataset.streams, dataset.shuffle_buffer, cfg.run.seed, epoch)
+    order = EpochOrder(
+        [s.samples for s in dataset.shards],
+        cfg.optim.batch_size,
+        dataset.streams,
+        dataset.shuffle_buffer,
+        cfg.run.seed,
+        epoch,
+    )
     stream = ShardViews(dataset, views_data.transform, order, env.rank, env.world_size, start)
     per_rank, workers = len(stream.streams), cfg.data.num_workers
     if per_rank % max(workers, 1):
-        raise ValueError(f"data.num_workers={workers} must divide the {per_rank} streams each "
-                         f"of the {env.world_size} processes reads (data.options.streams="
-                         f"{order.streams})")
+        raise ValueError(
+            f"data.num_workers={workers} must divide the {per_rank} streams each "
+            f"of the {env.world_size} processes reads (data.options.streams="
+            f"{order.streams})"
+        )
     # Workers take pieces in turn, so piece t is from worker t mod workers: the order above.
     # The generator keeps the global one (the model's) untouched, as in the engine's loader.
-    loader = DataLoader(stream, batch_size=None, num_workers=workers,
-                        prefetch_factor=2 * per_rank // workers if workers else None,
-                        generator=torch.Generator())
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=2 * per_rank // workers if workers else None,
+        generator=torch.Generator(),
+    )
     pieces = iter(loader)
     pin = env.device.type == "cuda"
     for _ in range(start, order.steps):
@@ -192,7 +236,8 @@ def _concat(parts: list, pin: bool):
     if isinstance(first, torch.Tensor):
         if len(parts) == 1 and not pin:
             return first
-        out = torch.empty((sum(len(p) for p in parts), *first.shape[1:]), dtype=first.dtype,
-                          pin_memory=pin)
+        out = torch.empty(
+            (sum(len(p) for p in parts), *first.shape[1:]), dtype=first.dtype, pin_memory=pin
+        )
         return torch.cat(parts, out=out)
     return type(first)(_concat(list(group), pin) for group in zip(*parts))

@@ -45,17 +45,23 @@ _CODE = "fundamentalvision/UniGrad project/pretrainer.py::"
 # change that defines them (φ on the negatives, the LogSumExp covariance).
 UNIFIED_FORMS = {
     "simclr": UnifiedForm("contrastive", _CODE + "loss_simclr_grad_mm"),
-    "mocov2": UnifiedForm("contrastive", _CODE + "loss_simclr_grad_mm (one form for MoCo and "
-                                                 "SimCLR, no memory bank)"),
-    "mocov3": UnifiedForm("contrastive", _CODE + "loss_simclr_grad_mm (one form for MoCo and "
-                                                 "SimCLR, no memory bank)"),
+    "mocov2": UnifiedForm(
+        "contrastive", _CODE + "loss_simclr_grad_mm (one form for MoCo and SimCLR, no memory bank)"
+    ),
+    "mocov3": UnifiedForm(
+        "contrastive", _CODE + "loss_simclr_grad_mm (one form for MoCo and SimCLR, no memory bank)"
+    ),
     "byol": UnifiedForm("asymmetric", _CODE + "loss_byol_directpred_grad"),
-    "simsiam": UnifiedForm("asymmetric", _CODE + "loss_byol_directpred_grad (one form for BYOL "
-                                                  "and SimSiam)"),
+    "simsiam": UnifiedForm(
+        "asymmetric", _CODE + "loss_byol_directpred_grad (one form for BYOL and SimSiam)"
+    ),
     "barlow_twins": UnifiedForm("decorrelation", _CODE + "loss_barlow_twins_grad_mm"),
-    "vicreg": UnifiedForm("decorrelation", "derived here (pretrain/methods/vicreg.py, "
-                                           "docs/methods.md): the official code has no VICReg form",
-                          derived=True),
+    "vicreg": UnifiedForm(
+        "decorrelation",
+        "derived here (pretrain/methods/vicreg.py, "
+        "docs/methods.md): the official code has no VICReg form",
+        derived=True,
+    ),
     "unigrad": UnifiedForm("unigrad", _CODE + "loss_unigrad"),
 }
 
@@ -63,21 +69,26 @@ UNIFIED_FORMS = {
 def check_loss_form(method: str, loss_form: str) -> None:
     """Raise a ValueError naming `method.loss_form` unless `loss_form` is valid for `method`."""
     if loss_form == "gradient":
-        raise ValueError("method.loss_form: 'gradient' was split in two; use 'exact' (the exact "
-                         "gradient of the original loss, what 'gradient' was) or 'unigrad' (the "
-                         "paper's unified form)")
+        raise ValueError(
+            "method.loss_form: 'gradient' was split in two; use 'exact' (the exact "
+            "gradient of the original loss, what 'gradient' was) or 'unigrad' (the "
+            "paper's unified form)"
+        )
     if loss_form not in LOSS_FORMS:
         raise ValueError(f"method.loss_form: {loss_form!r} is not one of {', '.join(LOSS_FORMS)}")
     if loss_form == "unigrad" and method not in UNIFIED_FORMS:
-        raise ValueError(f"method.loss_form: {method} has no unigrad form (methods with one: "
-                         f"{', '.join(UNIFIED_FORMS)}); use 'original' or 'exact'")
+        raise ValueError(
+            f"method.loss_form: {method} has no unigrad form (methods with one: "
+            f"{', '.join(UNIFIED_FORMS)}); use 'original' or 'exact'"
+        )
 
 
 def gradient_surrogate(u: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """A scalar whose gradient with respect to `u` equals `grad` (which is detached)."""
     if u.shape != grad.shape:
-        raise ValueError(f"gradient of shape {tuple(grad.shape)} for features of shape "
-                         f"{tuple(u.shape)}")
+        raise ValueError(
+            f"gradient of shape {tuple(grad.shape)} for features of shape {tuple(u.shape)}"
+        )
     return (u * grad.detach()).sum()
 
 

@@ -31,17 +31,32 @@ FORMAT = "sslbench.backbone"
 FORMAT_VERSION = 2
 WEIGHTS_FILE = "backbone.safetensors"
 MANIFEST_FILE = "backbone.json"
-REQUIRED_KEYS = ("format", "format_version", "arch", "arch_kwargs", "feature_dim", "method",
-                 "weights_sha256")
+REQUIRED_KEYS = (
+    "format",
+    "format_version",
+    "arch",
+    "arch_kwargs",
+    "feature_dim",
+    "method",
+    "weights_sha256",
+)
 
 
 class ArtifactError(ValueError):
     """A backbone artifact that is missing, inconsistent, or of the wrong architecture."""
 
 
-def save_backbone(run_dir: str | Path, backbone: nn.Module, *, arch: str, arch_kwargs: dict,
-                  method: str, mean: tuple[float, ...] = IMAGENET_MEAN,
-                  std: tuple[float, ...] = IMAGENET_STD, **provenance: Any) -> Path:
+def save_backbone(
+    run_dir: str | Path,
+    backbone: nn.Module,
+    *,
+    arch: str,
+    arch_kwargs: dict,
+    method: str,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    **provenance: Any,
+) -> Path:
     """Write weights then manifest (each atomically); the manifest's presence marks completion.
 
     mean/std: the input normalisation the weights expect (of [0, 1] RGB). `provenance` holds the
@@ -79,11 +94,14 @@ def read_manifest(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     path = run_dir / MANIFEST_FILE
     if not run_dir.is_dir():
-        raise ArtifactError(f"backbone artifact {run_dir}: expected a run directory holding "
-                            f"{MANIFEST_FILE} and {WEIGHTS_FILE}")
+        raise ArtifactError(
+            f"backbone artifact {run_dir}: expected a run directory holding "
+            f"{MANIFEST_FILE} and {WEIGHTS_FILE}"
+        )
     if not path.is_file():
-        raise ArtifactError(f"{path} not found: {run_dir} holds no finished backbone "
-                            "(did pretraining complete?)")
+        raise ArtifactError(
+            f"{path} not found: {run_dir} holds no finished backbone (did pretraining complete?)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -94,8 +112,10 @@ def read_manifest(run_dir: str | Path) -> dict:
     if manifest["format"] != FORMAT:
         raise ArtifactError(f"{path}: format {manifest['format']!r}, expected {FORMAT!r}")
     if manifest["format_version"] > FORMAT_VERSION:
-        raise ArtifactError(f"{path}: format version {manifest['format_version']} is newer than "
-                            f"this sslbench reads ({FORMAT_VERSION}); upgrade sslbench")
+        raise ArtifactError(
+            f"{path}: format version {manifest['format_version']} is newer than "
+            f"this sslbench reads ({FORMAT_VERSION}); upgrade sslbench"
+        )
     try:
         constructor(manifest["arch"])
     except KeyError as err:  # its message names the closest known architecture
@@ -120,22 +140,26 @@ def input_normalization(manifest: dict) -> tuple[tuple[float, ...], tuple[float,
     return tuple(entry["mean"]), tuple(entry["std"])
 
 
-def load_backbone(run_dir: str | Path, expected_arch: str | None = None,
-                  map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_backbone(
+    run_dir: str | Path, expected_arch: str | None = None, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict]:
     """Rebuild the backbone from the manifest and load its verified weights (strictly)."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     if expected_arch is not None and manifest["arch"] != expected_arch:
-        raise ArtifactError(f"{run_dir}: backbone is {manifest['arch']}, but this task needs "
-                            f"{expected_arch}")
+        raise ArtifactError(
+            f"{run_dir}: backbone is {manifest['arch']}, but this task needs {expected_arch}"
+        )
     weights = run_dir / WEIGHTS_FILE
     if not weights.is_file():
         raise ArtifactError(f"{weights} not found (the manifest exists, the weights do not)")
     digest = sha256_file(weights)
     if digest != manifest["weights_sha256"]:
-        raise ArtifactError(f"{weights}: sha256 {digest[:12]}… does not match the manifest's "
-                            f"{manifest['weights_sha256'][:12]}…; the file was changed or "
-                            "truncated")
+        raise ArtifactError(
+            f"{weights}: sha256 {digest[:12]}… does not match the manifest's "
+            f"{manifest['weights_sha256'][:12]}…; the file was changed or "
+            "truncated"
+        )
     model = build_backbone(manifest["arch"], **manifest["arch_kwargs"])
     try:
         state = load_file(str(weights), device=str(map_location))
@@ -158,8 +182,11 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], what: st
     shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or shapes:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected),
-                            ("shape mismatch", shapes)):
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", shapes),
+        ):
             if keys:
                 shown = ", ".join(keys[:5]) + (f", … ({len(keys)} in all)" if len(keys) > 5 else "")
                 parts.append(f"{label}: {shown}")

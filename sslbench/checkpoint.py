@@ -29,8 +29,10 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
             torch.save(state, tmp)
     except OSError as err:
         kept = "is unchanged" if path.is_file() else "does not exist yet"
-        raise CheckpointError(f"could not write checkpoint {path} ({err.strerror or err}); the "
-                              f"previous checkpoint {kept}") from err
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({err.strerror or err}); the "
+            f"previous checkpoint {kept}"
+        ) from err
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -41,11 +43,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        first = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln),
-                     lines[0] if lines else "")
+        first = next(
+            (ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else ""
+        )
         raise CheckpointError(
             f"refusing to load {path}: it holds objects other than tensors and plain containers "
             f"(weights_only=True rejected it: {first}). sslbench never unpickles arbitrary "
-            "objects; convert the file to a state dict of tensors or safetensors.") from None
+            "objects; convert the file to a state dict of tensors or safetensors."
+        ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None

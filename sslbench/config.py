@@ -21,8 +21,14 @@ from .io import write_text_atomic
 from .registry import closest
 
 # Keys that name or place a run but do not change what it computes.
-NON_SEMANTIC_KEYS = ("run.name", "run.output_dir", "data.num_workers", "train.log_every",
-                     "train.checkpoint_every", "train.progress")
+NON_SEMANTIC_KEYS = (
+    "run.name",
+    "run.output_dir",
+    "data.num_workers",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.progress",
+)
 # ... and the seed: runs of one recipe with different seeds share a recipe hash (one board row).
 RECIPE_IGNORED_KEYS = (*NON_SEMANTIC_KEYS, "run.seed")
 

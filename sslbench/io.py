@@ -19,6 +19,7 @@ def _current_umask() -> int:
 
 _UMASK = _current_umask()
 
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path` (atomic on POSIX)."""

@@ -23,8 +23,7 @@ class MetricsLog:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"),
-                                         purge_step=resume_step)
+            self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step)
             if resume_step is not None:
                 for path in self.run_dir.glob("*.csv"):
                     self._truncate(path, resume_step)
@@ -51,8 +50,9 @@ class MetricsLog:
             with open(path, newline="") as f:
                 header = next(csv.reader(f), [])
             if set(header) != set(row):
-                raise ValueError(f"{path}: stream {stream!r} logged keys {sorted(row)} but the "
-                                 f"file has {header}")
+                raise ValueError(
+                    f"{path}: stream {stream!r} logged keys {sorted(row)} but the file has {header}"
+                )
             fields = header
         else:
             fields = list(row)
@@ -69,7 +69,9 @@ class MetricsLog:
             self._writer.close()
 
 
-def plot_curves(run_dir: str | Path, streams: tuple[str, ...], out_name: str = "curves.png") -> Path | None:
+def plot_curves(
+    run_dir: str | Path, streams: tuple[str, ...], out_name: str = "curves.png"
+) -> Path | None:
     """One panel per logged quantity of the given CSV streams; returns the PNG path."""
     import matplotlib
 
@@ -101,7 +103,7 @@ def plot_curves(run_dir: str | Path, streams: tuple[str, ...], out_name: str = "
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(series):]:
+    for ax in list(axes.flat)[len(series) :]:
         ax.axis("off")
     fig.tight_layout()
     out = run_dir / out_name

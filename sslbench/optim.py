@@ -23,9 +23,14 @@ def scaled_lr(base_lr: float, batch_size: int) -> float:
     return base_lr * batch_size / 256
 
 
-def param_groups(model: nn.Module, weight_decay: float, exclude_norm_bias: bool = True,
-                 overrides: dict[str, dict] | None = None, *,
-                 norm_bias_overrides: dict | None = None) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    exclude_norm_bias: bool = True,
+    overrides: dict[str, dict] | None = None,
+    *,
+    norm_bias_overrides: dict | None = None,
+) -> list[dict]:
     """Split the trainable parameters of `model` into optimizer groups.
 
     exclude_norm_bias: parameters with ndim <= 1 (biases, BN/LN weights) get no weight decay and
@@ -46,8 +51,12 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_norm_bias: bool 
         key = (prefix, is_norm_bias)
         if key not in groups:
             kind = "norm_bias" if is_norm_bias else "weights" if split_norm_bias else "params"
-            group = {"params": [], "name": (prefix or "") + kind, "weight_decay": weight_decay,
-                     **GROUP_DEFAULTS}
+            group = {
+                "params": [],
+                "name": (prefix or "") + kind,
+                "weight_decay": weight_decay,
+                **GROUP_DEFAULTS,
+            }
             if is_norm_bias:
                 if exclude_norm_bias:
                     group.update(weight_decay=0.0, lars_exclude=True)
@@ -67,10 +76,18 @@ class LARS(torch.optim.Optimizer):
     norm weights) use the raw gradient. Then mu ← momentum·mu + g and p ← p − lr·mu.
     """
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 eta: float = 0.001):
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      eta=eta, lars_exclude=False))
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        eta: float = 0.001,
+    ):
+        super().__init__(
+            params,
+            dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False),
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -88,8 +105,11 @@ class LARS(torch.optim.Optimizer):
                     p_norm = torch.linalg.vector_norm(p)
                     u_norm = torch.linalg.vector_norm(update)
                     # torch.where, not a Python branch: no device sync per parameter.
-                    trust = torch.where((p_norm > 0) & (u_norm > 0),
-                                        group["eta"] * p_norm / u_norm, torch.ones_like(p_norm))
+                    trust = torch.where(
+                        (p_norm > 0) & (u_norm > 0),
+                        group["eta"] * p_norm / u_norm,
+                        torch.ones_like(p_norm),
+                    )
                     update = update.mul(trust)
                 state = self.state[p]
                 if "mu" not in state:
@@ -100,14 +120,17 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 0.9,
-                    weight_decay: float = 0.0, **kw) -> torch.optim.Optimizer:
-    """"sgd", "lars" or "adamw" over `groups`; a group's own weight_decay beats the argument.
+def build_optimizer(
+    name: str, groups: list[dict], lr: float, momentum: float = 0.9, weight_decay: float = 0.0, **kw
+) -> torch.optim.Optimizer:
+    """ "sgd", "lars" or "adamw" over `groups`; a group's own weight_decay beats the argument.
 
     AdamW ignores `momentum` (pass betas=... in kw). The groups start at lr × lr_scale.
     """
     if name == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kw)
+        optimizer = torch.optim.SGD(
+            groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kw
+        )
     elif name == "lars":
         optimizer = LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **kw)
     elif name == "adamw":
@@ -118,16 +141,24 @@ def build_optimizer(name: str, groups: list[dict], lr: float, momentum: float = 
     return optimizer
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float,
-                  final_lr: float = 0.0, warmup_start_lr: float = 0.0) -> float:
+def warmup_cosine(
+    step: int,
+    total_steps: int,
+    warmup_steps: int,
+    base_lr: float,
+    final_lr: float = 0.0,
+    warmup_start_lr: float = 0.0,
+) -> float:
     """The lr at 0-based `step`: linear warm-up to base_lr, then a half cosine down to final_lr.
 
     The cosine spans the total − warmup steps after the warm-up (UniGrad's code divides by total
     instead, so its lr never reaches final_lr); from step `total_steps` on the lr is final_lr.
     """
     if step < 0 or not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"need step >= 0 and 0 <= warmup_steps <= total_steps, got step={step}, "
-                         f"warmup_steps={warmup_steps}, total_steps={total_steps}")
+        raise ValueError(
+            f"need step >= 0 and 0 <= warmup_steps <= total_steps, got step={step}, "
+            f"warmup_steps={warmup_steps}, total_steps={total_steps}"
+        )
     if step >= total_steps:
         return final_lr
     if step < warmup_steps:
@@ -137,7 +168,7 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, base_lr: float) -> None:
-    """Give every group the scheduled `lr`, or `base_lr` if the group is fixed_lr, × its lr_scale."""
+    """Give every group the scheduled `lr` (`base_lr` if the group is fixed_lr) × its lr_scale."""
     for group in optimizer.param_groups:
         fixed = group.get("fixed_lr", GROUP_DEFAULTS["fixed_lr"])
         group["lr"] = (base_lr if fixed else lr) * group.get("lr_scale", GROUP_DEFAULTS["lr_scale"])

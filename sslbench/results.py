@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import datetime
 import hashlib
 import importlib.metadata
@@ -26,7 +27,6 @@ import re
 import resource
 import sys
 import time
-import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -88,11 +88,17 @@ class BackboneIdentity:
     source: dict[str, str] | None = None  # an imported checkpoint's: format, file, sha256
 
     @classmethod
-    def from_manifest(cls, manifest: dict) -> "BackboneIdentity":
+    def from_manifest(cls, manifest: dict) -> BackboneIdentity:
         config = manifest.get("config") or {}
-        return cls(manifest["weights_sha256"], manifest["method"], manifest.get("run_name"),
-                   manifest["arch"], recipe_hash(config) if config else None, config,
-                   _imported_source(manifest))
+        return cls(
+            manifest["weights_sha256"],
+            manifest["method"],
+            manifest.get("run_name"),
+            manifest["arch"],
+            recipe_hash(config) if config else None,
+            config,
+            _imported_source(manifest),
+        )
 
 
 @dataclass(frozen=True)
@@ -129,38 +135,65 @@ class ResultRecord:
     @property
     def file_name(self) -> str:
         """Unique per (weights, task, protocol, seed): one file per comparable number."""
-        return record_stem(self.task, self.backbone.weights_sha256, self.protocol_id,
-                           self.seed) + ".json"
+        return (
+            record_stem(self.task, self.backbone.weights_sha256, self.protocol_id, self.seed)
+            + ".json"
+        )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, obj: Any, source: str = "record") -> "ResultRecord":
+    def from_json(cls, obj: Any, source: str = "record") -> ResultRecord:
         """Build and validate a record from parsed JSON; errors name `source` and the field."""
         _check(isinstance(obj, dict), source, "<top level>", "expected a JSON object", obj)
         version = obj.get("schema_version")
-        _check(isinstance(version, int) and not isinstance(version, bool), source,
-               "schema_version", "expected an integer", version)
-        _check(version <= SCHEMA_VERSION, source, "schema_version",
-               f"newer than this sslbench reads ({SCHEMA_VERSION}); upgrade sslbench", version)
+        _check(
+            isinstance(version, int) and not isinstance(version, bool),
+            source,
+            "schema_version",
+            "expected an integer",
+            version,
+        )
+        _check(
+            version <= SCHEMA_VERSION,
+            source,
+            "schema_version",
+            f"newer than this sslbench reads ({SCHEMA_VERSION}); upgrade sslbench",
+            version,
+        )
         names = {f.name for f in fields(cls)}
         missing = sorted(names - set(obj))
         _check(not missing, source, ", ".join(missing), "missing", None)
         unknown = sorted(set(obj) - names)
         _check(not unknown, source, ", ".join(unknown), "unknown field", None)
-        _check(isinstance(obj["created"], str) and bool(obj["created"]), source, "created",
-               "expected an ISO timestamp", obj["created"])  # empty would be filled in
+        _check(
+            isinstance(obj["created"], str) and bool(obj["created"]),
+            source,
+            "created",
+            "expected an ISO timestamp",
+            obj["created"],
+        )  # empty would be filled in
         data = dict(obj)
         stored_id = data.pop("protocol_id")
         data["backbone"] = _sub(BackboneIdentity, obj["backbone"], source, "backbone")
         data["dataset"] = _sub(DatasetInfo, obj["dataset"], source, "dataset")
-        _check(_json_object(data["protocol"]) and bool(data["protocol"]), source, "protocol",
-               "expected a non-empty JSON object", None)
+        _check(
+            _json_object(data["protocol"]) and bool(data["protocol"]),
+            source,
+            "protocol",
+            "expected a non-empty JSON object",
+            None,
+        )
         record = cls(**data)
-        _check(stored_id == record.protocol_id, source, "protocol_id",
-               f"does not match the protocol (whose id is {record.protocol_id}); the protocol "
-               "was edited after the record was written", stored_id)
+        _check(
+            stored_id == record.protocol_id,
+            source,
+            "protocol_id",
+            f"does not match the protocol (whose id is {record.protocol_id}); the protocol "
+            "was edited after the record was written",
+            stored_id,
+        )
         validate(record, source)
         return record
 
@@ -176,8 +209,11 @@ def _sub(cls: type, obj: Any, source: str, where: str):
     one were added by a later schema version), and no unknown field."""
     _check(isinstance(obj, dict), source, where, "expected a JSON object", obj)
     names = [f.name for f in fields(cls)]
-    required = [f.name for f in fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        f.name
+        for f in fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [n for n in required if n not in obj]
     _check(not missing, source, ", ".join(f"{where}.{n}" for n in missing), "missing", None)
     unknown = sorted(set(obj) - set(names))
@@ -190,8 +226,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _json_object(value: Any) -> bool:
@@ -205,67 +240,167 @@ def _json_object(value: Any) -> bool:
 def validate(record: ResultRecord, source: str = "record") -> None:
     """Check every field's type and value; raise RecordError naming the first bad one."""
     r, s = record, source
-    _check(_is_int(r.schema_version) and 1 <= r.schema_version <= SCHEMA_VERSION, s,
-           "schema_version", f"expected an integer in 1..{SCHEMA_VERSION}", r.schema_version)
+    _check(
+        _is_int(r.schema_version) and 1 <= r.schema_version <= SCHEMA_VERSION,
+        s,
+        "schema_version",
+        f"expected an integer in 1..{SCHEMA_VERSION}",
+        r.schema_version,
+    )
     known = tasks().names()
-    _check(r.task in known, s, "task", f"expected a registered task ({', '.join(known)}; more "
-           "register through $SSLBENCH_TASK_MODULES)", r.task)
-    _check(isinstance(r.metrics, dict) and bool(r.metrics), s, "metrics",
-           "expected a non-empty object of numbers", r.metrics)
+    _check(
+        r.task in known,
+        s,
+        "task",
+        f"expected a registered task ({', '.join(known)}; more "
+        "register through $SSLBENCH_TASK_MODULES)",
+        r.task,
+    )
+    _check(
+        isinstance(r.metrics, dict) and bool(r.metrics),
+        s,
+        "metrics",
+        "expected a non-empty object of numbers",
+        r.metrics,
+    )
     for name, value in r.metrics.items():
         _check(_is_number(value), s, f"metrics.{name}", "expected a finite number", value)
     b = r.backbone
-    _check(isinstance(b.weights_sha256, str) and bool(_SHA256.fullmatch(b.weights_sha256)), s,
-           "backbone.weights_sha256", "expected 64 lowercase hex digits", b.weights_sha256)
+    _check(
+        isinstance(b.weights_sha256, str) and bool(_SHA256.fullmatch(b.weights_sha256)),
+        s,
+        "backbone.weights_sha256",
+        "expected 64 lowercase hex digits",
+        b.weights_sha256,
+    )
     for key in ("method", "arch"):
         value = getattr(b, key)
-        _check(isinstance(value, str) and bool(value), s, f"backbone.{key}",
-               "expected a non-empty string", value)
-    _check(b.run_name is None or isinstance(b.run_name, str), s, "backbone.run_name",
-           "expected a string or null", b.run_name)
-    _check(b.config_hash is None or (isinstance(b.config_hash, str) and bool(b.config_hash)), s,
-           "backbone.config_hash", "expected a non-empty string or null", b.config_hash)
-    _check(b.source is None or (isinstance(b.source, dict) and set(b.source) == set(SOURCE_KEYS)
-                                and all(isinstance(v, str) for v in b.source.values())), s,
-           "backbone.source", f"expected null or an object of strings {SOURCE_KEYS}", b.source)
+        _check(
+            isinstance(value, str) and bool(value),
+            s,
+            f"backbone.{key}",
+            "expected a non-empty string",
+            value,
+        )
+    _check(
+        b.run_name is None or isinstance(b.run_name, str),
+        s,
+        "backbone.run_name",
+        "expected a string or null",
+        b.run_name,
+    )
+    _check(
+        b.config_hash is None or (isinstance(b.config_hash, str) and bool(b.config_hash)),
+        s,
+        "backbone.config_hash",
+        "expected a non-empty string or null",
+        b.config_hash,
+    )
+    _check(
+        b.source is None
+        or (
+            isinstance(b.source, dict)
+            and set(b.source) == set(SOURCE_KEYS)
+            and all(isinstance(v, str) for v in b.source.values())
+        ),
+        s,
+        "backbone.source",
+        f"expected null or an object of strings {SOURCE_KEYS}",
+        b.source,
+    )
     _check(_json_object(b.config), s, "backbone.config", "expected a JSON object", None)
-    _check(_json_object(r.protocol) and bool(r.protocol), s, "protocol",
-           "expected a non-empty JSON object", None)
+    _check(
+        _json_object(r.protocol) and bool(r.protocol),
+        s,
+        "protocol",
+        "expected a non-empty JSON object",
+        None,
+    )
     d = r.dataset
-    _check(isinstance(d.name, str) and bool(d.name), s, "dataset.name",
-           "expected a non-empty string", d.name)
-    _check(_is_int(d.num_classes) and d.num_classes > 0, s, "dataset.num_classes",
-           "expected a positive integer", d.num_classes)
-    _check(isinstance(d.splits, dict) and bool(d.splits), s, "dataset.splits",
-           "expected a non-empty object", d.splits)
+    _check(
+        isinstance(d.name, str) and bool(d.name),
+        s,
+        "dataset.name",
+        "expected a non-empty string",
+        d.name,
+    )
+    _check(
+        _is_int(d.num_classes) and d.num_classes > 0,
+        s,
+        "dataset.num_classes",
+        "expected a positive integer",
+        d.num_classes,
+    )
+    _check(
+        isinstance(d.splits, dict) and bool(d.splits),
+        s,
+        "dataset.splits",
+        "expected a non-empty object",
+        d.splits,
+    )
     for split, size in d.splits.items():
-        _check(_is_int(size) and size >= 0, s, f"dataset.splits.{split}",
-               "expected a non-negative integer", size)
+        _check(
+            _is_int(size) and size >= 0,
+            s,
+            f"dataset.splits.{split}",
+            "expected a non-negative integer",
+            size,
+        )
     _check(_json_object(d.description), s, "dataset.description", "expected a JSON object", None)
     _check(_is_int(r.seed), s, "seed", "expected an integer", r.seed)
-    _check(_is_number(r.wall_time_s) and r.wall_time_s >= 0, s, "wall_time_s",
-           "expected a non-negative number", r.wall_time_s)
-    _check(isinstance(r.peak_memory_mb, dict) and "cpu_rss" in r.peak_memory_mb, s,
-           "peak_memory_mb", "expected an object with cpu_rss", r.peak_memory_mb)
+    _check(
+        _is_number(r.wall_time_s) and r.wall_time_s >= 0,
+        s,
+        "wall_time_s",
+        "expected a non-negative number",
+        r.wall_time_s,
+    )
+    _check(
+        isinstance(r.peak_memory_mb, dict) and "cpu_rss" in r.peak_memory_mb,
+        s,
+        "peak_memory_mb",
+        "expected an object with cpu_rss",
+        r.peak_memory_mb,
+    )
     for key, value in r.peak_memory_mb.items():
-        _check(value is None or (_is_number(value) and value >= 0), s, f"peak_memory_mb.{key}",
-               "expected a non-negative number or null", value)
-    _check(isinstance(r.device, str) and bool(r.device), s, "device",
-           "expected a non-empty string", r.device)
+        _check(
+            value is None or (_is_number(value) and value >= 0),
+            s,
+            f"peak_memory_mb.{key}",
+            "expected a non-negative number or null",
+            value,
+        )
+    _check(
+        isinstance(r.device, str) and bool(r.device),
+        s,
+        "device",
+        "expected a non-empty string",
+        r.device,
+    )
     _check(isinstance(r.versions, dict), s, "versions", "expected an object", r.versions)
     for key in VERSION_KEYS:
         _check(key in r.versions, s, f"versions.{key}", "missing", None)
     for key, value in r.versions.items():
-        _check(value is None or isinstance(value, str), s, f"versions.{key}",
-               "expected a string or null", value)
+        _check(
+            value is None or isinstance(value, str),
+            s,
+            f"versions.{key}",
+            "expected a string or null",
+            value,
+        )
     _check(_json_object(r.details), s, "details", "expected a JSON object", None)
     if HITS_KEY in r.details:
         try:
             hits = unpack_hits(r.details[HITS_KEY])
         except ValueError as err:
             _check(False, s, f"details.{HITS_KEY}", str(err), None)
-        _check(len(hits) == d.splits.get("test"), s, f"details.{HITS_KEY}",
-               f"holds {len(hits)} images, the test split {d.splits.get('test')}", None)
+        _check(
+            len(hits) == d.splits.get("test"),
+            s,
+            f"details.{HITS_KEY}",
+            f"holds {len(hits)} images, the test split {d.splits.get('test')}",
+            None,
+        )
     _check(isinstance(r.created, str), s, "created", "expected an ISO timestamp", r.created)
     try:
         datetime.datetime.fromisoformat(r.created)
@@ -282,8 +417,13 @@ def pack_hits(hits: Any) -> dict[str, Any]:
 
 def unpack_hits(packed: Any) -> np.ndarray:
     """The bool array `pack_hits` packed; ValueError when `packed` is not such an object."""
-    if not (isinstance(packed, dict) and set(packed) == {"n", "bits"} and _is_int(packed["n"])
-            and packed["n"] >= 0 and isinstance(packed["bits"], str)):
+    if not (
+        isinstance(packed, dict)
+        and set(packed) == {"n", "bits"}
+        and _is_int(packed["n"])
+        and packed["n"] >= 0
+        and isinstance(packed["bits"], str)
+    ):
         raise ValueError('expected {"n": count, "bits": base64}')
     try:
         raw = base64.b64decode(packed["bits"], validate=True)
@@ -306,18 +446,34 @@ class TaskOutput:
     versions: dict[str, str | None] = field(default_factory=dict)  # beyond library_versions()
 
 
-def build_record(task: str, output: TaskOutput, manifest: dict, *, seed: int, started: float,
-                 device: str, world_size: int, cuda: bool) -> ResultRecord:
+def build_record(
+    task: str,
+    output: TaskOutput,
+    manifest: dict,
+    *,
+    seed: int,
+    started: float,
+    device: str,
+    world_size: int,
+    cuda: bool,
+) -> ResultRecord:
     """The record of `output`, measured since `started` (a time.perf_counter() value) on
     `device` (see distributed.device_name) by `world_size` processes."""
     if output.dataset is None:
         raise ValueError(f"task {task!r}: its output names no dataset")
     return ResultRecord(
-        task=task, metrics=output.metrics, backbone=BackboneIdentity.from_manifest(manifest),
-        protocol=output.protocol, dataset=output.dataset, seed=seed,
-        wall_time_s=round(time.perf_counter() - started, 3), peak_memory_mb=peak_memory_mb(cuda),
-        device=device, versions={**library_versions(), **output.versions},
-        details={**output.details, "world_size": world_size})
+        task=task,
+        metrics=output.metrics,
+        backbone=BackboneIdentity.from_manifest(manifest),
+        protocol=output.protocol,
+        dataset=output.dataset,
+        seed=seed,
+        wall_time_s=round(time.perf_counter() - started, 3),
+        peak_memory_mb=peak_memory_mb(cuda),
+        device=device,
+        versions={**library_versions(), **output.versions},
+        details={**output.details, "world_size": world_size},
+    )
 
 
 def write_record(directory: str | Path, record: ResultRecord) -> Path:
@@ -342,8 +498,9 @@ def read_record(path: str | Path) -> ResultRecord:
     return ResultRecord.from_json(obj, str(path))
 
 
-def load_records(directory: str | Path
-                 ) -> tuple[list[ResultRecord], list[tuple[Path, RecordError]]]:
+def load_records(
+    directory: str | Path,
+) -> tuple[list[ResultRecord], list[tuple[Path, RecordError]]]:
     """Every record under `directory` (recursively, skipping hidden entries such as caches and
     temporary files), plus (path, error) for each malformed one: one bad file never hides the rest.
     """
@@ -367,8 +524,13 @@ def library_versions() -> dict[str, str | None]:
     import torchvision
 
     faiss = next(filter(None, map(distribution_version, FAISS_DISTRIBUTIONS)), None)
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "faiss": faiss, "sslbench": __version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "faiss": faiss,
+        "sslbench": __version__,
+    }
 
 
 def distribution_version(dist: str) -> str | None:

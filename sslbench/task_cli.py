@@ -21,20 +21,41 @@ def configure(parser: argparse.ArgumentParser, command: str, epilog: str) -> Non
     parser.epilog = epilog
     sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
     for task in tasks_of(command):
-        p = sub.add_parser(task.name, help=task.summary.replace("%", "%%"),
-                           description=task.summary, epilog=epilog,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--backbone", required=True, metavar="RUN_DIR",
-                       help="run directory holding backbone.safetensors and backbone.json")
-        p.add_argument("--out", required=True, metavar="RESULTS_DIR",
-                       help="directory the result record is written into")
-        p.add_argument("--config", required=task.config_required, metavar="YAML",
-                       help=f"a {command} recipe from configs/{command}/"
-                       + ("" if task.config_required else " (default: the built-in one)"))
-        p.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="dotted-key overrides applied after the recipe")
-        p.add_argument("--print-config", action="store_true",
-                       help="print the resolved config and exit")
+        p = sub.add_parser(
+            task.name,
+            help=task.summary.replace("%", "%%"),
+            description=task.summary,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument(
+            "--backbone",
+            required=True,
+            metavar="RUN_DIR",
+            help="run directory holding backbone.safetensors and backbone.json",
+        )
+        p.add_argument(
+            "--out",
+            required=True,
+            metavar="RESULTS_DIR",
+            help="directory the result record is written into",
+        )
+        p.add_argument(
+            "--config",
+            required=task.config_required,
+            metavar="YAML",
+            help=f"a {command} recipe from configs/{command}/"
+            + ("" if task.config_required else " (default: the built-in one)"),
+        )
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="dotted-key overrides applied after the recipe",
+        )
+        p.add_argument(
+            "--print-config", action="store_true", help="print the resolved config and exit"
+        )
 
 
 def run(args: argparse.Namespace, execute: Execute) -> int:

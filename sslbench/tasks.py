@@ -49,13 +49,15 @@ class Task:
 
     def __post_init__(self):
         if self.command not in COMMANDS:
-            raise ValueError(f"task {self.name!r}: command {self.command!r}, expected one of "
-                             f"{COMMANDS}")
+            raise ValueError(
+                f"task {self.name!r}: command {self.command!r}, expected one of {COMMANDS}"
+            )
         for field in ("config", "run"):
             value = getattr(self, field)
             if value.count(":") != 1:
-                raise ValueError(f"task {self.name!r}: {field}={value!r}, expected "
-                                 "'module:attribute'")
+                raise ValueError(
+                    f"task {self.name!r}: {field}={value!r}, expected 'module:attribute'"
+                )
 
     def load_config(self, paths=(), overrides=()):
         return resolve(self.config)(paths, overrides)
@@ -94,9 +96,11 @@ def tasks() -> Registry[Task]:
         for module in task_modules():
             importlib.import_module(module)
         if not TASKS.names():
-            raise RuntimeError(f"no task is registered: sslbench's entry points "
-                               f"({ENTRY_POINT_GROUP}) are missing; reinstall the package "
-                               "(pip install -e .)")
+            raise RuntimeError(
+                f"no task is registered: sslbench's entry points "
+                f"({ENTRY_POINT_GROUP}) are missing; reinstall the package "
+                "(pip install -e .)"
+            )
     return TASKS
 
 

@@ -17,8 +17,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_IMAGE = 96
 
 
-def build_eval_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
-                         std: Sequence[float] = IMAGENET_STD) -> Callable:
+def build_eval_transform(
+    image_size: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> Callable:
     """ImageNet convention (resize to size/0.875, centre crop) for large images; resize for
     small ones."""
     if image_size >= SMALL_IMAGE:
@@ -28,7 +29,8 @@ def build_eval_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
     return T.Compose([*resize, T.ToTensor(), T.Normalize(tuple(mean), tuple(std))])
 
 
-def pixel_stats(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-                ) -> tuple[list[float], list[float]]:
+def pixel_stats(
+    mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> tuple[list[float], list[float]]:
     """The normalisation on the 0-255 pixel scale detectron2 and mmseg work in."""
     return ([round(255 * m, 3) for m in mean], [round(255 * s, 3) for s in std])

@@ -17,10 +17,17 @@ from pretrain.methods import build_method, method_config_class
 _HEAD = {"proj_hidden_dim": 16, "out_dim": 8}
 _PREDICTOR = {**_HEAD, "pred_hidden_dim": 6}
 SMALL = {
-    "simclr": _HEAD, "simclr_abs": _HEAD, "simclr_sq": _HEAD,
-    "mocov2": {**_HEAD, "queue_size": 24}, "mocov3": {**_HEAD, "pred_hidden_dim": 16},
-    "byol": _PREDICTOR, "simsiam": _PREDICTOR,
-    "barlow_twins": _HEAD, "vicreg": _HEAD, "vicreg_exp": _HEAD, "vicreg_ctr": _HEAD,
+    "simclr": _HEAD,
+    "simclr_abs": _HEAD,
+    "simclr_sq": _HEAD,
+    "mocov2": {**_HEAD, "queue_size": 24},
+    "mocov3": {**_HEAD, "pred_hidden_dim": 16},
+    "byol": _PREDICTOR,
+    "simsiam": _PREDICTOR,
+    "barlow_twins": _HEAD,
+    "vicreg": _HEAD,
+    "vicreg_exp": _HEAD,
+    "vicreg_ctr": _HEAD,
     "unigrad": _HEAD,
 }
 UNIGRAD_RECIPE = ROOT / "configs" / "pretrain" / "unigrad_form" / "synthetic_r18.yaml"
@@ -51,14 +58,18 @@ def tiny_views(batch: int = 10, seed: int = 1) -> list[torch.Tensor]:
     return [torch.randn(batch, 3, 4, 4, generator=gen, dtype=torch.float64) for _ in range(2)]
 
 
-def loss_and_gradient(method: nn.Module, views: list[torch.Tensor]
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_and_gradient(
+    method: nn.Module, views: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss and the gradient of every trainable parameter, flattened into one vector."""
     method.zero_grad(set_to_none=True)
     out = method(views)
     out["loss"].backward()
-    grads = [p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
-             for p in method.parameters() if p.requires_grad]
+    grads = [
+        p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
+        for p in method.parameters()
+        if p.requires_grad
+    ]
     return out["loss"].detach(), torch.cat(grads)
 
 
@@ -78,8 +89,9 @@ def recipe_of(name: str, loss_form: str = "original") -> Path:
     return ROOT / "configs" / "pretrain" / f"{name}_synthetic_r18.yaml"
 
 
-def pretrain_and_score(name: str, shapes_root: Path, knn_root: Path, out: Path,
-                       *extra: str, recipe: Path | None = None) -> tuple[PairedKnn, dict]:
+def pretrain_and_score(
+    name: str, shapes_root: Path, knn_root: Path, out: Path, *extra: str, recipe: Path | None = None
+) -> tuple[PairedKnn, dict]:
     """Pretrain method `name` briefly on `shapes_root` (its own CPU recipe unless `recipe` is
     given); its kNN against the same network at its random init on `knn_root` (KNN_SHAPES), and
     the final collapse diagnostics of its manifest."""
@@ -88,22 +100,33 @@ def pretrain_and_score(name: str, shapes_root: Path, knn_root: Path, out: Path,
     from sslbench.artifact import load_backbone
     from sslbench.backbones import build_backbone
 
-    cfg = load_pretrain_config([recipe or recipe_of(name)], [
-        *tiny_data_overrides(shapes_root), *SHORT_RUN, f"run.output_dir={out}",
-        f"run.name={name}", f"method.name={name}", *extra])
+    cfg = load_pretrain_config(
+        [recipe or recipe_of(name)],
+        [
+            *tiny_data_overrides(shapes_root),
+            *SHORT_RUN,
+            f"run.output_dir={out}",
+            f"run.name={name}",
+            f"method.name={name}",
+            *extra,
+        ],
+    )
     backbone, manifest = load_backbone(pretrain(cfg))
     assert manifest["method"] == name
     torch.manual_seed(manifest["seed"])  # the engine seeds this way before building the backbone
     random_init = build_backbone(manifest["arch"], **manifest["arch_kwargs"])
     knn = paired_knn(backbone, random_init, knn_root, image_size=cfg.data.image_size)
     diagnostics = manifest["diagnostics"]
-    print(f"{name} {' '.join(extra)}: {knn}, l2_std*sqrt(d) "
-          f"{diagnostics['l2_std_x_sqrt_d']:.3f}, m_o {diagnostics['m_o']:.3f}")
+    print(
+        f"{name} {' '.join(extra)}: {knn}, l2_std*sqrt(d) "
+        f"{diagnostics['l2_std_x_sqrt_d']:.3f}, m_o {diagnostics['m_o']:.3f}"
+    )
     return knn, diagnostics
 
 
-def assert_learns_without_collapse(name: str, shapes_root: Path, knn_root: Path, out: Path,
-                                   *extra: str, recipe: Path | None = None) -> None:
+def assert_learns_without_collapse(
+    name: str, shapes_root: Path, knn_root: Path, out: Path, *extra: str, recipe: Path | None = None
+) -> None:
     """The smoke claim for every method: a short run beats its own random init on kNN top-1,
     significantly on 1,600 paired test images (sign test z > 2), and its embeddings keep their
     spread (SimSiam's ℓ2-output std, Zhang et al.'s centre norm)."""
@@ -112,25 +135,36 @@ def assert_learns_without_collapse(name: str, shapes_root: Path, knn_root: Path,
     assert diagnostics["l2_std_x_sqrt_d"] > 0.2 and diagnostics["m_o"] < 0.9, diagnostics
 
 
-def resumed_state_is_bit_exact(name: str, shapes_root: Path, out: Path, *extra: str,
-                               recipe: Path | None = None) -> dict:
+def resumed_state_is_bit_exact(
+    name: str, shapes_root: Path, out: Path, *extra: str, recipe: Path | None = None
+) -> dict:
     """Run method `name` (its own CPU recipe unless `recipe` is given) straight through and again
     SIGKILLed after its step-5 checkpoint and resumed; assert the two end in the same resume
     state and weights; return that state."""
-    common = [str(recipe or recipe_of(name)), *tiny_data_overrides(shapes_root), *SHORT_RUN,
-              "optim.batch_size=32", "train.epochs=1", "train.checkpoint_every=5",
-              f"run.output_dir={out}", f"method.name={name}", *extra]
+    common = [
+        str(recipe or recipe_of(name)),
+        *tiny_data_overrides(shapes_root),
+        *SHORT_RUN,
+        "optim.batch_size=32",
+        "train.epochs=1",
+        "train.checkpoint_every=5",
+        f"run.output_dir={out}",
+        f"method.name={name}",
+        *extra,
+    ]
     sslbench("pretrain", *common, "run.name=straight", cwd=out)
     killed = [*common, "run.name=killed"]
     pretrain_killed_at(killed, out, out / "killed" / "checkpoint.pt", min_step=5)
     assert not (out / "killed" / "backbone.json").exists()
     sslbench("pretrain", *killed, "--resume", cwd=out)
-    a, b = (torch.load(out / run / "checkpoint.pt", weights_only=True)
-            for run in ("straight", "killed"))
+    a, b = (
+        torch.load(out / run / "checkpoint.pt", weights_only=True) for run in ("straight", "killed")
+    )
     assert a["step"] == b["step"] == 512 // 32
     assert a["method"].keys() == b["method"].keys()
     for key, value in a["method"].items():
         assert torch.equal(value, b["method"][key]), key
-    assert ((out / "straight" / "backbone.safetensors").read_bytes()
-            == (out / "killed" / "backbone.safetensors").read_bytes())
+    assert (out / "straight" / "backbone.safetensors").read_bytes() == (
+        out / "killed" / "backbone.safetensors"
+    ).read_bytes()
     return a["method"]

@@ -7,8 +7,13 @@ import pickle
 import pytest
 import torch
 
-from sslbench.artifact import (ArtifactError, input_normalization, load_backbone, read_manifest,
-                               save_backbone)
+from sslbench.artifact import (
+    ArtifactError,
+    input_normalization,
+    load_backbone,
+    read_manifest,
+    save_backbone,
+)
 from sslbench.backbones import build_backbone
 from sslbench.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -16,8 +21,15 @@ from sslbench.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 def _save(run_dir, arch="resnet18", stem="small"):
     torch.manual_seed(0)
     model = build_backbone(arch, stem=stem)
-    save_backbone(run_dir, model, arch=arch, arch_kwargs={"stem": stem}, method="test",
-                  config={"x": 1}, seed=0)
+    save_backbone(
+        run_dir,
+        model,
+        arch=arch,
+        arch_kwargs={"stem": stem},
+        method="test",
+        config={"x": 1},
+        seed=0,
+    )
     return model
 
 
@@ -97,8 +109,7 @@ def test_format_1_manifest_still_loads_with_facts_and_imagenet_normalisation(tmp
     (tmp_path / "backbone.json").write_text(json.dumps({**old, "format_version": 1}))
     loaded, manifest = load_backbone(tmp_path)
     assert manifest["structure"] == written["structure"]
-    assert manifest["structure"]["stages"][3] == {"module": "layer4", "channels": 2048,
-                                                  "stride": 8}
+    assert manifest["structure"]["stages"][3] == {"module": "layer4", "channels": 2048, "stride": 8}
     assert manifest["normalize"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
     assert input_normalization(old) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
@@ -108,8 +119,15 @@ def test_vit_round_trip_keeps_its_readout_and_normalisation(tmp_path):
     torch.manual_seed(0)
     kwargs = {"pool": "avg", "img_size": 32, "patch_size": 8}
     model = build_backbone("vit_tiny_patch16_224", **kwargs).eval()
-    save_backbone(tmp_path, model, arch="vit_tiny_patch16_224", arch_kwargs=kwargs,
-                  method="dino", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    save_backbone(
+        tmp_path,
+        model,
+        arch="vit_tiny_patch16_224",
+        arch_kwargs=kwargs,
+        method="dino",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+    )
     loaded, manifest = load_backbone(tmp_path)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)

@@ -8,8 +8,15 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from pretrain.augment import (IMAGENET_MEAN, IMAGENET_STD, PIPELINES, MultiViewTransform,
-                              blur_kernel_size, build_eval_transform, build_view_transforms)
+from pretrain.augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PIPELINES,
+    MultiViewTransform,
+    blur_kernel_size,
+    build_eval_transform,
+    build_view_transforms,
+)
 
 
 @pytest.fixture(scope="module")
@@ -59,36 +66,40 @@ def test_views_depend_only_on_image_and_seed(image, pipeline):
 
 def test_byol_views_are_asymmetric():
     view1, view2 = build_view_transforms("byol", 64)
-    (blur1_p, blur1), = ops_of(view1, T.GaussianBlur)
-    (blur2_p, blur2), = ops_of(view2, T.GaussianBlur)
+    ((blur1_p, blur1),) = ops_of(view1, T.GaussianBlur)
+    ((blur2_p, blur2),) = ops_of(view2, T.GaussianBlur)
     assert (blur1_p, blur2_p) == (1.0, 0.1)
     for blur in (blur1, blur2):
         assert blur.sigma == (0.1, 2.0) and blur.kernel_size == (7, 7)
     assert ops_of(view1, T.RandomSolarize) == []
-    (solarize_p, solarize), = ops_of(view2, T.RandomSolarize)
+    ((solarize_p, solarize),) = ops_of(view2, T.RandomSolarize)
     assert solarize_p == 0.2 and solarize.threshold == 128
-    (jitter_p, jitter), = ops_of(view1, T.ColorJitter)
+    ((jitter_p, jitter),) = ops_of(view1, T.ColorJitter)
     assert jitter_p == 0.8
     assert jitter.brightness == (0.6, 1.4) and jitter.contrast == (0.6, 1.4)
     assert jitter.saturation == (0.8, 1.2) and jitter.hue == (-0.1, 0.1)
-    (_, crop), = ops_of(view1, T.RandomResizedCrop)
+    ((_, crop),) = ops_of(view1, T.RandomResizedCrop)
     assert crop.scale == (0.08, 1.0) and crop.interpolation == T.InterpolationMode.BICUBIC
 
 
-@pytest.mark.parametrize("pipeline,min_scale,jitter,interpolation", [
-    ("simclr", 0.08, (0.8, 0.8, 0.8, 0.2), T.InterpolationMode.BILINEAR),
-    ("mocov2", 0.2, (0.4, 0.4, 0.4, 0.1), T.InterpolationMode.BILINEAR),
-])
+@pytest.mark.parametrize(
+    "pipeline,min_scale,jitter,interpolation",
+    [
+        ("simclr", 0.08, (0.8, 0.8, 0.8, 0.2), T.InterpolationMode.BILINEAR),
+        ("mocov2", 0.2, (0.4, 0.4, 0.4, 0.1), T.InterpolationMode.BILINEAR),
+    ],
+)
 def test_symmetric_pipelines(pipeline, min_scale, jitter, interpolation):
     for view in build_view_transforms(pipeline, 64):
-        (_, crop), = ops_of(view, T.RandomResizedCrop)
+        ((_, crop),) = ops_of(view, T.RandomResizedCrop)
         assert crop.scale == (min_scale, 1.0) and crop.size == (64, 64)
         assert crop.interpolation == interpolation
-        (jitter_p, cj), = ops_of(view, T.ColorJitter)
+        ((jitter_p, cj),) = ops_of(view, T.ColorJitter)
         b, c, s, h = jitter
         assert jitter_p == 0.8
         assert [*cj.brightness, *cj.contrast, *cj.saturation, *cj.hue] == pytest.approx(
-            [1 - b, 1 + b, 1 - c, 1 + c, 1 - s, 1 + s, -h, h])
+            [1 - b, 1 + b, 1 - c, 1 + c, 1 - s, 1 + s, -h, h]
+        )
         assert [p for p, _ in ops_of(view, T.RandomGrayscale)] == [0.2]
         assert [p for p, _ in ops_of(view, T.GaussianBlur)] == [0.5]
         assert [p for p, _ in ops_of(view, T.RandomHorizontalFlip)] == [0.5]
@@ -97,7 +108,7 @@ def test_symmetric_pipelines(pipeline, min_scale, jitter, interpolation):
 
 def test_crop_min_scale_override():
     for view in build_view_transforms("byol", 64, crop_min_scale=0.2):
-        (_, crop), = ops_of(view, T.RandomResizedCrop)
+        ((_, crop),) = ops_of(view, T.RandomResizedCrop)
         assert crop.scale == (0.2, 1.0)
     with pytest.raises(ValueError, match="crop_min_scale"):
         build_view_transforms("byol", 64, crop_min_scale=0.0)
@@ -105,6 +116,7 @@ def test_crop_min_scale_override():
 
 def test_blur_modes_and_kernel():
     assert [blur_kernel_size(s) for s in (32, 64, 96, 224)] == [3, 7, 9, 23]
+
     def has_blur(size, mode):
         return bool(ops_of(build_view_transforms("mocov2", size, blur=mode)[0], T.GaussianBlur))
 
@@ -125,7 +137,7 @@ def test_normalisation_constants():
     assert IMAGENET_MEAN == (0.485, 0.456, 0.406)
     assert IMAGENET_STD == (0.229, 0.224, 0.225)
     for view in build_view_transforms("simclr", 32):
-        (_, norm), = ops_of(view, T.Normalize)
+        ((_, norm),) = ops_of(view, T.Normalize)
         assert tuple(norm.mean) == IMAGENET_MEAN and tuple(norm.std) == IMAGENET_STD
     black = build_eval_transform(32)(Image.new("RGB", (50, 40)))
     expected = -torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)

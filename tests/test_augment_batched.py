@@ -65,8 +65,7 @@ def draws(pipeline: str, size: int, sizes: torch.Tensor, seed: int = 0, **kwargs
     return BatchedTwoViews(pipeline, size, **kwargs).draw(batch_generator(seed, 0, 0), sizes)
 
 
-@pytest.mark.parametrize("height,width,min_scale", [(64, 64, 0.08), (48, 80, 0.2),
-                                                     (200, 24, 0.08)])
+@pytest.mark.parametrize("height,width,min_scale", [(64, 64, 0.08), (48, 80, 0.2), (200, 24, 0.08)])
 def test_crop_boxes_follow_torchvision(height, width, min_scale):
     """Scale (area fraction), log aspect and the box centre against torchvision's
     RandomResizedCrop.get_params on an image of the same size; the 200×24 image falls back to
@@ -76,13 +75,22 @@ def test_crop_boxes_follow_torchvision(height, width, min_scale):
     box = draws("simclr", 32, sizes, crop_min_scale=min_scale)[0].box.double()
     torch.manual_seed(0)
     image = torch.empty(3, height, width)
-    ref = torch.tensor([T.RandomResizedCrop.get_params(image, [min_scale, 1.0], list(CROP_RATIO))
-                        for _ in range(N)], dtype=torch.float64)
+    ref = torch.tensor(
+        [
+            T.RandomResizedCrop.get_params(image, [min_scale, 1.0], list(CROP_RATIO))
+            for _ in range(N)
+        ],
+        dtype=torch.float64,
+    )
 
     def features(b):
         top, left, h, w = b.unbind(1)
-        return {"scale": h * w / (height * width), "log aspect": (w / h).log(),
-                "centre y": (top + h / 2) / height, "centre x": (left + w / 2) / width}
+        return {
+            "scale": h * w / (height * width),
+            "log aspect": (w / h).log(),
+            "centre y": (top + h / 2) / height,
+            "centre x": (left + w / 2) / width,
+        }
 
     ours, theirs = features(box), features(ref)
     for name in ours:
@@ -100,25 +108,29 @@ def test_random_ops_follow_the_pil_pipeline(pipeline):
     sizes = torch.tensor([[64, 64]]).expand(N, 2)
     pil_views = build_view_transforms(pipeline, 64)
     for params, view in zip(draws(pipeline, 64, sizes), pil_views):
-        (jitter_p, jitter), = ops_of(view, T.ColorJitter)
+        ((jitter_p, jitter),) = ops_of(view, T.ColorJitter)
         assert binomial_ok(params.jitter, jitter_p)
-        (gray_p, _), = ops_of(view, T.RandomGrayscale)
+        ((gray_p, _),) = ops_of(view, T.RandomGrayscale)
         assert binomial_ok(params.gray, gray_p)
-        (flip_p, _), = ops_of(view, T.RandomHorizontalFlip)
+        ((flip_p, _),) = ops_of(view, T.RandomHorizontalFlip)
         assert binomial_ok(params.flip, flip_p)
         blurs = ops_of(view, T.GaussianBlur)
         assert binomial_ok(params.blur, blurs[0][0] if blurs else 0.0)
         solarize = ops_of(view, T.RandomSolarize)
         assert binomial_ok(params.solarize, solarize[0][0] if solarize else 0.0)
-        for column, (low, high) in enumerate([jitter.brightness, jitter.contrast,
-                                              jitter.saturation, jitter.hue]):
-            result = stats.kstest(params.factors[:, column].numpy(), "uniform",
-                                  args=(low, high - low))
+        for column, (low, high) in enumerate(
+            [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue]
+        ):
+            result = stats.kstest(
+                params.factors[:, column].numpy(), "uniform", args=(low, high - low)
+            )
             assert result.pvalue > KS_ALPHA, (column, result)
         if blurs:
             low, high = blurs[0][1].sigma
-            assert stats.kstest(params.sigma.numpy(), "uniform",
-                                args=(low, high - low)).pvalue > KS_ALPHA
+            assert (
+                stats.kstest(params.sigma.numpy(), "uniform", args=(low, high - low)).pvalue
+                > KS_ALPHA
+            )
         code = (params.order * torch.tensor([64, 16, 4, 1])).sum(1)
         counts = torch.bincount(code, minlength=256)[counts_index()]
         assert counts.sum() == N, "every order must be a permutation of the four ops"
@@ -127,8 +139,9 @@ def test_random_ops_follow_the_pil_pipeline(pipeline):
 
 def counts_index() -> torch.Tensor:
     """The base-4 codes of the 24 permutations of (0, 1, 2, 3)."""
-    return torch.tensor([sum(d * 4**(3 - i) for i, d in enumerate(p))
-                         for p in itertools.permutations(range(4))])
+    return torch.tensor(
+        [sum(d * 4 ** (3 - i) for i, d in enumerate(p)) for p in itertools.permutations(range(4))]
+    )
 
 
 def pil_gray(x: torch.Tensor) -> torch.Tensor:
@@ -147,12 +160,17 @@ def reference_view(image: torch.Tensor, p, i: int, pipeline: str, size: int) -> 
     """View i of the batch by torchvision's functional ops on one float64 image, in the PIL path's
     order (crop, jitter in the drawn order, grayscale, blur, solarize, flip, normalise)."""
     recipe = RECIPES[pipeline]
-    x = TF.resized_crop(image, *p.box[i].tolist(), [size, size],
-                        interpolation=recipe.interpolation, antialias=True).clamp(0, 1)
+    x = TF.resized_crop(
+        image, *p.box[i].tolist(), [size, size], interpolation=recipe.interpolation, antialias=True
+    ).clamp(0, 1)
     if p.jitter[i]:
         b, c, s, h = p.factors[i].tolist()
-        ops = [lambda v: blend(v, 0, b), lambda v: blend(v, pil_gray(v).mean(), c),
-               lambda v: blend(v, pil_gray(v), s), lambda v: TF.adjust_hue(v, h)]
+        ops = [
+            lambda v: blend(v, 0, b),
+            lambda v: blend(v, pil_gray(v).mean(), c),
+            lambda v: blend(v, pil_gray(v), s),
+            lambda v: TF.adjust_hue(v, h),
+        ]
         for op in p.order[i].tolist():
             x = ops[op](x)
     if p.gray[i]:
@@ -220,8 +238,10 @@ def source_images(count: int, height: int, width: int) -> list[Image.Image]:
 def view_statistics(views: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per image: each channel's mean, the pixel std, the mean |horizontal gradient| (sharpness:
     blur and resampling) and the colourfulness (mean |channel - pixel mean|, grayscale: 0)."""
-    pixels = views * torch.tensor(IMAGENET_STD)[:, None, None] + torch.tensor(IMAGENET_MEAN)[
-        :, None, None]
+    pixels = (
+        views * torch.tensor(IMAGENET_STD)[:, None, None]
+        + torch.tensor(IMAGENET_MEAN)[:, None, None]
+    )
     stats_ = {f"mean {c}": pixels[:, i].mean((1, 2)) for i, c in enumerate("rgb")}
     stats_["std"] = pixels.std((1, 2, 3))
     stats_["sharpness"] = (pixels[..., 1:] - pixels[..., :-1]).abs().mean((1, 2, 3))
@@ -231,9 +251,10 @@ def view_statistics(views: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: (value * 1e5).round() for name, value in stats_.items()}
 
 
-@pytest.mark.parametrize("pipeline,height,width,decode_size", [
-    ("simclr", 40, 40, 40), ("mocov2", 40, 40, 40), ("byol", 40, 40, 40),
-    ("simclr", 40, 56, 56)])  # squashed to 56², stretched in height: no detail lost
+@pytest.mark.parametrize(
+    "pipeline,height,width,decode_size",
+    [("simclr", 40, 40, 40), ("mocov2", 40, 40, 40), ("byol", 40, 40, 40), ("simclr", 40, 56, 56)],
+)  # squashed to 56², stretched in height: no detail lost
 def test_pixel_statistics_match_the_pil_path(pipeline, height, width, decode_size):
     """The same 256 source images, 4 draws each, at 40 px (blur on): each per-view statistic's
     distribution over 1,024 views matches the PIL path's (two-sample KS, critical value 0.086 at
@@ -245,9 +266,12 @@ def test_pixel_statistics_match_the_pil_path(pipeline, height, width, decode_siz
     size, repeats = 40, 4
     images = source_images(256, height, width)
     pil = MultiViewTransform(build_view_transforms(pipeline, size))
-    pil_views = [torch.stack(v) for v in zip(*[pil(img, seed=1000 * r + i)
-                                               for r in range(repeats)
-                                               for i, img in enumerate(images)])]
+    pil_views = [
+        torch.stack(v)
+        for v in zip(
+            *[pil(img, seed=1000 * r + i) for r in range(repeats) for i, img in enumerate(images)]
+        )
+    ]
     decode = DecodeResize(decode_size, RECIPES[pipeline].interpolation)
     decoded = [decode(img, 0) for img in images]
     pixels = torch.stack([d[0] for d in decoded]).repeat(repeats, 1, 1, 1)
@@ -281,10 +305,11 @@ def test_views_are_a_function_of_seed_epoch_and_batch():
     p = augment.draw(batch_generator(5, 1, 7), sizes)[0]
     assert len({tuple(b) for b in p.box.tolist()}) > 12
     assert len(set(p.factors[:, 0].tolist())) == 16
-    halves = [augment(images[r * 8:(r + 1) * 8], sizes[:8], (5, 1, 7), (r, 2)) for r in (0, 1)]
+    halves = [augment(images[r * 8 : (r + 1) * 8], sizes[:8], (5, 1, 7), (r, 2)) for r in (0, 1)]
     for view in (0, 1):
-        torch.testing.assert_close(torch.cat([h[view] for h in halves]), first[view],
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            torch.cat([h[view] for h in halves]), first[view], rtol=0, atol=1e-6
+        )
 
 
 def test_decode_resize_keeps_an_image_of_the_right_size():
@@ -314,8 +339,9 @@ def test_device_setting_and_bad_input():
     transform, augment = build_augmentation(load_pretrain_config([], ["method.name=simsiam"]), cpu)
     assert isinstance(transform, MultiViewTransform) and augment is None
     with pytest.raises(ValueError, match=r"uint8 batch of square images.*float32"):
-        BatchedTwoViews("simclr", 16)(torch.zeros(2, 3, 16, 16), torch.tensor([[16, 16]] * 2),
-                                      (0, 0, 0))
+        BatchedTwoViews("simclr", 16)(
+            torch.zeros(2, 3, 16, 16), torch.tensor([[16, 16]] * 2), (0, 0, 0)
+        )
 
 
 def test_resume_with_accelerator_augmentation_is_bit_exact(shapes_root, tmp_path):

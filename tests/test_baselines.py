@@ -29,10 +29,12 @@ def test_baselines_are_not_ssl_methods():
 
 
 # Each baseline recipe and an SSL recipe of the same scale: the network and data must agree.
-TWINS = {"random_init_synthetic_r18": "simsiam_synthetic_r18",
-         "supervised_synthetic_r18": "simsiam_synthetic_r18",
-         "random_init_imagenet_r50": "simsiam_imagenet_r50",
-         "supervised_imagenet_r50": "simsiam_imagenet_r50"}
+TWINS = {
+    "random_init_synthetic_r18": "simsiam_synthetic_r18",
+    "supervised_synthetic_r18": "simsiam_synthetic_r18",
+    "random_init_imagenet_r50": "simsiam_imagenet_r50",
+    "supervised_imagenet_r50": "simsiam_imagenet_r50",
+}
 
 
 def test_every_baseline_recipe_has_an_ssl_twin():
@@ -46,26 +48,44 @@ def test_a_baseline_recipe_trains_its_twins_network_on_its_data(recipe, twin):
     assert cfg.method.name == ("random-init" if recipe.startswith("random") else "supervised")
     assert cfg.backbone == ssl.backbone
     assert (cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.options) == (
-        ssl.data.name, ssl.data.root, ssl.data.image_size, ssl.data.options)
+        ssl.data.name,
+        ssl.data.root,
+        ssl.data.image_size,
+        ssl.data.options,
+    )
     if recipe == "supervised_synthetic_r18":  # the SSL recipes' augmentation and step budget
         assert (cfg.augment, cfg.optim.batch_size, cfg.train.epochs) == (
-            ssl.augment, ssl.optim.batch_size, 20)
+            ssl.augment,
+            ssl.optim.batch_size,
+            20,
+        )
     if recipe == "supervised_imagenet_r50":  # torchvision's classification reference
         assert cfg.augment.pipeline == "classification" and cfg.train.epochs == 100
-        assert (cfg.optim.name, cfg.optim.base_lr, cfg.optim.batch_size, cfg.optim.momentum,
-                cfg.optim.weight_decay) == ("sgd", 0.1, 256, 0.9, 1e-4)
+        assert (
+            cfg.optim.name,
+            cfg.optim.base_lr,
+            cfg.optim.batch_size,
+            cfg.optim.momentum,
+            cfg.optim.weight_decay,
+        ) == ("sgd", 0.1, 256, 0.9, 1e-4)
 
 
 def test_baseline_configs_refuse_what_they_cannot_be():
     random_init = RECIPES / "random_init_synthetic_r18.yaml"
-    with pytest.raises(ConfigError, match=r"random-init trains nothing: it needs train.epochs=0 "
-                                          r"\(got 3\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"random-init trains nothing: it needs train.epochs=0 "
+        r"\(got 3\)",
+    ):
         load_pretrain_config([random_init], ["train.epochs=3"])
     simsiam = RECIPES / "simsiam_synthetic_r18.yaml"
     with pytest.raises(ConfigError, match="only method.name=supervised trains on"):
         load_pretrain_config([simsiam], ["augment.pipeline=classification"])
-    with pytest.raises(ConfigError, match=r"'supervisd' \(did you mean 'supervised'\?\).*"
-                                          r"baselines: random-init, supervised"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'supervisd' \(did you mean 'supervised'\?\).*"
+        r"baselines: random-init, supervised",
+    ):
         load_pretrain_config([random_init], ["method.name=supervisd"])
 
 
@@ -81,8 +101,11 @@ def test_supervised_loss_is_cross_entropy_over_every_view():
         logits = method.classifier(method.backbone(v))
         nll.append((logits.logsumexp(1) - logits[torch.arange(7), labels]).mean())
     assert torch.allclose(out["loss"], torch.stack(nll).mean(), rtol=1e-12)
-    assert torch.allclose(out["loss"], F.cross_entropy(method.classifier(
-        method.backbone(torch.cat(views))), labels.repeat(2)), rtol=1e-12)  # equal-sized views
+    assert torch.allclose(
+        out["loss"],
+        F.cross_entropy(method.classifier(method.backbone(torch.cat(views))), labels.repeat(2)),
+        rtol=1e-12,
+    )  # equal-sized views
     out["loss"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.parameters())
     z1, z2 = out["embeddings"]
@@ -106,8 +129,15 @@ def test_classification_views_are_one_seeded_crop_and_flip():
 @pytest.mark.integration
 def test_random_init_writes_the_engines_initial_weights(shapes_root, tmp_path):
     recipe = str(RECIPES / "random_init_synthetic_r18.yaml")
-    sslbench("pretrain", recipe, *tiny_data_overrides(shapes_root), "run.seed=3",
-             f"run.output_dir={tmp_path}", "run.name=floor", cwd=tmp_path)
+    sslbench(
+        "pretrain",
+        recipe,
+        *tiny_data_overrides(shapes_root),
+        "run.seed=3",
+        f"run.output_dir={tmp_path}",
+        "run.name=floor",
+        cwd=tmp_path,
+    )
     backbone, manifest = load_backbone(tmp_path / "floor")
     assert manifest["method"] == "random-init"
     assert manifest["epochs"] == manifest["steps"] == 0
@@ -119,11 +149,20 @@ def test_random_init_writes_the_engines_initial_weights(shapes_root, tmp_path):
 
 
 @pytest.mark.integration
-def test_supervised_trains_on_the_labels_and_beats_random_init(shapes_root, knn_shapes_root,
-                                                                tmp_path):
+def test_supervised_trains_on_the_labels_and_beats_random_init(
+    shapes_root, knn_shapes_root, tmp_path
+):
     recipe = str(RECIPES / "supervised_synthetic_r18.yaml")
-    sslbench("pretrain", recipe, *tiny_data_overrides(shapes_root), "optim.batch_size=64",
-             "train.epochs=10", f"run.output_dir={tmp_path}", "run.name=ceiling", cwd=tmp_path)
+    sslbench(
+        "pretrain",
+        recipe,
+        *tiny_data_overrides(shapes_root),
+        "optim.batch_size=64",
+        "train.epochs=10",
+        f"run.output_dir={tmp_path}",
+        "run.name=ceiling",
+        cwd=tmp_path,
+    )
     run_dir = tmp_path / "ceiling"
     backbone, manifest = load_backbone(run_dir)
     assert manifest["method"] == "supervised" and manifest["steps"] == 10 * (512 // 64)

@@ -11,8 +11,16 @@ from leaderboard import stats
 from leaderboard.aggregate import build_board
 from leaderboard.render import csv_text, markdown
 from sslbench.config import recipe_hash
-from sslbench.results import (HITS_KEY, BackboneIdentity, DatasetInfo, RecordError, ResultRecord,
-                              pack_hits, unpack_hits, validate)
+from sslbench.results import (
+    HITS_KEY,
+    BackboneIdentity,
+    DatasetInfo,
+    RecordError,
+    ResultRecord,
+    pack_hits,
+    unpack_hits,
+    validate,
+)
 
 PROTOCOL = {"data": {"dataset": {"name": "synthetic-shapes"}}, "knn": {"k": [20]}}
 TEST_IMAGES = 400
@@ -22,21 +30,43 @@ def _hits(rate: float, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random(TEST_IMAGES) < rate
 
 
-def record(method: str, run: str, seed: int, hits=None, *, config: dict | None = None,
-           top1: float | None = None, task: str = "knn", metric: str = "top1",
-           weights: str = "ab", source: str | None = None) -> ResultRecord:
+def record(
+    method: str,
+    run: str,
+    seed: int,
+    hits=None,
+    *,
+    config: dict | None = None,
+    top1: float | None = None,
+    task: str = "knn",
+    metric: str = "top1",
+    weights: str = "ab",
+    source: str | None = None,
+) -> ResultRecord:
     config = {"method": {"name": method}, "run": {"seed": seed}} if config is None else config
     details = {} if hits is None else {HITS_KEY: pack_hits(hits)}
     value = 100 * float(np.mean(hits)) if top1 is None else top1
     return ResultRecord(
-        task=task, metrics={metric: value},
-        backbone=BackboneIdentity(weights * 32, method, run, "resnet18",
-                                  recipe_hash(config) if config else None, config, source),
+        task=task,
+        metrics={metric: value},
+        backbone=BackboneIdentity(
+            weights * 32,
+            method,
+            run,
+            "resnet18",
+            recipe_hash(config) if config else None,
+            config,
+            source,
+        ),
         protocol=PROTOCOL,
         dataset=DatasetInfo("synthetic-shapes", 8, {"train": 512, "test": TEST_IMAGES}, {}),
-        seed=seed, wall_time_s=1.0, peak_memory_mb={"cpu_rss": 1.0}, device="cpu",
-        versions={"python": "3", "torch": "2", "torchvision": "0", "faiss": None,
-                  "sslbench": "0"}, details=details)
+        seed=seed,
+        wall_time_s=1.0,
+        peak_memory_mb={"cpu_rss": 1.0},
+        device="cpu",
+        versions={"python": "3", "torch": "2", "torchvision": "0", "faiss": None, "sslbench": "0"},
+        details=details,
+    )
 
 
 def test_hits_round_trip_and_are_checked_against_the_test_split():
@@ -53,23 +83,33 @@ def test_hits_round_trip_and_are_checked_against_the_test_split():
 def test_seed_interval_is_students_t():
     values = [61.0, 64.5, 62.25, 66.0]
     lo, hi = stats.seed_interval(values)
-    ref = scipy_stats.t.interval(0.95, len(values) - 1, loc=np.mean(values),
-                                 scale=scipy_stats.sem(values))
+    ref = scipy_stats.t.interval(
+        0.95, len(values) - 1, loc=np.mean(values), scale=scipy_stats.sem(values)
+    )
     assert (lo, hi) == pytest.approx(ref, rel=1e-12)
 
 
 def test_bootstrap_intervals_equal_scipys_percentile_bootstrap():
     a, b = _hits(0.6, 1).astype(float), _hits(0.55, 2).astype(float)
-    ref = scipy_stats.bootstrap((a,), np.mean, n_resamples=stats.RESAMPLES, method="percentile",
-                                rng=np.random.default_rng(stats.SEED)).confidence_interval
-    assert stats.bootstrap_interval(a) == pytest.approx((100 * ref.low, 100 * ref.high),
-                                                        rel=1e-12)
     ref = scipy_stats.bootstrap(
-        (a, b), lambda x, y, axis=-1: x.mean(axis) - y.mean(axis), paired=True,
-        n_resamples=stats.RESAMPLES, method="percentile",
-        rng=np.random.default_rng(stats.SEED)).confidence_interval
+        (a,),
+        np.mean,
+        n_resamples=stats.RESAMPLES,
+        method="percentile",
+        rng=np.random.default_rng(stats.SEED),
+    ).confidence_interval
+    assert stats.bootstrap_interval(a) == pytest.approx((100 * ref.low, 100 * ref.high), rel=1e-12)
+    ref = scipy_stats.bootstrap(
+        (a, b),
+        lambda x, y, axis=-1: x.mean(axis) - y.mean(axis),
+        paired=True,
+        n_resamples=stats.RESAMPLES,
+        method="percentile",
+        rng=np.random.default_rng(stats.SEED),
+    ).confidence_interval
     assert stats.paired_difference_interval(a, b) == pytest.approx(
-        (100 * ref.low, 100 * ref.high), rel=1e-9)
+        (100 * ref.low, 100 * ref.high), rel=1e-9
+    )
 
 
 def test_the_paired_test_agrees_with_mcnemars_exact_test_on_clear_cases():
@@ -96,10 +136,20 @@ def test_welch_decides_dense_columns_with_seeds():
 def test_records_differing_only_in_config_are_two_rows_seeds_of_one_config_one():
     exact = {"method": {"name": "simclr", "loss_form": "exact"}}
     unigrad = {"method": {"name": "simclr", "loss_form": "unigrad"}}
-    records = [record("simclr", "simclr", s, _hits(0.5, s), config={**exact, "run": {"seed": s}})
-               for s in (0, 1)]
-    records.append(record("simclr", "simclr", 0, _hits(0.6, 9),
-                          config={**unigrad, "run": {"seed": 0}}, weights="cd"))
+    records = [
+        record("simclr", "simclr", s, _hits(0.5, s), config={**exact, "run": {"seed": s}})
+        for s in (0, 1)
+    ]
+    records.append(
+        record(
+            "simclr",
+            "simclr",
+            0,
+            _hits(0.6, 9),
+            config={**unigrad, "run": {"seed": 0}},
+            weights="cd",
+        )
+    )
     board = build_board(records)
     labels = sorted(r.label for r in board.rows)
     assert labels == ['simclr [method.loss_form="exact"]', 'simclr [method.loss_form="unigrad"]']
@@ -109,11 +159,13 @@ def test_records_differing_only_in_config_are_two_rows_seeds_of_one_config_one()
 
 
 def test_cells_carry_intervals_marks_and_their_place_between_the_baselines():
-    records = [record("simclr", "simclr", 0, _hits(0.62, 1)),
-               record("byol", "byol", 0, _hits(0.60, 2), weights="cd"),  # close to the best
-               record("vicreg", "vicreg", 0, _hits(0.30, 3), weights="ce"),  # far below it
-               record("random-init", "random-init", 0, _hits(0.2, 4), weights="cf"),
-               record("supervised", "supervised", 0, _hits(0.9, 5), weights="d0")]
+    records = [
+        record("simclr", "simclr", 0, _hits(0.62, 1)),
+        record("byol", "byol", 0, _hits(0.60, 2), weights="cd"),  # close to the best
+        record("vicreg", "vicreg", 0, _hits(0.30, 3), weights="ce"),  # far below it
+        record("random-init", "random-init", 0, _hits(0.2, 4), weights="cf"),
+        record("supervised", "supervised", 0, _hits(0.9, 5), weights="d0"),
+    ]
     board = build_board(records)
     assert [r.label for r in board.rows] == ["simclr", "byol", "vicreg"]
     assert [r.label for r in board.baselines] == ["random-init", "supervised"]

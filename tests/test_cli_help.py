@@ -8,8 +8,9 @@ import pytest
 from sslbench.cli import COMMANDS, main
 from sslbench.tasks import tasks
 
-INVOCATIONS = ([[]] + [[c] for c in COMMANDS]
-               + [[tasks().get(t).command, t] for t in tasks().in_order()])
+INVOCATIONS = (
+    [[]] + [[c] for c in COMMANDS] + [[tasks().get(t).command, t] for t in tasks().in_order()]
+)
 
 
 @pytest.mark.parametrize("words", INVOCATIONS, ids=lambda w: " ".join(w) or "sslbench")

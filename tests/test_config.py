@@ -17,11 +17,14 @@ def test_recipe_loads_with_typed_overrides():
     assert cfg.method.name == "simsiam" and cfg.method.stop_gradient is True
 
 
-@pytest.mark.parametrize("override, key, suggestion", [
-    ("optim.base_lrr=0.1", "optim.base_lrr", "optim.base_lr"),
-    ("method.stop_gradent=false", "method.stop_gradent", "method.stop_gradient"),
-    ("trian.epochs=1", "trian", "train"),
-])
+@pytest.mark.parametrize(
+    "override, key, suggestion",
+    [
+        ("optim.base_lrr=0.1", "optim.base_lrr", "optim.base_lr"),
+        ("method.stop_gradent=false", "method.stop_gradent", "method.stop_gradient"),
+        ("trian.epochs=1", "trian", "train"),
+    ],
+)
 def test_unknown_key_names_key_and_closest(override, key, suggestion):
     with pytest.raises(ConfigError) as err:
         load_pretrain_config([RECIPE], [override])

@@ -18,8 +18,15 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from sslbench.data import (DATASETS, SHAPE_CLASSES, SPLITS, DatasetError, build_dataset,
-                           default_data_root, prepare_synthetic_shapes)
+from sslbench.data import (
+    DATASETS,
+    SHAPE_CLASSES,
+    SPLITS,
+    DatasetError,
+    build_dataset,
+    default_data_root,
+    prepare_synthetic_shapes,
+)
 from sslbench.data.splits import stratified_split
 
 # pycocotools' Cython code trips numpy 2's __array__(copy=) deprecation inside annToMask
@@ -28,8 +35,11 @@ TINY = dict(image_size=32, train_per_class=3, val_per_class=2, test_per_class=2,
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +48,7 @@ def tiny_root(tmp_path_factory) -> Path:
 
 
 # --- synthetic-shapes: determinism and caching ---------------------------------------------------
+
 
 def test_same_seed_gives_identical_files_and_another_seed_different_ones(tmp_path, tiny_root):
     again = tree_digest(prepare_synthetic_shapes(tmp_path / "again", seed=0, **TINY))
@@ -82,6 +93,7 @@ def test_unknown_generation_option_names_the_closest(tmp_path):
 
 # --- synthetic-shapes: the three formats agree --------------------------------------------------
 
+
 def test_synthetic_split_reads_back_as_an_imagefolder(tiny_root):
     sizes = {"train": 3, "val": 2, "test": 2}
     for split in SPLITS:
@@ -106,8 +118,10 @@ def test_silhouette_style_draws_the_same_objects_white_on_black(tiny_root, tmp_p
         if name.startswith("labels/"):
             assert white[name] == colour[name], name
     for split in SPLITS:
-        a, b = (json.loads((r / "annotations" / f"instances_{split}.json").read_text())
-                for r in (tiny_root, sil))
+        a, b = (
+            json.loads((r / "annotations" / f"instances_{split}.json").read_text())
+            for r in (tiny_root, sil)
+        )
         assert a["annotations"] == b["annotations"] and a["images"] == b["images"]
     for image in sorted(sil.glob("train/*/*.png")):
         labels = np.asarray(Image.open(sil / "labels" / image.relative_to(sil)))
@@ -143,6 +157,7 @@ def test_coco_masks_boxes_and_label_maps_agree(tiny_root, split):
 
 
 # --- imagefolder --------------------------------------------------------------------------------
+
 
 def write_image(path: Path, colour=(200, 10, 10), size=(5, 4)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +213,7 @@ def test_imagefolder_names_a_corrupt_image_on_load_and_on_verify(tmp_path):
 
 # --- cifar --------------------------------------------------------------------------------------
 
+
 def cifar_batch(rng, per_class: int, classes: int) -> tuple[np.ndarray, list[int]]:
     labels = [k for k in range(classes) for _ in range(per_class)]
     return rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), labels
@@ -222,9 +238,11 @@ class Python2Pickler(pickle._Pickler):
         self.memoize(obj)
 
 
-DUMPS = {"python2": lambda obj, f: Python2Pickler(f, protocol=2).dump(obj),
-         "protocol2": lambda obj, f: pickle.dump(obj, f, protocol=2),
-         "highest": lambda obj, f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)}
+DUMPS = {
+    "python2": lambda obj, f: Python2Pickler(f, protocol=2).dump(obj),
+    "protocol2": lambda obj, f: pickle.dump(obj, f, protocol=2),
+    "highest": lambda obj, f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL),
+}
 
 
 def write_cifar10(directory: Path, dump=DUMPS["highest"]) -> dict[str, tuple[np.ndarray, list]]:
@@ -235,10 +253,27 @@ def write_cifar10(directory: Path, dump=DUMPS["highest"]) -> dict[str, tuple[np.
     batches["test_batch"] = cifar_batch(rng, 1, 10)
     for name, (data, labels) in batches.items():
         with open(directory / name, "wb") as f:
-            dump({b"batch_label": name.encode(), b"data": data, b"labels": labels,
-                  b"filenames": [b"x.png"] * len(labels)}, f)
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
-             b"ship", b"truck"]
+            dump(
+                {
+                    b"batch_label": name.encode(),
+                    b"data": data,
+                    b"labels": labels,
+                    b"filenames": [b"x.png"] * len(labels),
+                },
+                f,
+            )
+    names = [
+        b"airplane",
+        b"automobile",
+        b"bird",
+        b"cat",
+        b"deer",
+        b"dog",
+        b"frog",
+        b"horse",
+        b"ship",
+        b"truck",
+    ]
     with open(directory / "batches.meta", "wb") as f:
         dump({b"label_names": names, b"num_vis": 3072}, f)
     return batches
@@ -260,8 +295,10 @@ def test_cifar10_loads_the_pickle_layout_and_carves_a_stratified_val(tmp_path, w
     assert Counter(val.targets) == {k: 1 for k in range(10)}
     assert Counter(train.targets) == {k: 9 for k in range(10)}
     every = np.concatenate([batches[f"data_batch_{i}"][0] for i in range(1, 6)])
+
     def rows(ds):
         return Counter(np.asarray(ds[i][0]).transpose(2, 0, 1).tobytes() for i in range(len(ds)))
+
     assert rows(train) + rows(val) == Counter(row.tobytes() for row in every)
     assert build_dataset("cifar10", tmp_path, "val").targets == val.targets
     assert val.describe()["val_fraction"] == 0.1
@@ -274,11 +311,18 @@ def test_cifar100_uses_fine_labels(tmp_path):
     for name, per_class in (("train", 10), ("test", 1)):
         data, labels = cifar_batch(rng, per_class, 100)
         with open(directory / name, "wb") as f:
-            pickle.dump({b"data": data, b"fine_labels": labels,
-                         b"coarse_labels": [k // 5 for k in labels]}, f)
+            pickle.dump(
+                {b"data": data, b"fine_labels": labels, b"coarse_labels": [k // 5 for k in labels]},
+                f,
+            )
     with open(directory / "meta", "wb") as f:
-        pickle.dump({b"fine_label_names": [f"c{k}".encode() for k in range(100)],
-                     b"coarse_label_names": [b"x"] * 20}, f)
+        pickle.dump(
+            {
+                b"fine_label_names": [f"c{k}".encode() for k in range(100)],
+                b"coarse_label_names": [b"x"] * 20,
+            },
+            f,
+        )
     ds = build_dataset("cifar100", tmp_path, "val")
     assert ds.num_classes == 100 and ds.classes[42] == "c42"
     assert Counter(ds.targets) == {k: 1 for k in range(100)}
@@ -319,6 +363,7 @@ def test_cifar_corrupt_or_missing_files_are_named(tmp_path):
 
 # --- bundled real digits ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name, total, side", [("digits", 1797, 8), ("mnist-subset", 5000, 28)])
 def test_bundled_digits_split_60_20_20_stratified_disjoint_and_complete(name, total, side):
     np.random.seed(123)  # the split must not depend on global seeding
@@ -335,9 +380,11 @@ def test_bundled_digits_split_60_20_20_stratified_disjoint_and_complete(name, to
         assert all(abs(counts[split][k] - share * n) <= 1 for k, n in per_class.items())
     # the three splits together hold every source image exactly once (as a multiset)
     from sslbench.data.bundled import digits_arrays, mnist_arrays
+
     source, _ = (digits_arrays if name == "digits" else mnist_arrays)()
-    held = Counter(np.asarray(ds[i][0])[..., 0].tobytes()
-                   for ds in splits.values() for i in range(len(ds)))
+    held = Counter(
+        np.asarray(ds[i][0])[..., 0].tobytes() for ds in splits.values() for i in range(len(ds))
+    )
     assert held == Counter(img.tobytes() for img in source)
     assert build_dataset(name, "/ignored", "val").targets == splits["val"].targets
 
@@ -351,9 +398,19 @@ def test_stratified_split_partitions_the_indices():
 
 # --- the registry -------------------------------------------------------------------------------
 
+
 def test_registered_names_and_errors_for_bad_names_splits_and_options(tmp_path):
-    assert DATASETS.names() == sorted(["synthetic-shapes", "imagefolder", "cifar10", "cifar100",
-                                       "digits", "mnist-subset", "shards"])
+    assert DATASETS.names() == sorted(
+        [
+            "synthetic-shapes",
+            "imagefolder",
+            "cifar10",
+            "cifar100",
+            "digits",
+            "mnist-subset",
+            "shards",
+        ]
+    )
     with pytest.raises(DatasetError, match="did you mean 'cifar10'"):
         build_dataset("cifar-10", tmp_path, "train")
     with pytest.raises(DatasetError, match="'valid'"):

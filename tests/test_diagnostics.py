@@ -7,9 +7,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pretrain.diagnostics import (centre_residual, collapse_diagnostics, dimension_contrastive,
-                                  effective_rank, garrido_criteria, l2_std, plot_spectrum,
-                                  positive_cosine, sample_contrastive, singular_values)
+from pretrain.diagnostics import (
+    centre_residual,
+    collapse_diagnostics,
+    dimension_contrastive,
+    effective_rank,
+    garrido_criteria,
+    l2_std,
+    plot_spectrum,
+    positive_cosine,
+    sample_contrastive,
+    singular_values,
+)
 
 
 def randn(*shape, seed=0, dtype=torch.float64):
@@ -51,7 +60,9 @@ def test_centre_residual_identity():
     z = randn(300, 10, seed=2) + 0.7
     m_o, m_r = centre_residual(z)
     u = F.normalize(z, dim=1)
-    assert m_o**2 + (u - u.mean(dim=0)).square().sum(dim=1).mean().item() == pytest.approx(1, abs=1e-12)
+    assert m_o**2 + (u - u.mean(dim=0)).square().sum(dim=1).mean().item() == pytest.approx(
+        1, abs=1e-12
+    )
     assert 0 < m_r and m_o**2 + m_r**2 <= 1  # Jensen: mean ||r|| <= sqrt(mean ||r||²)
     # Equal residual norms make the identity hold for m_r itself: z = a·e0 ± b·e1.
     a, b = 0.6, 0.8
@@ -78,8 +89,16 @@ def test_collapsed_embeddings():
     assert diag["effective_rank"] == 0.0, "round-off must not read as spread"
     assert diag["pos_cos"] == pytest.approx(1, abs=1e-12)
     assert diag["L_c"] == pytest.approx(256 * 255, rel=1e-12), "every pair has cosine 1"
-    assert set(diag) == {"l2_std", "l2_std_x_sqrt_d", "m_o", "m_r", "effective_rank", "L_c",
-                         "L_nc", "pos_cos"}
+    assert set(diag) == {
+        "l2_std",
+        "l2_std_x_sqrt_d",
+        "m_o",
+        "m_r",
+        "effective_rank",
+        "L_c",
+        "L_nc",
+        "pos_cos",
+    }
     assert "pos_cos" not in collapse_diagnostics(z)
 
 
@@ -115,8 +134,10 @@ def test_rejects_non_matrix_input():
 
 def test_plot_spectrum_writes_png(tmp_path):
     path = tmp_path / "plots" / "spectrum.png"
-    plot_spectrum({"healthy": singular_values(randn(40, 16)),
-                   "collapsed": torch.tensor([1.0, 1e-3, 0.0])}, path)
+    plot_spectrum(
+        {"healthy": singular_values(randn(40, 16)), "collapsed": torch.tensor([1.0, 1e-3, 0.0])},
+        path,
+    )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as img:
         assert img.format == "PNG" and img.width > 100

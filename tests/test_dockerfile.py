@@ -8,11 +8,11 @@ import re
 import shlex
 import shutil
 import subprocess
-import tomllib
 
 import pytest
-
+import tomllib
 from helpers import ROOT
+
 from sslbench.cli import COMMANDS
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -21,17 +21,22 @@ DOCKERFILE = ROOT / "Dockerfile"
 def instructions() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments): comment lines dropped (as docker does, also inside a
     continuation), then continuation lines joined."""
-    lines = [line for line in DOCKERFILE.read_text().splitlines()
-             if not line.lstrip().startswith("#")]
+    lines = [
+        line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")
+    ]
     text = "\n".join(lines).replace("\\\n", " ")
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
-            for line in text.splitlines() if line.strip()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
+        for line in text.splitlines()
+        if line.strip()
+    ]
 
 
 def documented_run() -> list[str]:
     """The `docker run` example in the header comment, as words."""
-    comments = "\n".join(line.lstrip("# ") for line in DOCKERFILE.read_text().splitlines()
-                          if line.startswith("#"))
+    comments = "\n".join(
+        line.lstrip("# ") for line in DOCKERFILE.read_text().splitlines() if line.startswith("#")
+    )
     line = re.search(r"^docker run .*?[^\\]$", comments.replace("\\\n", " "), re.M | re.S)
     return shlex.split(line.group(0))
 
@@ -63,10 +68,14 @@ def test_what_it_copies_exists():
 
 
 def test_what_it_installs_is_in_the_project():
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    pinned = {re.split(r"[=<>!~;]", line)[0].strip().lower()
-              for line in (ROOT / "constraints.txt").read_text().splitlines()
-              if line.strip() and not line.startswith("#")}
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    pinned = {
+        re.split(r"[=<>!~;]", line)[0].strip().lower()
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     installs = [cmd for run in run_commands() for cmd in run.split("&&") if "pip install" in cmd]
     assert installs
     for cmd in installs:
@@ -82,7 +91,7 @@ def test_what_it_installs_is_in_the_project():
 def test_the_documented_run_names_a_command_and_a_pipeline_that_exist():
     words = documented_run()
     assert "--gpus" in words and any(w.endswith(":/data:ro") for w in words)
-    command, pipeline = words[words.index("sslbench") + 1:][:2]  # after the image's name
+    command, pipeline = words[words.index("sslbench") + 1 :][:2]  # after the image's name
     assert command == "run" and command in COMMANDS and (ROOT / pipeline).is_file()
     paths = re.findall(r"\bconfigs/[\w/.-]+\.yaml", DOCKERFILE.read_text())
     assert all((ROOT / p).is_file() for p in paths), paths

@@ -6,14 +6,13 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT, TINY_SHAPES, eval_overrides, shapes_options, sslbench, subprocess_env
 from safetensors.torch import load_file
 
-from sslbench.tasks import get_task
-from helpers import (ROOT, TINY_SHAPES, eval_overrides, shapes_options, sslbench,
-                     subprocess_env)
 from sslbench.artifact import read_manifest, save_backbone
 from sslbench.backbones import build_backbone
 from sslbench.results import load_records
+from sslbench.tasks import get_task
 
 RECIPES = sorted((ROOT / "configs" / "eval").glob("*.yaml"))
 TASKS = ("knn", "linear", "semisup")
@@ -24,17 +23,25 @@ def random_run(tmp_path_factory):
     """A random-init ResNet-18 with the ImageNet stem: cheap to run on 16 px images."""
     torch.manual_seed(0)
     run_dir = tmp_path_factory.mktemp("runs") / "random"
-    save_backbone(run_dir, build_backbone("resnet18", stem="imagenet"), arch="resnet18",
-                  arch_kwargs={"stem": "imagenet"}, method="random-init", run_name="random")
+    save_backbone(
+        run_dir,
+        build_backbone("resnet18", stem="imagenet"),
+        arch="resnet18",
+        arch_kwargs={"stem": "imagenet"},
+        method="random-init",
+        run_name="random",
+    )
     return run_dir
 
 
-def test_knn_then_linear_write_records_and_share_the_feature_cache(random_run, shapes_root,
-                                                                   tmp_path):
+def test_knn_then_linear_write_records_and_share_the_feature_cache(
+    random_run, shapes_root, tmp_path
+):
     out = tmp_path / "results"
     args = ["--backbone", str(random_run), "--out", str(out), *eval_overrides(shapes_root)]
-    knn = sslbench("eval", "knn", "--config", str(ROOT / "configs/eval/knn.yaml"), *args,
-                   cwd=tmp_path)
+    knn = sslbench(
+        "eval", "knn", "--config", str(ROOT / "configs/eval/knn.yaml"), *args, cwd=tmp_path
+    )
     linear = sslbench("eval", "linear", *args, cwd=tmp_path)
     records, errors = load_records(out)
     assert errors == [] and sorted(r.task for r in records) == ["knn", "linear"]
@@ -59,12 +66,24 @@ def test_knn_then_linear_write_records_and_share_the_feature_cache(random_run, s
     assert "linear" not in only_knn.stdout
 
 
-@pytest.mark.parametrize("args,message", [
-    (["knn", "--backbone", "no/such/run", "--out", "r"], "no/such/run"),
-    (["knn", "--backbone", ".", "--out", "r", "knn.kk=3"], "unknown config key 'knn.kk' (did you mean 'knn.k'?)"),
-    (["linear", "--backbone", ".", "--out", "r", "probe.name=slow"], "unknown linear probe 'slow'"),
-    (["semisup", "--backbone", ".", "--out", "r", "--config", "missing.yaml"], "config file not found: missing.yaml"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["knn", "--backbone", "no/such/run", "--out", "r"], "no/such/run"),
+        (
+            ["knn", "--backbone", ".", "--out", "r", "knn.kk=3"],
+            "unknown config key 'knn.kk' (did you mean 'knn.k'?)",
+        ),
+        (
+            ["linear", "--backbone", ".", "--out", "r", "probe.name=slow"],
+            "unknown linear probe 'slow'",
+        ),
+        (
+            ["semisup", "--backbone", ".", "--out", "r", "--config", "missing.yaml"],
+            "config file not found: missing.yaml",
+        ),
+    ],
+)
 def test_bad_input_is_a_clear_error_with_exit_code_1(tmp_path, args, message):
     proc = sslbench("eval", *args, cwd=tmp_path, check=False)
     assert proc.returncode == 1, proc.stderr
@@ -82,10 +101,15 @@ def test_every_eval_recipe_loads(recipe):
     assert get_task(task).load_config([recipe]).data.name
 
 
-@pytest.mark.parametrize("task,recipe,overrides", [
-    ("knn", "knn.yaml", []), ("linear", "linear_fast.yaml", []),
-    ("linear", "linear_standard.yaml", ["probe.name=standard"]),
-    ("semisup", "semisup_10pct.yaml", [])])
+@pytest.mark.parametrize(
+    "task,recipe,overrides",
+    [
+        ("knn", "knn.yaml", []),
+        ("linear", "linear_fast.yaml", []),
+        ("linear", "linear_standard.yaml", ["probe.name=standard"]),
+        ("semisup", "semisup_10pct.yaml", []),
+    ],
+)
 def test_built_in_defaults_are_the_synthetic_recipes(task, recipe, overrides):
     path = ROOT / "configs" / "eval" / recipe
     assert get_task(task).load_config([path]) == get_task(task).load_config(overrides=overrides)
@@ -93,10 +117,19 @@ def test_built_in_defaults_are_the_synthetic_recipes(task, recipe, overrides):
 
 def torchrun(*args: str, cwd, nproc: int = 2) -> None:
     """`torchrun --standalone --nproc_per_node=N -m sslbench.cli ARGS` (gloo on CPU)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "sslbench.cli", *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "sslbench.cli",
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr}"
 
 
@@ -119,8 +152,9 @@ def test_torchrun_evaluates_as_one_process_does(random_run, tmp_path):
     for task in ("knn", "linear", "semisup"):
         assert two[task].device == "cpu x2" and two[task].details["world_size"] == 2
         assert two[task].protocol_id == one[task].protocol_id
-    caches = [sorted((tmp_path / n / ".feature_cache").glob("*.safetensors"))
-              for n in ("one", "two")]
+    caches = [
+        sorted((tmp_path / n / ".feature_cache").glob("*.safetensors")) for n in ("one", "two")
+    ]
     assert [p.name for p in caches[0]] == [p.name for p in caches[1]] and len(caches[0]) == 3
     for a, b in zip(*caches):
         assert torch.equal(load_file(a)["features"], load_file(b)["features"]), a.name
@@ -131,7 +165,8 @@ def test_torchrun_evaluates_as_one_process_does(random_run, tmp_path):
     # drifts by ~1e-4 relative (augmentation drawn per process, not per sample, moved it 4e-3),
     # so at most one test image may change its prediction.
     assert two["semisup"].details["final_train_loss"] == pytest.approx(
-        one["semisup"].details["final_train_loss"], rel=5e-4)
+        one["semisup"].details["final_train_loss"], rel=5e-4
+    )
     one_image = 100 / one["semisup"].dataset.splits["test"]
     assert two["semisup"].metrics == pytest.approx(one["semisup"].metrics, abs=one_image + 1e-9)
 
@@ -141,16 +176,26 @@ def test_torchrun_evaluates_as_one_process_does(random_run, tmp_path):
 # MoCo v2's milder colour jitter. Measured over 3 pretraining and 3 twin seeds on this data,
 # top-1 pretrained vs random: kNN 46-51 vs 27-29, linear 51-55 vs 21-29, semi-supervised
 # 45-51 vs 20-29; the smallest gap is 15 points.
-PRETRAIN = [str(ROOT / "configs" / "pretrain" / "simclr_synthetic_r18.yaml"), "backbone.width=16",
-            "augment.pipeline=mocov2", "optim.base_lr=0.6", "optim.batch_size=64",
-            "train.epochs=40"]
+PRETRAIN = [
+    str(ROOT / "configs" / "pretrain" / "simclr_synthetic_r18.yaml"),
+    "backbone.width=16",
+    "augment.pipeline=mocov2",
+    "optim.base_lr=0.6",
+    "optim.batch_size=64",
+    "train.epochs=40",
+]
 # The tiny training split with 4x the val/test images of TINY_SHAPES, so that one test image
 # moves top-1 by 0.2 points, not 0.5.
 SHAPES = {**TINY_SHAPES, "val_per_class": 16, "test_per_class": 64}
 # 10% of 512 images is 6 labels a class and 20 optimizer steps, too few to tell two backbones
 # apart; a quarter of the labels for 30 epochs with milder crops does.
-SEMISUP = ["semisup.fraction=0.25", "semisup.epochs=30", "semisup.head_lr=0.4",
-           "semisup.backbone_lr=0.04", "semisup.crop_min_scale=0.5"]
+SEMISUP = [
+    "semisup.fraction=0.25",
+    "semisup.epochs=30",
+    "semisup.head_lr=0.4",
+    "semisup.backbone_lr=0.04",
+    "semisup.crop_min_scale=0.5",
+]
 MARGIN = 10.0  # points of test top-1
 
 
@@ -159,14 +204,29 @@ def pretrained_and_twin(tmp_path_factory):
     """A SimCLR backbone pretrained with the real CLI, and the same architecture at random init."""
     work = tmp_path_factory.mktemp("pretrained")
     root = work / "silhouettes"  # generated by the pretraining run
-    sslbench("pretrain", *PRETRAIN, "data.name=synthetic-shapes", f"data.root={root}",
-             shapes_options(SHAPES), "data.image_size=16", "data.num_workers=0",
-             "train.progress=false", f"run.output_dir={work}", "run.name=pretrained", cwd=work)
+    sslbench(
+        "pretrain",
+        *PRETRAIN,
+        "data.name=synthetic-shapes",
+        f"data.root={root}",
+        shapes_options(SHAPES),
+        "data.image_size=16",
+        "data.num_workers=0",
+        "train.progress=false",
+        f"run.output_dir={work}",
+        "run.name=pretrained",
+        cwd=work,
+    )
     manifest = read_manifest(work / "pretrained")
     torch.manual_seed(0)
-    save_backbone(work / "random-init", build_backbone(manifest["arch"], **manifest["arch_kwargs"]),
-                  arch=manifest["arch"], arch_kwargs=manifest["arch_kwargs"],
-                  method="random-init", run_name="random-init")
+    save_backbone(
+        work / "random-init",
+        build_backbone(manifest["arch"], **manifest["arch_kwargs"]),
+        arch=manifest["arch"],
+        arch_kwargs=manifest["arch_kwargs"],
+        method="random-init",
+        run_name="random-init",
+    )
     return root, work / "pretrained", work / "random-init"
 
 
@@ -178,12 +238,27 @@ def test_pretrained_beats_its_random_init_twin_on_every_evaluator(pretrained_and
     jobs = {}
     for run in runs:
         for task in TASKS:
-            cmd = [sys.executable, "-m", "sslbench.cli", "eval", task, "--backbone", str(run),
-                   "--out", str(out), *eval_overrides(root, SHAPES),
-                   *(SEMISUP if task == "semisup" else [])]
-            jobs[run.name, task] = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(),
-                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                    text=True)
+            cmd = [
+                sys.executable,
+                "-m",
+                "sslbench.cli",
+                "eval",
+                task,
+                "--backbone",
+                str(run),
+                "--out",
+                str(out),
+                *eval_overrides(root, SHAPES),
+                *(SEMISUP if task == "semisup" else []),
+            ]
+            jobs[run.name, task] = subprocess.Popen(
+                cmd,
+                cwd=tmp_path,
+                env=subprocess_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
     for key, proc in jobs.items():
         _, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, f"{key}: {stderr}"
@@ -192,8 +267,10 @@ def test_pretrained_beats_its_random_init_twin_on_every_evaluator(pretrained_and
     top1 = {(r.backbone.run_name, r.task): r.metrics["top1"] for r in records}
     assert set(top1) == set(jobs)
     for task in TASKS:
-        print(f"{task}: pretrained {top1['pretrained', task]:.1f}, "
-              f"random init {top1['random-init', task]:.1f}")
+        print(
+            f"{task}: pretrained {top1['pretrained', task]:.1f}, "
+            f"random init {top1['random-init', task]:.1f}"
+        )
     for task in TASKS:
         assert top1["pretrained", task] > top1["random-init", task] + MARGIN, task
     table = sslbench("results", str(out), cwd=tmp_path).stdout.splitlines()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-
 from helpers import sslbench
+
 from sslbench.artifact import load_backbone, save_backbone
 from sslbench.backbones import build_backbone
 from transfer.export import export_backbone
@@ -57,11 +57,14 @@ def test_detectron2_export_has_detectron2_names_and_the_same_bits(tmp_path):
     assert len(expected) == 265
     assert sorted(model) == sorted(expected)
     source = load_backbone(run_dir)[0].state_dict()
-    pairs = {"stem.conv1.weight": "conv1.weight", "stem.conv1.norm.running_var": "bn1.running_var",
-             "res2.0.conv3.norm.weight": "layer1.0.bn3.weight",
-             "res3.0.shortcut.weight": "layer2.0.downsample.0.weight",
-             "res5.0.shortcut.norm.running_mean": "layer4.0.downsample.1.running_mean",
-             "res4.5.conv2.weight": "layer3.5.conv2.weight"}
+    pairs = {
+        "stem.conv1.weight": "conv1.weight",
+        "stem.conv1.norm.running_var": "bn1.running_var",
+        "res2.0.conv3.norm.weight": "layer1.0.bn3.weight",
+        "res3.0.shortcut.weight": "layer2.0.downsample.0.weight",
+        "res5.0.shortcut.norm.running_mean": "layer4.0.downsample.1.running_mean",
+        "res4.5.conv2.weight": "layer3.5.conv2.weight",
+    }
     for ours, theirs in pairs.items():
         assert np.array_equal(model[ours], source[theirs].numpy())
     for name, value in model.items():
@@ -84,8 +87,9 @@ def test_resnet18_detectron2_names_use_two_convs_per_block(tmp_path):
 def test_torchvision_export_loads_into_torchvision_resnet50(tmp_path):
     run_dir = _artifact(tmp_path)
     out = tmp_path / "tv.pth"
-    sslbench("export", "--to", "torchvision", "--backbone", str(run_dir), "--out", str(out),
-             cwd=tmp_path)
+    sslbench(
+        "export", "--to", "torchvision", "--backbone", str(run_dir), "--out", str(out), cwd=tmp_path
+    )
     state = torch.load(out, weights_only=True)
     model = torchvision.models.resnet50()
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -96,10 +100,13 @@ def test_torchvision_export_loads_into_torchvision_resnet50(tmp_path):
             assert torch.equal(value, source[key]), key
 
 
-@pytest.mark.parametrize("fmt,kwargs,message", [
-    ("detectron2", {"stem": "small"}, "'small' stem has no counterpart in detectron2"),
-    ("torchvision", {"width": 16}, "torchvision's ResNets have width 64"),
-])
+@pytest.mark.parametrize(
+    "fmt,kwargs,message",
+    [
+        ("detectron2", {"stem": "small"}, "'small' stem has no counterpart in detectron2"),
+        ("torchvision", {"width": 16}, "torchvision's ResNets have width 64"),
+    ],
+)
 def test_a_backbone_the_target_cannot_hold_is_refused(tmp_path, fmt, kwargs, message):
     run_dir = _artifact(tmp_path, "resnet18", **kwargs)
     proc = sslbench("export", "--to", fmt, "--backbone", str(run_dir), cwd=tmp_path, check=False)
@@ -111,8 +118,9 @@ def test_any_torchvision_resnet_exports_by_its_facts(tmp_path):
     """Depth is read from the manifest, not from a table of two names: a ResNet-34 loads into
     torchvision's resnet34, and its detectron2 names stop at two convs per block."""
     run_dir = _artifact(tmp_path, "resnet34")
-    state = torch.load(export_backbone(run_dir, "torchvision", tmp_path / "tv.pth"),
-                       weights_only=True)
+    state = torch.load(
+        export_backbone(run_dir, "torchvision", tmp_path / "tv.pth"), weights_only=True
+    )
     missing, unexpected = torchvision.models.resnet34().load_state_dict(state, strict=False)
     assert unexpected == [] and sorted(missing) == ["fc.bias", "fc.weight"]
     with open(export_backbone(run_dir, "detectron2", tmp_path / "r34.pkl"), "rb") as f:
@@ -123,10 +131,18 @@ def test_any_torchvision_resnet_exports_by_its_facts(tmp_path):
 def test_a_vit_is_refused_by_both_exports(tmp_path):
     torch.manual_seed(0)
     backbone = build_backbone("vit_tiny_patch16_224", img_size=32)
-    save_backbone(tmp_path / "vit", backbone, arch="vit_tiny_patch16_224",
-                  arch_kwargs={"img_size": 32}, method="dino")
+    save_backbone(
+        tmp_path / "vit",
+        backbone,
+        arch="vit_tiny_patch16_224",
+        arch_kwargs={"img_size": 32},
+        method="dino",
+    )
     for fmt in ("detectron2", "torchvision"):
-        proc = sslbench("export", "--to", fmt, "--backbone", str(tmp_path / "vit"), cwd=tmp_path,
-                        check=False)
-        assert proc.returncode == 1 and "only ResNets are supported (this backbone is a vit)" \
-            in proc.stderr
+        proc = sslbench(
+            "export", "--to", fmt, "--backbone", str(tmp_path / "vit"), cwd=tmp_path, check=False
+        )
+        assert (
+            proc.returncode == 1
+            and "only ResNets are supported (this backbone is a vit)" in proc.stderr
+        )

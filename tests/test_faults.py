@@ -59,10 +59,18 @@ def test_a_truncated_jpeg_is_named_before_any_training_step(tmp_path):
         assert image.size == (48, 48)  # opening alone does not notice
     with pytest.raises(DatasetError, match=re.escape(f"cannot read image {broken}")):
         ImageFolder(tmp_path / "folder", "train").verify(progress=False)
-    proc = sslbench("pretrain", str(RECIPE), "data.name=imagefolder", "data.options=null",
-                    f"data.root={tmp_path / 'folder'}", "optim.batch_size=2",
-                    f"run.output_dir={tmp_path / 'runs'}", "run.name=broken", cwd=tmp_path,
-                    check=False)
+    proc = sslbench(
+        "pretrain",
+        str(RECIPE),
+        "data.name=imagefolder",
+        "data.options=null",
+        f"data.root={tmp_path / 'folder'}",
+        "optim.batch_size=2",
+        f"run.output_dir={tmp_path / 'runs'}",
+        "run.name=broken",
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 1 and f"cannot read image {broken}" in proc.stderr
     assert not (tmp_path / "runs").exists()  # stopped before the run directory was made
 
@@ -70,8 +78,14 @@ def test_a_truncated_jpeg_is_named_before_any_training_step(tmp_path):
 def _artifact(run_dir: Path) -> Path:
     torch.manual_seed(0)
     backbone = build_backbone("resnet18", stem="small", width=16)
-    save_backbone(run_dir, backbone, arch="resnet18", arch_kwargs={"stem": "small", "width": 16},
-                  method="simsiam", seed=0)
+    save_backbone(
+        run_dir,
+        backbone,
+        arch="resnet18",
+        arch_kwargs={"stem": "small", "width": 16},
+        method="simsiam",
+        seed=0,
+    )
     return run_dir / "backbone.safetensors"
 
 
@@ -81,9 +95,19 @@ def test_a_truncated_backbone_is_a_clear_error(tmp_path, shapes_root):
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(ArtifactError, match=re.escape(str(weights)) + r": sha256 .* truncated"):
         load_backbone(tmp_path / "run")
-    proc = sslbench("eval", "knn", "--config", str(ROOT / "configs" / "eval" / "knn.yaml"),
-                    "--backbone", str(tmp_path / "run"), "--out", str(tmp_path / "results"),
-                    *eval_overrides(shapes_root), cwd=tmp_path, check=False)
+    proc = sslbench(
+        "eval",
+        "knn",
+        "--config",
+        str(ROOT / "configs" / "eval" / "knn.yaml"),
+        "--backbone",
+        str(tmp_path / "run"),
+        "--out",
+        str(tmp_path / "results"),
+        *eval_overrides(shapes_root),
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 1 and f"{weights}: sha256" in proc.stderr
     assert "Traceback" not in proc.stderr
     # The same cut with a manifest that vouches for it: safetensors itself refuses the file.
@@ -115,9 +139,13 @@ def test_a_full_disk_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypat
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"step": 1, "w": torch.ones(3)})
     _fill_disk_on_write(monkeypatch, nth=1)
-    with pytest.raises(CheckpointError, match=re.escape(
+    with pytest.raises(
+        CheckpointError,
+        match=re.escape(
             f"could not write checkpoint {path} (No space left on device); the previous "
-            "checkpoint is unchanged")):
+            "checkpoint is unchanged"
+        ),
+    ):
         save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     state = load_checkpoint(path)
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
@@ -125,13 +153,19 @@ def test_a_full_disk_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypat
 
 
 @pytest.mark.integration
-def test_a_run_whose_disk_filled_resumes_to_the_uninterrupted_result(shapes_root, tmp_path,
-                                                                     monkeypatch):
+def test_a_run_whose_disk_filled_resumes_to_the_uninterrupted_result(
+    shapes_root, tmp_path, monkeypatch
+):
     from pretrain.config import load_pretrain_config
     from pretrain.engine import pretrain
 
-    common = [*tiny_data_overrides(shapes_root), "optim.batch_size=128", "train.epochs=2",
-              "train.checkpoint_every=2", f"run.output_dir={tmp_path}"]
+    common = [
+        *tiny_data_overrides(shapes_root),
+        "optim.batch_size=128",
+        "train.epochs=2",
+        "train.checkpoint_every=2",
+        f"run.output_dir={tmp_path}",
+    ]
     straight = pretrain(load_pretrain_config([RECIPE], [*common, "run.name=straight"]))
     cfg = load_pretrain_config([RECIPE], [*common, "run.name=full"])
     calls = _fill_disk_on_write(monkeypatch, nth=2)  # the checkpoint at step 4 of 8
@@ -142,8 +176,9 @@ def test_a_run_whose_disk_filled_resumes_to_the_uninterrupted_result(shapes_root
     assert len(calls) == 2 and load_checkpoint(run / "checkpoint.pt")["step"] == 2
     assert not [p.name for p in run.iterdir() if p.name.startswith(".checkpoint")]
     pretrain(cfg, resume=True)
-    assert ((run / "backbone.safetensors").read_bytes()
-            == (straight / "backbone.safetensors").read_bytes())
+    assert (run / "backbone.safetensors").read_bytes() == (
+        straight / "backbone.safetensors"
+    ).read_bytes()
 
 
 def test_a_second_holder_of_the_output_directory_is_refused(tmp_path):
@@ -152,8 +187,7 @@ def test_a_second_holder_of_the_output_directory_is_refused(tmp_path):
     lock = out / LOCK_FILE
     with output_dir_lock(out):
         assert lock.read_text() == f"{os.getpid()}\n"
-        with pytest.raises(PipelineLockedError, match=re.escape(
-                f"pid {os.getpid()}, lock {lock}")):
+        with pytest.raises(PipelineLockedError, match=re.escape(f"pid {os.getpid()}, lock {lock}")):
             with output_dir_lock(out):
                 pass
     assert not lock.exists()  # released and removed on exit
@@ -164,18 +198,35 @@ def test_a_second_holder_of_the_output_directory_is_refused(tmp_path):
 
 def _pipeline(path: Path, root: Path) -> Path:
     data = {"root": str(root), "options": dict(TINY_SHAPES)}
-    path.write_text(yaml.safe_dump({
-        "name": "faults",
-        "pretrain": {
-            "overrides": {"data": {**data, "image_size": 16, "num_workers": 0},
-                          "train": {"epochs": 3, "checkpoint_every": 2, "progress": False},
-                          "optim": {"batch_size": 64}},
-            "recipes": {"a": {"config": "configs/pretrain/simsiam_synthetic_r18.yaml"},
-                        "b": {"config": "configs/pretrain/vicreg_synthetic_r18.yaml"}}},
-        "tasks": {"knn": {"command": "eval knn", "config": "configs/eval/knn.yaml",
-                          "overrides": {"data": {**data, "image_size": 16, "num_workers": 0},
-                                        "run": {"progress": False}}}},
-        "executor": {"workers": 1, "threads": 1}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "faults",
+                "pretrain": {
+                    "overrides": {
+                        "data": {**data, "image_size": 16, "num_workers": 0},
+                        "train": {"epochs": 3, "checkpoint_every": 2, "progress": False},
+                        "optim": {"batch_size": 64},
+                    },
+                    "recipes": {
+                        "a": {"config": "configs/pretrain/simsiam_synthetic_r18.yaml"},
+                        "b": {"config": "configs/pretrain/vicreg_synthetic_r18.yaml"},
+                    },
+                },
+                "tasks": {
+                    "knn": {
+                        "command": "eval knn",
+                        "config": "configs/eval/knn.yaml",
+                        "overrides": {
+                            "data": {**data, "image_size": 16, "num_workers": 0},
+                            "run": {"progress": False},
+                        },
+                    }
+                },
+                "executor": {"workers": 1, "threads": 1},
+            }
+        )
+    )
     return path
 
 
@@ -190,8 +241,14 @@ def test_a_killed_pipeline_resumes_its_job_and_builds_the_same_board(shapes_root
     sslbench("run", str(pipeline), f"output_dir={whole}", cwd=ROOT)
 
     command = [sys.executable, "-m", "sslbench.cli", "run", str(pipeline), f"output_dir={cut}"]
-    first = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=subprocess_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = cut / "runs" / "seed0" / "b" / "checkpoint.pt"
     try:
         deadline = time.monotonic() + 600
@@ -209,13 +266,20 @@ def test_a_killed_pipeline_resumes_its_job_and_builds_the_same_board(shapes_root
 
     again = sslbench("run", str(pipeline), f"output_dir={cut}", cwd=ROOT)
     assert _statuses(again.stdout) == {
-        "pretrain/a/seed0": "skipped (done)", "pretrain/b/seed0": "ran", "knn/a/seed0": "ran",
-        "knn/b/seed0": "ran", "leaderboard": "ran"}
+        "pretrain/a/seed0": "skipped (done)",
+        "pretrain/b/seed0": "ran",
+        "knn/a/seed0": "ran",
+        "knn/b/seed0": "ran",
+        "leaderboard": "ran",
+    }
     assert re.search(r"start +pretrain/b/seed0  \(resuming\)", again.stdout)
-    steps = [int(line.split(",")[0]) for line in
-             (cut / "runs" / "seed0" / "b" / "train.csv").read_text().splitlines()[1:]]
+    steps = [
+        int(line.split(",")[0])
+        for line in (cut / "runs" / "seed0" / "b" / "train.csv").read_text().splitlines()[1:]
+    ]
     assert steps == sorted(set(steps)), "the resumed run repeated steps"
-    assert ((cut / "runs" / "seed0" / "b" / "backbone.safetensors").read_bytes()
-            == (whole / "runs" / "seed0" / "b" / "backbone.safetensors").read_bytes())
+    assert (cut / "runs" / "seed0" / "b" / "backbone.safetensors").read_bytes() == (
+        whole / "runs" / "seed0" / "b" / "backbone.safetensors"
+    ).read_bytes()
     # leaderboard.csv holds no timing field: the boards are equal byte for byte
     assert (cut / "leaderboard.csv").read_text() == (whole / "leaderboard.csv").read_text()

@@ -1,15 +1,16 @@
-"""Feature extraction and its cache: keyed by weights, data and transform; torchrun = one process."""
+"""Feature extraction and its cache: keyed by weights, data and transform; torchrun as one
+process."""
 
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import ROOT, TINY_SHAPES, subprocess_env
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from evaluators.features import cached_features, infer, shard_bounds
-from helpers import ROOT, TINY_SHAPES, subprocess_env
 from sslbench.data import build_dataset
 from sslbench.transforms import build_eval_transform
 
@@ -68,8 +69,9 @@ def test_cache_hit_miss_and_key(shapes_root, tmp_path):
 def test_cache_with_other_labels_is_refused(shapes_root, tmp_path):
     model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
     val = shapes(shapes_root, "val", 8)
-    cached_features(model, "a" * 64, val, cache_dir=tmp_path, batch_size=64, device=CPU,
-                    progress=False)
+    cached_features(
+        model, "a" * 64, val, cache_dir=tmp_path, batch_size=64, device=CPU, progress=False
+    )
     (path,) = tmp_path.glob("*.safetensors")
     stored = load_file(str(path))
     save_file({"features": stored["features"], "labels": stored["labels"].flip(0)}, str(path))
@@ -99,8 +101,16 @@ def test_two_processes_extract_what_one_does(tmp_path):
     script = tmp_path / "extract.py"
     script.write_text(HARNESS.format(tests=str(ROOT / "tests")))
     sizes = [7, 1, 8]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), str(tmp_path / "out.pt"), *map(str, sizes)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(tmp_path / "out.pt"),
+        *map(str, sizes),
+    ]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     two = torch.load(tmp_path / "out.pt", weights_only=True)

@@ -98,8 +98,9 @@ def detected(path, arch: str, **arch_kwargs) -> str:
     from sslbench.backbones import build_backbone
 
     obj = read_checkpoint(path)
-    fmt, _, _ = detect(flatten(obj), present_paths(obj), build_backbone(arch, **arch_kwargs),
-                       str(path))
+    fmt, _, _ = detect(
+        flatten(obj), present_paths(obj), build_backbone(arch, **arch_kwargs), str(path)
+    )
     return fmt.name
 
 
@@ -111,8 +112,9 @@ def check(run_dir, expected: torch.Tensor, x: torch.Tensor) -> dict:
 def test_torchvision_resnet18(tmp_path):
     model = resnet("resnet18")
     torch.save(model.state_dict(), tmp_path / "resnet18.pth")
-    report = import_checkpoint("torchvision", tmp_path / "resnet18.pth", arch="resnet18",
-                               out=tmp_path / "run")
+    report = import_checkpoint(
+        "torchvision", tmp_path / "resnet18.pth", arch="resnet18", out=tmp_path / "run"
+    )
     x = images(32)
     manifest = check(tmp_path / "run", resnet_features(model, x), x)
     assert report.dropped == {"classifier (fc)": 2} and report.method == "supervised"
@@ -133,9 +135,16 @@ def _moco_v2(tmp_path, arch="resnet50", legacy=False):
     moco.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
     ddp = Wrap(module=moco)
     path = tmp_path / "checkpoint_0199.pth.tar"
-    torch.save({"epoch": 200, "arch": arch, "state_dict": ddp.state_dict(),
-                "optimizer": torch.optim.SGD(ddp.parameters(), lr=0.03).state_dict()}, path,
-               _use_new_zipfile_serialization=not legacy)
+    torch.save(
+        {
+            "epoch": 200,
+            "arch": arch,
+            "state_dict": ddp.state_dict(),
+            "optimizer": torch.optim.SGD(ddp.parameters(), lr=0.03).state_dict(),
+        },
+        path,
+        _use_new_zipfile_serialization=not legacy,
+    )
     return path, query
 
 
@@ -146,7 +155,10 @@ def test_moco_v2_resnet50(tmp_path):
     manifest = check(tmp_path / "run", resnet_features(query, x), x)
     assert report.method == "mocov2" and report.namespace == "state_dict.module.encoder_q."
     assert manifest["source"]["dropped"] == {
-        "momentum encoder": 322, "projector (state_dict.module.encoder_q.fc)": 4, "queue": 2}
+        "momentum encoder": 322,
+        "projector (state_dict.module.encoder_q.fc)": 4,
+        "queue": 2,
+    }
     assert detected(path, "resnet50") == "moco"
 
 
@@ -163,15 +175,23 @@ def _moco_v3(base: nn.Module, slot: str, dim: int) -> Wrap:
     """moco-v3 moco/builder.py: the encoder's fc (ResNet) / head (ViT) becomes the projector;
     a momentum encoder and a predictor beside it, inside DDP."""
     setattr(base, slot, mlp([dim, 64, 32]))
-    moco = Wrap(base_encoder=base, momentum_encoder=copy.deepcopy(base), predictor=mlp([32, 64,
-                                                                                       32]))
+    moco = Wrap(
+        base_encoder=base, momentum_encoder=copy.deepcopy(base), predictor=mlp([32, 64, 32])
+    )
     return Wrap(module=moco)
 
 
 def _save_moco_v3(ddp: nn.Module, path):
-    torch.save({"epoch": 300, "arch": "x", "state_dict": ddp.state_dict(),
-                "optimizer": {"state": {}, "param_groups": []}, "scaler": {"scale": 65536.0}},
-               path)
+    torch.save(
+        {
+            "epoch": 300,
+            "arch": "x",
+            "state_dict": ddp.state_dict(),
+            "optimizer": {"state": {}, "param_groups": []},
+            "scaler": {"scale": 65536.0},
+        },
+        path,
+    )
 
 
 def test_moco_v3_resnet50(tmp_path):
@@ -179,12 +199,16 @@ def test_moco_v3_resnet50(tmp_path):
     x = images(32)
     expected = resnet_features(base, x)
     _save_moco_v3(_moco_v3(base, "fc", 2048), tmp_path / "r50.pth.tar")
-    report = import_checkpoint("moco", tmp_path / "r50.pth.tar", arch="resnet50",
-                               out=tmp_path / "run")
+    report = import_checkpoint(
+        "moco", tmp_path / "r50.pth.tar", arch="resnet50", out=tmp_path / "run"
+    )
     check(tmp_path / "run", expected, x)
     assert report.method == "mocov3" and report.variant == "MoCo v3"
-    assert set(report.dropped) == {"momentum encoder", "predictor",
-                                   "projector (state_dict.module.base_encoder.fc)"}
+    assert set(report.dropped) == {
+        "momentum encoder",
+        "predictor",
+        "projector (state_dict.module.base_encoder.fc)",
+    }
 
 
 def test_moco_v3_vit_small_keeps_its_twelve_heads(tmp_path):
@@ -193,17 +217,24 @@ def test_moco_v3_vit_small_keeps_its_twelve_heads(tmp_path):
     x = images(32)
     expected = vit_features(base, x)
     _save_moco_v3(_moco_v3(base, "head", 384), tmp_path / "vit-s.pth.tar")
-    import_checkpoint("moco", tmp_path / "vit-s.pth.tar", arch="vit_small_patch16_224",
-                      arch_kwargs={"img_size": 32}, out=tmp_path / "run")
+    import_checkpoint(
+        "moco",
+        tmp_path / "vit-s.pth.tar",
+        arch="vit_small_patch16_224",
+        arch_kwargs={"img_size": 32},
+        out=tmp_path / "run",
+    )
     manifest = check(tmp_path / "run", expected, x)
     assert manifest["arch_kwargs"] == {"img_size": 32, "num_heads": 12}
     assert manifest["structure"]["num_heads"] == 12 and manifest["method"] == "mocov3"
 
 
-def _dino(student_backbone: nn.Module, teacher_backbone: nn.Module, dim: int,
-          ddp_teacher: bool) -> dict:
+def _dino(
+    student_backbone: nn.Module, teacher_backbone: nn.Module, dim: int, ddp_teacher: bool
+) -> dict:
     """facebookresearch/dino main_dino.py: MultiCropWrapper(backbone with fc and head set to
     Identity, DINOHead) for both; the student in DDP, the teacher too when it has BatchNorm."""
+
     def wrapped(backbone):
         backbone.fc, backbone.head = nn.Identity(), nn.Identity()
         last_layer = Wrap()  # nn.utils.weight_norm's parameters, as DINOHead saves them
@@ -214,10 +245,14 @@ def _dino(student_backbone: nn.Module, teacher_backbone: nn.Module, dim: int,
     student = Wrap(module=wrapped(student_backbone))
     teacher = wrapped(teacher_backbone)
     teacher = Wrap(module=teacher) if ddp_teacher else teacher
-    return {"student": student.state_dict(), "teacher": teacher.state_dict(),
-            "optimizer": {"state": {}, "param_groups": []}, "epoch": 100,
-            "args": argparse.Namespace(arch="vit_tiny", patch_size=16, out_dim=96),
-            "dino_loss": {"center": torch.zeros(1, 96)}}
+    return {
+        "student": student.state_dict(),
+        "teacher": teacher.state_dict(),
+        "optimizer": {"state": {}, "param_groups": []},
+        "epoch": 100,
+        "args": argparse.Namespace(arch="vit_tiny", patch_size=16, out_dim=96),
+        "dino_loss": {"center": torch.zeros(1, 96)},
+    }
 
 
 def test_dino_resnet50_takes_the_teacher(tmp_path):
@@ -226,13 +261,17 @@ def test_dino_resnet50_takes_the_teacher(tmp_path):
     expected = resnet_features(teacher, x)
     checkpoint = _dino(student, teacher, 2048, ddp_teacher=True)
     torch.save(checkpoint, tmp_path / "checkpoint.pth")
-    report = import_checkpoint("dino", tmp_path / "checkpoint.pth", arch="resnet50",
-                               out=tmp_path / "run")
+    report = import_checkpoint(
+        "dino", tmp_path / "checkpoint.pth", arch="resnet50", out=tmp_path / "run"
+    )
     check(tmp_path / "run", expected, x)
     assert report.namespace == "teacher.module.backbone." and report.method == "dino"
     head = [k for k in checkpoint["teacher"] if k.startswith("module.head.")]
-    assert report.dropped == {"student": len(checkpoint["student"]), "DINO head": len(head),
-                              "DINO loss center": 1}
+    assert report.dropped == {
+        "student": len(checkpoint["student"]),
+        "DINO head": len(head),
+        "DINO loss center": 1,
+    }
     assert detected(tmp_path / "checkpoint.pth", "resnet50") == "dino"
 
 
@@ -242,8 +281,9 @@ def test_dino_vit_tiny_teacher(tmp_path):
     x = images(224)
     expected = vit_features(teacher, x)
     torch.save(_dino(student, teacher, 192, ddp_teacher=False), tmp_path / "checkpoint.pth")
-    report = import_checkpoint("dino", tmp_path / "checkpoint.pth",
-                               arch="vit_tiny_patch16_224", out=tmp_path / "run")
+    report = import_checkpoint(
+        "dino", tmp_path / "checkpoint.pth", arch="vit_tiny_patch16_224", out=tmp_path / "run"
+    )
     check(tmp_path / "run", expected, x)
     assert report.namespace == "teacher.backbone."
 
@@ -254,19 +294,34 @@ def test_solo_learn_resnet50(tmp_path):
     backbone.fc = nn.Identity()  # solo-learn's BaseMethod does this
     x = images(32)
     expected = backbone(x).detach()
-    method = Wrap(backbone=backbone, projector=mlp([2048, 64, 32]),
-                  predictor=mlp([32, 64, 32]), classifier=nn.Linear(2048, 10),
-                  momentum_backbone=copy.deepcopy(backbone), momentum_projector=mlp([2048, 64,
-                                                                                     32]))
-    torch.save({"epoch": 399, "global_step": 1000, "pytorch-lightning_version": "2.0.2",
-                "state_dict": method.state_dict(), "loops": {}, "callbacks": {},
-                "optimizer_states": [{"state": {}, "param_groups": []}], "lr_schedulers": []},
-               tmp_path / "byol.ckpt")
+    method = Wrap(
+        backbone=backbone,
+        projector=mlp([2048, 64, 32]),
+        predictor=mlp([32, 64, 32]),
+        classifier=nn.Linear(2048, 10),
+        momentum_backbone=copy.deepcopy(backbone),
+        momentum_projector=mlp([2048, 64, 32]),
+    )
+    torch.save(
+        {
+            "epoch": 399,
+            "global_step": 1000,
+            "pytorch-lightning_version": "2.0.2",
+            "state_dict": method.state_dict(),
+            "loops": {},
+            "callbacks": {},
+            "optimizer_states": [{"state": {}, "param_groups": []}],
+            "lr_schedulers": [],
+        },
+        tmp_path / "byol.ckpt",
+    )
     with pytest.raises(ValueError, match="give --method"):
-        import_checkpoint("solo-learn", tmp_path / "byol.ckpt", arch="resnet50",
-                          out=tmp_path / "run")
-    report = import_checkpoint("solo-learn", tmp_path / "byol.ckpt", arch="resnet50",
-                               out=tmp_path / "run", method="byol")
+        import_checkpoint(
+            "solo-learn", tmp_path / "byol.ckpt", arch="resnet50", out=tmp_path / "run"
+        )
+    report = import_checkpoint(
+        "solo-learn", tmp_path / "byol.ckpt", arch="resnet50", out=tmp_path / "run", method="byol"
+    )
     check(tmp_path / "run", expected, x)
     assert not report.method_inferred and report.dropped["online classifier"] == 2
     assert detected(tmp_path / "byol.ckpt", "resnet50") == "solo-learn"
@@ -278,18 +333,47 @@ def test_vissl_resnet50(tmp_path):
     model = resnet("resnet50")
     x = images(32)
     expected = resnet_features(model, x)
-    blocks = nn.ModuleDict({name: getattr(model, name) for name in (
-        "conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")})
+    blocks = nn.ModuleDict(
+        {
+            name: getattr(model, name)
+            for name in (
+                "conv1",
+                "bn1",
+                "relu",
+                "maxpool",
+                "layer1",
+                "layer2",
+                "layer3",
+                "layer4",
+                "avgpool",
+            )
+        }
+    )
     trunk = Wrap(_feature_blocks=blocks).state_dict()
     heads = nn.ModuleList([Wrap(clf=mlp([2048, 64, 32]))]).state_dict()
-    checkpoint = {"phase_idx": 9, "iteration": 500, "loss": {}, "iteration_num": 500,
-                  "train_phase_idx": 4, "type": "consolidated",
-                  "classy_state_dict": {"train": True, "base_model": {
-                      "model": {"trunk": trunk, "heads": heads}, "meta": {}},
-                      "optimizer": {}, "phase_idx": 9, "num_updates": 500}}
+    checkpoint = {
+        "phase_idx": 9,
+        "iteration": 500,
+        "loss": {},
+        "iteration_num": 500,
+        "train_phase_idx": 4,
+        "type": "consolidated",
+        "classy_state_dict": {
+            "train": True,
+            "base_model": {"model": {"trunk": trunk, "heads": heads}, "meta": {}},
+            "optimizer": {},
+            "phase_idx": 9,
+            "num_updates": 500,
+        },
+    }
     torch.save(checkpoint, tmp_path / "model_final_checkpoint_phase99.torch")
-    report = import_checkpoint("vissl", tmp_path / "model_final_checkpoint_phase99.torch",
-                               arch="resnet50", out=tmp_path / "run", method="simclr")
+    report = import_checkpoint(
+        "vissl",
+        tmp_path / "model_final_checkpoint_phase99.torch",
+        arch="resnet50",
+        out=tmp_path / "run",
+        method="simclr",
+    )
     check(tmp_path / "run", expected, x)
     assert report.dropped == {"heads": len(heads)}
     assert detected(tmp_path / "model_final_checkpoint_phase99.torch", "resnet50") == "vissl"
@@ -315,12 +399,16 @@ def moco_to_detectron2(state: dict[str, torch.Tensor]) -> dict:
 
 def test_detectron2_resnet50_as_moco_converts_it(tmp_path):
     path, query = _moco_v2(tmp_path)
-    state = {k: v for k, v in torch.load(path, weights_only=True)["state_dict"].items()
-             if k.startswith("module.encoder_q.")}
+    state = {
+        k: v
+        for k, v in torch.load(path, weights_only=True)["state_dict"].items()
+        if k.startswith("module.encoder_q.")
+    }
     with open(tmp_path / "moco.pkl", "wb") as f:
         pickle.dump(moco_to_detectron2(state), f)
-    report = import_checkpoint("detectron2", tmp_path / "moco.pkl", arch="resnet50",
-                               out=tmp_path / "run", method="mocov2")
+    report = import_checkpoint(
+        "detectron2", tmp_path / "moco.pkl", arch="resnet50", out=tmp_path / "run", method="mocov2"
+    )
     x = images(32)
     check(tmp_path / "run", resnet_features(query, x), x)
     assert report.dropped == {"classifier (model.fc)": 4} and report.filled == 0
@@ -335,8 +423,9 @@ def test_export_to_detectron2_then_import_is_bit_identical(tmp_path):
     source = perturbed(build_backbone("resnet50"))
     save_backbone(tmp_path / "src", source, arch="resnet50", arch_kwargs={}, method="simsiam")
     pkl = export_backbone(tmp_path / "src", "detectron2", tmp_path / "r50.pkl")
-    report = import_checkpoint("detectron2", pkl, arch="resnet50", out=tmp_path / "back",
-                               method="simsiam")
+    report = import_checkpoint(
+        "detectron2", pkl, arch="resnet50", out=tmp_path / "back", method="simsiam"
+    )
     back = load_backbone(tmp_path / "back")[0].state_dict()
     for key, value in source.state_dict().items():
         assert torch.equal(back[key], value) and back[key].dtype == value.dtype, key
@@ -350,11 +439,14 @@ def test_lightly_sequential_resnet18(tmp_path):
     model = resnet("resnet18")
     x = images(32)
     expected = resnet_features(model, x)
-    simclr = Wrap(backbone=nn.Sequential(*list(model.children())[:-1]),
-                  projection_head=Wrap(layers=mlp([512, 64, 32])))
+    simclr = Wrap(
+        backbone=nn.Sequential(*list(model.children())[:-1]),
+        projection_head=Wrap(layers=mlp([512, 64, 32])),
+    )
     torch.save(simclr.state_dict(), tmp_path / "simclr.pth")
-    report = import_checkpoint("lightly", tmp_path / "simclr.pth", arch="resnet18",
-                               out=tmp_path / "run", method="simclr")
+    report = import_checkpoint(
+        "lightly", tmp_path / "simclr.pth", arch="resnet18", out=tmp_path / "run", method="simclr"
+    )
     check(tmp_path / "run", expected, x)
     assert report.dropped == {"projector": len(simclr.projection_head.state_dict())}
     assert detected(tmp_path / "simclr.pth", "resnet18") == "lightly"
@@ -368,12 +460,28 @@ def test_mmpretrain_resnet18(tmp_path):
     expected = resnet_features(model, x)
     model.fc = nn.Identity()
     selfsup = Wrap(backbone=model, neck=Wrap(mlp=mlp([512, 64, 32])), head=Wrap())
-    torch.save({"meta": {"epoch": 200, "iter": 1000, "mmengine_version": "0.10.3",
-                         "seed": 0, "time": "20240101_000000"},
-                "state_dict": selfsup.state_dict(), "message_hub": {"log_scalars": {}},
-                "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "epoch_200.pth")
-    report = import_checkpoint("mmselfsup", tmp_path / "epoch_200.pth", arch="resnet18",
-                               out=tmp_path / "run", method="mocov2")
+    torch.save(
+        {
+            "meta": {
+                "epoch": 200,
+                "iter": 1000,
+                "mmengine_version": "0.10.3",
+                "seed": 0,
+                "time": "20240101_000000",
+            },
+            "state_dict": selfsup.state_dict(),
+            "message_hub": {"log_scalars": {}},
+            "optimizer": {"state": {}, "param_groups": []},
+        },
+        tmp_path / "epoch_200.pth",
+    )
+    report = import_checkpoint(
+        "mmselfsup",
+        tmp_path / "epoch_200.pth",
+        arch="resnet18",
+        out=tmp_path / "run",
+        method="mocov2",
+    )
     check(tmp_path / "run", expected, x)
     assert report.fmt == "mmpretrain"
     assert report.dropped == {"neck (projector)": len(selfsup.neck.state_dict())}
@@ -385,20 +493,29 @@ class MMPretrainViT(nn.Module):
     from its code with its module names: mmcv's PatchEmbed `projection`, layers of ln1 / attn
     (qkv, proj) / ln2 / mmcv's FFN (layers.0.0 and layers.1), the final norm `ln1`."""
 
-    def __init__(self, dims: int = 192, depth: int = 2, heads: int = 3, patch: int = 8,
-                 grid: int = 4):
+    def __init__(
+        self, dims: int = 192, depth: int = 2, heads: int = 3, patch: int = 8, grid: int = 4
+    ):
         super().__init__()
         self.heads = heads
         self.patch_embed = Wrap(projection=nn.Conv2d(3, dims, patch, patch))
         self.cls_token = nn.Parameter(torch.randn(1, 1, dims) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, grid * grid + 1, dims) * 0.02)
-        self.layers = nn.ModuleList(Wrap(
-            ln1=nn.LayerNorm(dims, eps=1e-6),
-            attn=Wrap(qkv=nn.Linear(dims, 3 * dims), proj=nn.Linear(dims, dims)),
-            ln2=nn.LayerNorm(dims, eps=1e-6),
-            ffn=Wrap(layers=nn.Sequential(
-                nn.Sequential(nn.Linear(dims, 4 * dims), nn.GELU(), nn.Dropout(0.0)),
-                nn.Linear(4 * dims, dims), nn.Dropout(0.0)))) for _ in range(depth))
+        self.layers = nn.ModuleList(
+            Wrap(
+                ln1=nn.LayerNorm(dims, eps=1e-6),
+                attn=Wrap(qkv=nn.Linear(dims, 3 * dims), proj=nn.Linear(dims, dims)),
+                ln2=nn.LayerNorm(dims, eps=1e-6),
+                ffn=Wrap(
+                    layers=nn.Sequential(
+                        nn.Sequential(nn.Linear(dims, 4 * dims), nn.GELU(), nn.Dropout(0.0)),
+                        nn.Linear(4 * dims, dims),
+                        nn.Dropout(0.0),
+                    )
+                ),
+            )
+            for _ in range(depth)
+        )
         self.ln1 = nn.LayerNorm(dims, eps=1e-6)
 
     def attention(self, attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -423,12 +540,17 @@ def test_mmpretrain_vit_is_renamed_to_timms(tmp_path):
     with torch.no_grad():
         expected = backbone(x)
     selfsup = Wrap(backbone=backbone, neck=Wrap(mlp=mlp([192, 64, 32])))
-    torch.save({"meta": {"epoch": 100}, "state_dict": selfsup.state_dict()},
-               tmp_path / "epoch_100.pth")
-    report = import_checkpoint("mmpretrain", tmp_path / "epoch_100.pth",
-                               arch="vit_tiny_patch16_224",
-                               arch_kwargs={"img_size": 32, "patch_size": 8, "depth": 2},
-                               out=tmp_path / "run", method="mocov3")
+    torch.save(
+        {"meta": {"epoch": 100}, "state_dict": selfsup.state_dict()}, tmp_path / "epoch_100.pth"
+    )
+    report = import_checkpoint(
+        "mmpretrain",
+        tmp_path / "epoch_100.pth",
+        arch="vit_tiny_patch16_224",
+        arch_kwargs={"img_size": 32, "patch_size": 8, "depth": 2},
+        out=tmp_path / "run",
+        method="mocov3",
+    )
     check(tmp_path / "run", expected, x)
     assert report.tensors == len(backbone.state_dict())
 
@@ -448,14 +570,28 @@ def test_timm_vit(tmp_path, layout):
     else:
         ema = perturbed(copy.deepcopy(model), seed=5)
         path = tmp_path / "last.pth.tar"
-        torch.save({"epoch": 9, "arch": "vit_tiny_patch16_224", "state_dict": model.state_dict(),
-                    "optimizer": {"state": {}, "param_groups": []}, "version": 2,
-                    "args": argparse.Namespace(model="vit_tiny_patch16_224"), "metric": 1.0,
-                    "state_dict_ema": ema.state_dict()}, path)
+        torch.save(
+            {
+                "epoch": 9,
+                "arch": "vit_tiny_patch16_224",
+                "state_dict": model.state_dict(),
+                "optimizer": {"state": {}, "param_groups": []},
+                "version": 2,
+                "args": argparse.Namespace(model="vit_tiny_patch16_224"),
+                "metric": 1.0,
+                "state_dict_ema": ema.state_dict(),
+            },
+            path,
+        )
         model = ema
-    report = import_checkpoint("timm", path, arch="vit_tiny_patch16_224",
-                               arch_kwargs={"img_size": 32}, out=tmp_path / "run",
-                               method="supervised")
+    report = import_checkpoint(
+        "timm",
+        path,
+        arch="vit_tiny_patch16_224",
+        arch_kwargs={"img_size": 32},
+        out=tmp_path / "run",
+        method="supervised",
+    )
     check(tmp_path / "run", vit_features(model, x), x)
     assert report.dropped[f"classifier ({report.namespace}head)"] == 2
     if layout == "train-checkpoint":
@@ -466,16 +602,32 @@ def test_auto_on_a_bare_resnet_names_the_equal_readings_and_needs_the_method(tmp
     torch.save(resnet("resnet18").state_dict(), tmp_path / "r18.pth")
     with pytest.raises(ValueError, match="give --method"):
         import_checkpoint("auto", tmp_path / "r18.pth", arch="resnet18", out=tmp_path / "run")
-    report = import_checkpoint("auto", tmp_path / "r18.pth", arch="resnet18",
-                               out=tmp_path / "run", method="supervised")
+    report = import_checkpoint(
+        "auto", tmp_path / "r18.pth", arch="resnet18", out=tmp_path / "run", method="supervised"
+    )
     assert report.fmt == "torchvision" and "timm" in report.auto and "dino" in report.auto
 
 
 def test_cli_prints_what_it_kept_and_dropped(tmp_path):
     path, _ = _moco_v2(tmp_path, "resnet18")
-    proc = sslbench("import", "auto", str(path), "--arch", "resnet18", "--out",
-                    str(tmp_path / "run"), "--mean", "0", "0", "0", "--std", "1", "1", "1",
-                    cwd=tmp_path)
+    proc = sslbench(
+        "import",
+        "auto",
+        str(path),
+        "--arch",
+        "resnet18",
+        "--out",
+        str(tmp_path / "run"),
+        "--mean",
+        "0",
+        "0",
+        "0",
+        "--std",
+        "1",
+        "1",
+        "1",
+        cwd=tmp_path,
+    )
     assert "format: moco (MoCo v1/v2)" in proc.stdout and "method: mocov2 (inferred)" in proc.stdout
     assert "momentum encoder (124)" in proc.stdout and "queue (2)" in proc.stdout
     manifest = read_manifest(tmp_path / "run")

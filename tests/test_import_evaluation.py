@@ -8,20 +8,31 @@ import json
 import pytest
 import timm
 import torch
+from helpers import ROOT, TINY_SHAPES, sslbench
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from helpers import ROOT, TINY_SHAPES, sslbench
 from sslbench.results import load_records
 
-TINY_VIT = ["--arch", "vit_tiny_patch16_224", "--arch-arg", "img_size=16",
-            "--arch-arg", "patch_size=4"]
+TINY_VIT = [
+    "--arch",
+    "vit_tiny_patch16_224",
+    "--arch-arg",
+    "img_size=16",
+    "--arch-arg",
+    "patch_size=4",
+]
 
 
 def overrides(root) -> list[str]:
     opts = ", ".join(f"{k}: {v}" for k, v in TINY_SHAPES.items())
-    return [f"data.root={root}", f"data.options={{{opts}}}", "data.image_size=16",
-            "run.progress=false", "run.threads=1"]
+    return [
+        f"data.root={root}",
+        f"data.options={{{opts}}}",
+        "data.image_size=16",
+        "run.progress=false",
+        "run.threads=1",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +46,39 @@ def timm_file(tmp_path_factory):
 
 
 @pytest.mark.integration
-def test_every_classification_evaluator_runs_on_an_imported_vit(timm_file, shapes_root,
-                                                                 tmp_path):
-    sslbench("import", "timm", str(timm_file), *TINY_VIT, "--method", "supervised",
-             "--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25",
-             "--out", str(tmp_path / "vit"), cwd=tmp_path)
+def test_every_classification_evaluator_runs_on_an_imported_vit(timm_file, shapes_root, tmp_path):
+    sslbench(
+        "import",
+        "timm",
+        str(timm_file),
+        *TINY_VIT,
+        "--method",
+        "supervised",
+        "--mean",
+        "0.5",
+        "0.5",
+        "0.5",
+        "--std",
+        "0.25",
+        "0.25",
+        "0.25",
+        "--out",
+        str(tmp_path / "vit"),
+        cwd=tmp_path,
+    )
     out = tmp_path / "results"
     args = ["--backbone", str(tmp_path / "vit"), "--out", str(out), *overrides(shapes_root)]
     sslbench("eval", "knn", *args, cwd=tmp_path)
     sslbench("eval", "linear", *args, cwd=tmp_path)
-    sslbench("eval", "linear", *args, "probe.name=standard", "probe.epochs=1",
-             "probe.batch_size=64", cwd=tmp_path)
+    sslbench(
+        "eval",
+        "linear",
+        *args,
+        "probe.name=standard",
+        "probe.epochs=1",
+        "probe.batch_size=64",
+        cwd=tmp_path,
+    )
     sslbench("eval", "semisup", *args, "semisup.epochs=1", "semisup.fraction=0.25", cwd=tmp_path)
     records, errors = load_records(out)
     assert errors == [] and len(records) == 4
@@ -64,16 +97,36 @@ def test_every_classification_evaluator_runs_on_an_imported_vit(timm_file, shape
 
 
 @pytest.mark.integration
-def test_the_same_weights_read_out_otherwise_are_another_protocol(timm_file, shapes_root,
-                                                                  tmp_path):
+def test_the_same_weights_read_out_otherwise_are_another_protocol(timm_file, shapes_root, tmp_path):
     """CLS token and patch mean of one checkpoint: two records, two feature-cache entries."""
     out = tmp_path / "results"
     for pool in ("token", "avg"):
         run_dir = tmp_path / pool
-        sslbench("import", "timm", str(timm_file), *TINY_VIT, "--arch-arg", f"pool={pool}",
-                 "--method", "supervised", "--out", str(run_dir), cwd=tmp_path)
-        sslbench("eval", "knn", "--config", str(ROOT / "configs/eval/knn.yaml"), "--backbone",
-                 str(run_dir), "--out", str(out), *overrides(shapes_root), cwd=tmp_path)
+        sslbench(
+            "import",
+            "timm",
+            str(timm_file),
+            *TINY_VIT,
+            "--arch-arg",
+            f"pool={pool}",
+            "--method",
+            "supervised",
+            "--out",
+            str(run_dir),
+            cwd=tmp_path,
+        )
+        sslbench(
+            "eval",
+            "knn",
+            "--config",
+            str(ROOT / "configs/eval/knn.yaml"),
+            "--backbone",
+            str(run_dir),
+            "--out",
+            str(out),
+            *overrides(shapes_root),
+            cwd=tmp_path,
+        )
     records, errors = load_records(out)
     assert errors == [] and len(records) == 2
     by_pool = {r.protocol["readout"]["pool"]: r for r in records}

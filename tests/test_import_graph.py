@@ -37,8 +37,9 @@ def module_names(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
     return modules
 
 
-def _imported(node: ast.Import | ast.ImportFrom, module: str, is_package: bool,
-              known: dict[str, Path]) -> list[str]:
+def _imported(
+    node: ast.Import | ast.ImportFrom, module: str, is_package: bool, known: dict[str, Path]
+) -> list[str]:
     """The project modules one import statement names (third-party ones are left out)."""
     if isinstance(node, ast.Import):
         names = [alias.name for alias in node.names]
@@ -46,10 +47,12 @@ def _imported(node: ast.Import | ast.ImportFrom, module: str, is_package: bool,
         base = node.module or ""
         if node.level:
             package = module.split(".") if is_package else module.split(".")[:-1]
-            anchor = package[:len(package) - (node.level - 1)]
+            anchor = package[: len(package) - (node.level - 1)]
             base = ".".join([*anchor, *([base] if base else [])])
-        names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
-                 for alias in node.names]
+        names = [
+            f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
+            for alias in node.names
+        ]
     return [name for name in names if name in known and name != module]
 
 
@@ -62,8 +65,10 @@ def import_graph(root: Path, packages: tuple[str, ...]) -> list[Import]:
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 where = f"{path.relative_to(root)}:{node.lineno}"
-                edges += [Import(module, target, where) for target in
-                          _imported(node, module, path.name == "__init__.py", known)]
+                edges += [
+                    Import(module, target, where)
+                    for target in _imported(node, module, path.name == "__init__.py", known)
+                ]
     return edges
 
 
@@ -82,7 +87,7 @@ def _cycle_from(graph: dict[str, set[str]], path: list[str], done: set[str]) -> 
     it finishes without one to `done`."""
     for nxt in sorted(graph.get(path[-1], ())):
         if nxt in path:
-            return path[path.index(nxt):] + [nxt]
+            return path[path.index(nxt) :] + [nxt]
         if nxt not in done:
             cycle = _cycle_from(graph, [*path, nxt], done)
             if cycle:
@@ -116,19 +121,25 @@ def test_no_import_cycles():
 
 
 def test_no_stage_imports_a_sibling_stage():
-    crossing = [f"{e.where}: {e.source} imports {e.target}" for e in EDGES
-                if top(e.source) in STAGES and top(e.target) in STAGES
-                and top(e.source) != top(e.target)]
+    crossing = [
+        f"{e.where}: {e.source} imports {e.target}"
+        for e in EDGES
+        if top(e.source) in STAGES and top(e.target) in STAGES and top(e.source) != top(e.target)
+    ]
     assert not crossing, "stages import each other:\n" + "\n".join(crossing)
 
 
 def test_the_core_imports_no_stage():
-    upward = [f"{e.where}: {e.source} imports {e.target}" for e in EDGES
-              if top(e.source) == CORE and top(e.target) in STAGES]
+    upward = [
+        f"{e.where}: {e.source} imports {e.target}"
+        for e in EDGES
+        if top(e.source) == CORE and top(e.target) in STAGES
+    ]
     assert not upward, "the core imports a stage:\n" + "\n".join(upward)
 
 
 # --- the checks can fail ---------------------------------------------------------------------
+
 
 def test_find_cycle_on_hand_made_graphs():
     assert find_cycle({"a": {"b", "c"}, "b": {"d"}, "c": {"d"}, "d": set()}) is None  # a diamond
@@ -146,9 +157,11 @@ def test_a_circle_hidden_in_a_function_through_a_relative_import_is_caught(tmp_p
         init.write_text("")
     (package / "data.py").write_text(
         "class DataError(ValueError):\n    pass\n\n\n"
-        "def load():\n    from .voc import parse\n    return parse()\n")
-    (package / "voc.py").write_text("from .data import DataError\n\n\ndef parse():\n"
-                                    "    raise DataError\n")
+        "def load():\n    from .voc import parse\n    return parse()\n"
+    )
+    (package / "voc.py").write_text(
+        "from .data import DataError\n\n\ndef parse():\n    raise DataError\n"
+    )
     (tmp_path / "core").mkdir()
     (tmp_path / "core" / "__init__.py").write_text("from stage.detection import voc\n")
     edges = import_graph(tmp_path, ("core", "stage"))

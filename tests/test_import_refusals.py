@@ -31,8 +31,7 @@ def r18_state(seed: int = 0) -> dict[str, torch.Tensor]:
 def moco_file(path, state=None, extra=None):
     """MoCo v2's layout (facebookresearch/moco) around a ResNet-18."""
     encoder = {f"module.encoder_q.{k}": v for k, v in (state or r18_state()).items()}
-    torch.save({"epoch": 1, "arch": "resnet18",
-                "state_dict": {**encoder, **(extra or {})}}, path)
+    torch.save({"epoch": 1, "arch": "resnet18", "state_dict": {**encoder, **(extra or {})}}, path)
     return path
 
 
@@ -54,25 +53,31 @@ def test_a_missing_tensor_is_named(tmp_path):
     state = r18_state()
     del state["layer3.1.bn2.running_var"]
     path = moco_file(tmp_path / "moco.pth.tar", state)
-    with pytest.raises(CheckpointImportError,
-                       match=r"1 of resnet18's tensors .* state_dict\.module\.encoder_q\.layer3"
-                             r"\.1\.bn2\.running_var"):
+    with pytest.raises(
+        CheckpointImportError,
+        match=r"1 of resnet18's tensors .* state_dict\.module\.encoder_q\.layer3"
+        r"\.1\.bn2\.running_var",
+    ):
         import_checkpoint("moco", path, arch="resnet18", out=tmp_path / "run")
 
 
 def test_wrong_arch_names_the_first_mismatching_tensor_and_both_shapes(tmp_path):
     torch.save(r18_state(), tmp_path / "resnet18.pth")
     with pytest.raises(CheckpointImportError) as err:
-        import_checkpoint("torchvision", tmp_path / "resnet18.pth", arch="resnet50",
-                          out=tmp_path / "run")
-    assert ("layer1.0.conv1.weight has shape (64, 64, 3, 3), but resnet50 expects "
-            "(64, 64, 1, 1)") in str(err.value)
+        import_checkpoint(
+            "torchvision", tmp_path / "resnet18.pth", arch="resnet50", out=tmp_path / "run"
+        )
+    assert (
+        "layer1.0.conv1.weight has shape (64, 64, 3, 3), but resnet50 expects (64, 64, 1, 1)"
+    ) in str(err.value)
 
 
 def test_a_leftover_key_in_the_backbone_namespace_is_named(tmp_path):
     stray = "state_dict.module.encoder_q.layer4.2.conv1.weight"  # ResNet-18 has two blocks
-    path = moco_file(tmp_path / "moco.pth.tar",
-                     extra={stray.removeprefix("state_dict."): torch.zeros(512, 512, 3, 3)})
+    path = moco_file(
+        tmp_path / "moco.pth.tar",
+        extra={stray.removeprefix("state_dict."): torch.zeros(512, 512, 3, 3)},
+    )
     with pytest.raises(CheckpointImportError, match=f"does not have: {stray}"):
         import_checkpoint("moco", path, arch="resnet18", out=tmp_path / "run")
 
@@ -82,19 +87,35 @@ def test_prefixes_are_removed_exactly(tmp_path):
     namespace finds nothing."""
     state = {f"backbone.{k}": v for k, v in r18_state().items()}
     torch.save({"state_dict": state}, tmp_path / "x.ckpt")
-    with pytest.raises(CheckpointImportError, match="100 of resnet18's tensors are not under "
-                                                    "'state_dict.b', e.g. state_dict.bconv1"):
-        import_checkpoint("solo-learn", tmp_path / "x.ckpt", arch="resnet18",
-                          out=tmp_path / "run", prefix="state_dict.b")
-    report = import_checkpoint("auto", tmp_path / "x.ckpt", arch="resnet18", out=tmp_path / "run",
-                               prefix="state_dict.backbone.", method="simclr")
+    with pytest.raises(
+        CheckpointImportError,
+        match="100 of resnet18's tensors are not under 'state_dict.b', e.g. state_dict.bconv1",
+    ):
+        import_checkpoint(
+            "solo-learn",
+            tmp_path / "x.ckpt",
+            arch="resnet18",
+            out=tmp_path / "run",
+            prefix="state_dict.b",
+        )
+    report = import_checkpoint(
+        "auto",
+        tmp_path / "x.ckpt",
+        arch="resnet18",
+        out=tmp_path / "run",
+        prefix="state_dict.backbone.",
+        method="simclr",
+    )
     assert report.tensors == 120 and report.fmt == "prefix"
 
 
 def test_unknown_format(tmp_path):
     torch.save(r18_state(), tmp_path / "r18.pth")
-    with pytest.raises(CheckpointImportError, match="unknown checkpoint format 'moko' "
-                                                    r"\(did you mean 'moco'\?\)"):
+    with pytest.raises(
+        CheckpointImportError,
+        match="unknown checkpoint format 'moko' "
+        r"\(did you mean 'moco'\?\)",
+    ):
         import_checkpoint("moko", tmp_path / "r18.pth", arch="resnet18", out=tmp_path / "run")
 
 
@@ -103,42 +124,61 @@ def test_auto_on_an_ambiguous_file_lists_the_candidates(tmp_path):
     moco = {f"module.encoder_q.{k}": v for k, v in r18_state(0).items()}
     dino = {f"backbone.{k}": v for k, v in r18_state(1).items()}
     torch.save({"state_dict": moco, "teacher": dino}, tmp_path / "both.pth")
-    with pytest.raises(CheckpointImportError,
-                       match=r"ambiguous, it reads as moco \(state_dict\.module\.encoder_q\.\), "
-                             r"dino \(teacher\.backbone\.\)"):
+    with pytest.raises(
+        CheckpointImportError,
+        match=r"ambiguous, it reads as moco \(state_dict\.module\.encoder_q\.\), "
+        r"dino \(teacher\.backbone\.\)",
+    ):
         import_checkpoint("auto", tmp_path / "both.pth", arch="resnet18", out=tmp_path / "run")
 
 
 def test_a_format_with_no_backbone_where_it_keeps_one(tmp_path):
     torch.save(r18_state(), tmp_path / "resnet18.pth")
-    with pytest.raises(CheckpointImportError, match="none of resnet18's tensors is where moco "
-                                                    "keeps a backbone"):
-        import_checkpoint("moco", tmp_path / "resnet18.pth", arch="resnet18",
-                          out=tmp_path / "run")
+    with pytest.raises(
+        CheckpointImportError, match="none of resnet18's tensors is where moco keeps a backbone"
+    ):
+        import_checkpoint("moco", tmp_path / "resnet18.pth", arch="resnet18", out=tmp_path / "run")
 
 
 def test_resnet_only_formats_refuse_a_vit(tmp_path):
     torch.save({"model": {"stem.conv1.weight": torch.zeros(1)}}, tmp_path / "x.pth")
-    with pytest.raises(CheckpointImportError, match="the detectron2 format holds resnet "
-                                                    "backbones here; vit_tiny_patch16_224 is a "
-                                                    "vit"):
-        import_checkpoint("detectron2", tmp_path / "x.pth", arch="vit_tiny_patch16_224",
-                          out=tmp_path / "run", prefix="model.")
+    with pytest.raises(
+        CheckpointImportError,
+        match="the detectron2 format holds resnet backbones here; vit_tiny_patch16_224 is a vit",
+    ):
+        import_checkpoint(
+            "detectron2",
+            tmp_path / "x.pth",
+            arch="vit_tiny_patch16_224",
+            out=tmp_path / "run",
+            prefix="model.",
+        )
 
 
 def test_an_existing_artifact_is_not_overwritten(tmp_path):
     torch.save(r18_state(), tmp_path / "resnet18.pth")
-    import_checkpoint("torchvision", tmp_path / "resnet18.pth", arch="resnet18",
-                      out=tmp_path / "run")
+    import_checkpoint(
+        "torchvision", tmp_path / "resnet18.pth", arch="resnet18", out=tmp_path / "run"
+    )
     with pytest.raises(CheckpointImportError, match="already holds a backbone"):
-        import_checkpoint("torchvision", tmp_path / "resnet18.pth", arch="resnet18",
-                          out=tmp_path / "run")
+        import_checkpoint(
+            "torchvision", tmp_path / "resnet18.pth", arch="resnet18", out=tmp_path / "run"
+        )
 
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path):
     torch.save(r18_state(), tmp_path / "resnet18.pth")
-    proc = sslbench("import", "torchvision", str(tmp_path / "resnet18.pth"), "--arch", "resnet50",
-                    "--out", str(tmp_path / "run"), cwd=tmp_path, check=False)
+    proc = sslbench(
+        "import",
+        "torchvision",
+        str(tmp_path / "resnet18.pth"),
+        "--arch",
+        "resnet50",
+        "--out",
+        str(tmp_path / "run"),
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("sslbench import: error:") and "resnet50 expects" in proc.stderr
     assert not (tmp_path / "run").exists()

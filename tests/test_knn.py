@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
+from helpers import knn_top1
 from sklearn.neighbors import NearestNeighbors
 
 from evaluators.accuracy import topk_hits
 from evaluators.knn import NeighbourIndex, evaluate_knn, knn_grid, weighted_votes
-from helpers import knn_top1
 
 CLASSES = 10
 
@@ -54,8 +54,17 @@ def test_predictions_equal_float64_brute_force(k, temperature):
 def test_grid_accuracy_equals_brute_force_hits():
     bank, bank_y = random_split(600)
     queries, query_y = random_split(150, seed=1)
-    grid = knn_grid(NeighbourIndex(bank), bank_y, queries, query_y, [10, 20], [0.07, 0.2],
-                    CLASSES, chunk_size=64, progress=False)
+    grid = knn_grid(
+        NeighbourIndex(bank),
+        bank_y,
+        queries,
+        query_y,
+        [10, 20],
+        [0.07, 0.2],
+        CLASSES,
+        chunk_size=64,
+        progress=False,
+    )
     for (k, t), scores in grid.items():
         ranked = brute_force_predictions(bank, bank_y, queries, k, t)
         top1 = 100 * np.mean(ranked[:, 0] == query_y.numpy())
@@ -67,8 +76,11 @@ def test_faiss_neighbours_match_sklearn_cosine():
     bank, _ = random_split(800, dim=48)
     queries, _ = random_split(100, dim=48, seed=2)
     sims, idx = NeighbourIndex(bank).search(queries, 20)
-    dist, ref = NearestNeighbors(n_neighbors=20, metric="cosine", algorithm="brute").fit(
-        bank.numpy()).kneighbors(queries.numpy())
+    dist, ref = (
+        NearestNeighbors(n_neighbors=20, metric="cosine", algorithm="brute")
+        .fit(bank.numpy())
+        .kneighbors(queries.numpy())
+    )
     np.testing.assert_array_equal(idx.numpy(), ref)
     np.testing.assert_allclose(sims.numpy(), 1 - dist, atol=1e-5)
 
@@ -101,8 +113,9 @@ def test_ivf_with_every_list_probed_is_exact():
 def test_tiny_test_set_and_k_beyond_the_bank():
     """DINO's script crashes below 100 test images; here 3 test images and a 50-sample bank."""
     train, val, test = random_split(50), random_split(4, seed=1), random_split(3, seed=2)
-    result = evaluate_knn(train, val, test, CLASSES, [10, 20, 100, 200], [0.07],
-                          chunk_size=1024, progress=False)
+    result = evaluate_knn(
+        train, val, test, CLASSES, [10, 20, 100, 200], [0.07], chunk_size=1024, progress=False
+    )
     assert "clipped" in result.details["notes"][0]
     assert {row["k"] for row in result.details["val_grid"]} == {10, 20, 50}
     assert 0 <= result.metrics["top1"] <= result.metrics["top5"] <= 100
@@ -116,16 +129,19 @@ def test_k_and_temperature_are_chosen_on_val():
     nearest = NeighbourIndex(bank).search(queries, 1)[1][:, 0]
     val = (queries[:40], bank_y[nearest[:40]])
     test = (queries[40:], bank_y[nearest[40:]])
-    result = evaluate_knn((bank, bank_y), val, test, CLASSES, [1, 200], [0.07, 1.0],
-                          progress=False)
+    result = evaluate_knn((bank, bank_y), val, test, CLASSES, [1, 200], [0.07, 1.0], progress=False)
     assert result.details["selected"]["k"] == 1
     assert result.metrics["top1"] == 100.0 and len(result.details["val_grid"]) == 4
 
 
 def test_ties_count_against_the_true_class():
-    votes = torch.tensor([[3.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-                          [3.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-                          [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    votes = torch.tensor(
+        [
+            [3.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            [3.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        ]
+    )
     hits = topk_hits(votes, torch.tensor([1, 4, 1]), (1, 5))
     # an unvoted class is never a top-5 hit; a tie for first is not a top-1 hit
     assert hits.tolist() == [[0.0, 1.0], [0.0, 0.0], [0.0, 1.0]]
@@ -146,8 +162,20 @@ def test_torch_search_equals_faiss_on_cpu_tensors(bank_chunk):
         t_sims, t_idx = torch_index.search(queries, k)
         assert torch.equal(f_idx, t_idx)
         torch.testing.assert_close(t_sims, f_sims, rtol=0, atol=1e-5)
-    grids = [knn_grid(index, bank_y, queries, query_y, [10, 200], [0.07, 0.5], CLASSES,
-                      chunk_size=64, progress=False) for index in (faiss_index, torch_index)]
+    grids = [
+        knn_grid(
+            index,
+            bank_y,
+            queries,
+            query_y,
+            [10, 200],
+            [0.07, 0.5],
+            CLASSES,
+            chunk_size=64,
+            progress=False,
+        )
+        for index in (faiss_index, torch_index)
+    ]
     assert grids[0] == grids[1]
 
 

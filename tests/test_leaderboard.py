@@ -9,9 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import ROOT, sslbench
 
 from leaderboard.aggregate import build_board, collect, fractional_ranks, load_reference
-from helpers import ROOT, sslbench
 from sslbench.cli import main
 from sslbench.results import BackboneIdentity, DatasetInfo, ResultRecord, write_record
 
@@ -23,29 +23,52 @@ KNN = {"data": DATA, "knn": {"k": [20]}}
 EVIL = "<script>document.title='pwned'</script>\"'><u>$\\bad$"
 
 
-def record(method: str, run: str | None, task: str, protocol: dict, seed: int, top1: float,
-           weights: str = "ab", **metrics: float) -> ResultRecord:
+def record(
+    method: str,
+    run: str | None,
+    task: str,
+    protocol: dict,
+    seed: int,
+    top1: float,
+    weights: str = "ab",
+    **metrics: float,
+) -> ResultRecord:
     return ResultRecord(
-        task=task, metrics={"top1": top1, **metrics},
-        backbone=BackboneIdentity(weights * 32, method, run, "resnet18"), protocol=protocol,
+        task=task,
+        metrics={"top1": top1, **metrics},
+        backbone=BackboneIdentity(weights * 32, method, run, "resnet18"),
+        protocol=protocol,
         dataset=DatasetInfo("synthetic-shapes", 8, {"train": 512, "val": 64, "test": 192}, {}),
-        seed=seed, wall_time_s=1.0, peak_memory_mb={"cpu_rss": 100.0}, device="cpu",
-        versions={"python": "3.11", "torch": "2", "torchvision": "0", "faiss": None,
-                  "sslbench": "0.1.0"})
+        seed=seed,
+        wall_time_s=1.0,
+        peak_memory_mb={"cpu_rss": 100.0},
+        device="cpu",
+        versions={
+            "python": "3.11",
+            "torch": "2",
+            "torchvision": "0",
+            "faiss": None,
+            "sslbench": "0.1.0",
+        },
+    )
 
 
 def measured() -> list[ResultRecord]:
     """simsiam: linear A 60/62/64 over three seeds, linear B 50, knn 55; byol: linear A 63/65
     (seed 1 from a second pretraining run), linear B 52, knn 50; EVIL: linear A 10."""
-    return [*(record("simsiam", "simsiam_r18", "linear", LINEAR_A, s, v)
-              for s, v in enumerate([60.0, 62.0, 64.0])),
-            record("simsiam", "simsiam_r18", "linear", LINEAR_B, 0, 50.0),
-            record("simsiam", "simsiam_r18", "knn", KNN, 0, 55.0),
-            record("byol", "byol_r18", "linear", LINEAR_A, 0, 63.0, weights="cd"),
-            record("byol", "byol_r18", "linear", LINEAR_A, 1, 65.0, weights="ce"),
-            record("byol", "byol_r18", "linear", LINEAR_B, 0, 52.0, weights="cd"),
-            record("byol", "byol_r18", "knn", KNN, 0, 50.0, weights="cd"),
-            record(EVIL, "evil", "linear", LINEAR_A, 0, 10.0, weights="ef")]
+    return [
+        *(
+            record("simsiam", "simsiam_r18", "linear", LINEAR_A, s, v)
+            for s, v in enumerate([60.0, 62.0, 64.0])
+        ),
+        record("simsiam", "simsiam_r18", "linear", LINEAR_B, 0, 50.0),
+        record("simsiam", "simsiam_r18", "knn", KNN, 0, 55.0),
+        record("byol", "byol_r18", "linear", LINEAR_A, 0, 63.0, weights="cd"),
+        record("byol", "byol_r18", "linear", LINEAR_A, 1, 65.0, weights="ce"),
+        record("byol", "byol_r18", "linear", LINEAR_B, 0, 52.0, weights="cd"),
+        record("byol", "byol_r18", "knn", KNN, 0, 50.0, weights="cd"),
+        record(EVIL, "evil", "linear", LINEAR_A, 0, 10.0, weights="ef"),
+    ]
 
 
 @pytest.fixture
@@ -62,13 +85,20 @@ def key(task: str, protocol: dict) -> str:
 
 def test_fractional_ranks_share_ties():
     assert fractional_ranks({"a": 1.0, "b": 2.0, "c": 2.0, "d": 0.0}) == {
-        "b": 1.5, "c": 1.5, "a": 3.0, "d": 4.0}
+        "b": 1.5,
+        "c": 1.5,
+        "a": 3.0,
+        "d": 4.0,
+    }
 
 
 def test_board_groups_aggregates_and_ranks():
     board = build_board(measured())
-    assert [c.key for c in board.columns] == [key("knn", KNN), key("linear", LINEAR_A),
-                                              key("linear", LINEAR_B)]
+    assert [c.key for c in board.columns] == [
+        key("knn", KNN),
+        key("linear", LINEAR_A),
+        key("linear", LINEAR_B),
+    ]
     assert [r.key.run for r in board.rows] == ["byol_r18", "simsiam_r18", "evil"]
     byol, simsiam, evil = board.rows
     a, b, k = key("linear", LINEAR_A), key("linear", LINEAR_B), key("knn", KNN)
@@ -82,7 +112,9 @@ def test_board_groups_aggregates_and_ranks():
     assert simsiam.average_rank == pytest.approx(5 / 3)
     assert set(evil.cells) == {a} and evil.cells[a].rank == 3.0  # one column: listed last
     assert board.settings_that_differ(board.columns[1]) == {
-        "probe.epochs": "100", "probe.name": '"fast"'}
+        "probe.epochs": "100",
+        "probe.name": '"fast"',
+    }
 
 
 def test_cli_writes_markdown_csv_html_and_charts(results, tmp_path):
@@ -92,8 +124,10 @@ def test_cli_writes_markdown_csv_html_and_charts(results, tmp_path):
     md = (out / "leaderboard.md").read_text()
     # the n=3 cell's t interval is 62 ± t(0.975, 2) * 2 / sqrt(3) = 62 ± 4.97; Welch's test
     # against the best row (byol: 63, 65) cannot tell them apart
-    assert "| simsiam_r18 | simsiam | resnet18 | 1.67 (3/3) | 55.00 (n=1, rank 1) | " \
-           "62.00 ± 2.00 (n=3, rank 2) [57.03, 66.97] ≈best | 50.00 (n=1, rank 2) |" in md
+    assert (
+        "| simsiam_r18 | simsiam | resnet18 | 1.67 (3/3) | 55.00 (n=1, rank 1) | "
+        "62.00 ± 2.00 (n=3, rank 2) [57.03, 66.97] ≈best | 50.00 (n=1, rank 2) |" in md
+    )
     assert "| byol_r18 | byol | resnet18 | 1.33 (3/3) |" in md
     assert md.index("byol_r18") < md.index("simsiam_r18") < md.index("| evil |")
     rows = {r["run"]: r for r in csv.DictReader((out / "leaderboard.csv").read_text().splitlines())}
@@ -101,7 +135,11 @@ def test_cli_writes_markdown_csv_html_and_charts(results, tmp_path):
     b = f"linear:{key('linear', LINEAR_B).split('-')[1]}:top1"
     s = rows["simsiam_r18"]
     assert (float(s[f"{a}:mean"]), float(s[f"{a}:std"]), s[f"{a}:n"], s[f"{a}:rank"]) == (
-        62.0, 2.0, "3", "2")
+        62.0,
+        2.0,
+        "3",
+        "2",
+    )
     assert (float(s[f"{b}:mean"]), s[f"{b}:std"], s[f"{b}:n"]) == (50.0, "", "1")
     assert rows["evil"][f"{b}:mean"] == "" and rows["evil"]["columns"] == "1"
     assert float(rows["byol_r18"]["avg_rank"]) == pytest.approx(4 / 3)
@@ -119,8 +157,10 @@ def test_user_strings_are_escaped(results, tmp_path):
     assert page.count("<script>") == 1  # ours
     assert "document.title=&#x27;pwned&#x27;" in page
     assert "<u>" not in page and "'pwned'" not in page
-    assert ('data-value="&lt;script&gt;document.title=&#x27;pwned&#x27;&lt;/script&gt;'
-            '&quot;&#x27;&gt;&lt;u&gt;$\\bad$"') in page
+    assert (
+        'data-value="&lt;script&gt;document.title=&#x27;pwned&#x27;&lt;/script&gt;'
+        '&quot;&#x27;&gt;&lt;u&gt;$\\bad$"'
+    ) in page
     md = (results / "leaderboard.md").read_text()
     assert "&lt;script&gt;" in md and "<script>" not in md
 
@@ -179,8 +219,10 @@ def test_reference_rows_are_shown_apart_and_never_ranked(results):
 
 def test_reference_file_errors_name_the_file_and_entry(tmp_path):
     path = tmp_path / "ref.yaml"
-    path.write_text("tables:\n- {source: s, task: linear, protocol: p, arch: r50, "
-                    "columns: [a, b], rows: {MoCo: [1.0]}}\n")
+    path.write_text(
+        "tables:\n- {source: s, task: linear, protocol: p, arch: r50, "
+        "columns: [a, b], rows: {MoCo: [1.0]}}\n"
+    )
     with pytest.raises(ValueError, match=rf"{path}: tables\[0\]\.rows\.MoCo: expected 2 numbers"):
         load_reference(path)
     tables = load_reference(ROOT / "configs" / "reference" / "seed_papers.yaml")
@@ -228,17 +270,29 @@ def _chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(_chromium() is None, reason="headless Chromium not installed "
-                    "(Debian: apt-get install chromium)")
+@pytest.mark.skipif(
+    _chromium() is None, reason="headless Chromium not installed (Debian: apt-get install chromium)"
+)
 def test_html_page_is_sortable_in_headless_chromium(results, tmp_path):
     assert main(["leaderboard", str(results)]) == 0
     page = (results / "leaderboard.html").as_uri()
 
     def dom(fragment: str = "") -> _BoardRows:
         proc = subprocess.run(
-            [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page + fragment],
-            capture_output=True, text=True, timeout=120)
+            [
+                _chromium(),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                f"--user-data-dir={tmp_path / 'profile'}",
+                "--dump-dom",
+                page + fragment,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         parsed = _BoardRows()
         parsed.feed(proc.stdout)

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_SHAPES
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 from evaluators.features import cached_features
 from evaluators.linear import fast_probe, fit_logistic, standardise
 from evaluators.training import Classifier, SeededAugmentation, epoch_batches, train_transform
-from helpers import TINY_SHAPES
 from sslbench.backbones import build_backbone
 from sslbench.data import build_dataset
 from sslbench.transforms import build_eval_transform
@@ -38,8 +38,15 @@ def shapes_features(shapes_root):
     out = {}
     for split in ("train", "val", "test"):
         ds = build_dataset("synthetic-shapes", shapes_root, split, transform, **TINY_SHAPES)
-        f = cached_features(backbone, "0" * 64, ds, cache_dir=None, batch_size=256,
-                            device=torch.device("cpu"), progress=False)
+        f = cached_features(
+            backbone,
+            "0" * 64,
+            ds,
+            cache_dir=None,
+            batch_size=256,
+            device=torch.device("cpu"),
+            progress=False,
+        )
         out[split] = (f.features, f.labels)
     return out
 
@@ -60,8 +67,9 @@ def sklearn_selected(train, val, test, weight_decays):
 
 def test_fast_probe_matches_sklearn_on_digits_pixels():
     train, val, test = (digits_pixels(s) for s in ("train", "val", "test"))
-    metrics, details = fast_probe(train, val, test, 10, lrs=[1.0], weight_decays=WEIGHT_DECAYS,
-                                  max_iter=1000, progress=False)
+    metrics, details = fast_probe(
+        train, val, test, 10, lrs=[1.0], weight_decays=WEIGHT_DECAYS, max_iter=1000, progress=False
+    )
     reference = sklearn_selected(train, val, test, WEIGHT_DECAYS)
     print(f"digits: fast probe {metrics['top1']:.2f}, sklearn {reference:.2f}")
     assert abs(metrics["top1"] - reference) <= 1.0
@@ -70,8 +78,16 @@ def test_fast_probe_matches_sklearn_on_digits_pixels():
 
 def test_fast_probe_matches_sklearn_on_shapes_features(shapes_features):
     f = shapes_features
-    metrics, _ = fast_probe(f["train"], f["val"], f["test"], 8, lrs=[1.0],
-                            weight_decays=WEIGHT_DECAYS, max_iter=1000, progress=False)
+    metrics, _ = fast_probe(
+        f["train"],
+        f["val"],
+        f["test"],
+        8,
+        lrs=[1.0],
+        weight_decays=WEIGHT_DECAYS,
+        max_iter=1000,
+        progress=False,
+    )
     reference = sklearn_selected(f["train"], f["val"], f["test"], WEIGHT_DECAYS)
     print(f"shapes (random backbone): fast probe {metrics['top1']:.2f}, sklearn {reference:.2f}")
     assert abs(metrics["top1"] - reference) <= 1.0
@@ -92,15 +108,35 @@ def test_same_objective_as_sklearn():
 def test_sgd_solver_close_to_lbfgs():
     train, val, test = (digits_pixels(s) for s in ("train", "val", "test"))
     lbfgs, _ = fast_probe(train, val, test, 10, lrs=[1.0], weight_decays=[1e-3], progress=False)
-    sgd, _ = fast_probe(train, val, test, 10, lrs=[0.1], weight_decays=[1e-3], solver="sgd",
-                        epochs=30, batch_size=64, progress=False)
+    sgd, _ = fast_probe(
+        train,
+        val,
+        test,
+        10,
+        lrs=[0.1],
+        weight_decays=[1e-3],
+        solver="sgd",
+        epochs=30,
+        batch_size=64,
+        progress=False,
+    )
     assert abs(sgd["top1"] - lbfgs["top1"]) < 3
 
 
 def test_diverging_setting_scores_zero_and_is_not_chosen():
     train, val, test = (digits_pixels(s) for s in ("train", "val", "test"))
-    metrics, details = fast_probe(train, val, test, 10, lrs=[0.1, 1e6], weight_decays=[1e-3],
-                                  solver="sgd", epochs=2, batch_size=64, progress=False)
+    metrics, details = fast_probe(
+        train,
+        val,
+        test,
+        10,
+        lrs=[0.1, 1e6],
+        weight_decays=[1e-3],
+        solver="sgd",
+        epochs=2,
+        batch_size=64,
+        progress=False,
+    )
     assert details["selected"]["lr"] == 0.1
     assert [row["val_top1"] for row in details["val_grid"]][1] == 0.0
 

@@ -59,10 +59,17 @@ def test_byol_loss_is_two_minus_two_cosine_over_both_directions():
 
 def test_byol_defaults_are_the_papers():
     cfg = BYOLConfig()
-    assert (cfg.momentum_encoder, cfg.base_momentum, cfg.momentum_schedule) == \
-        (True, 0.99, "cosine")
-    assert (cfg.proj_hidden_dim, cfg.out_dim, cfg.pred_hidden_dim, cfg.proj_layers) == \
-        (4096, 256, 4096, 2)
+    assert (cfg.momentum_encoder, cfg.base_momentum, cfg.momentum_schedule) == (
+        True,
+        0.99,
+        "cosine",
+    )
+    assert (cfg.proj_hidden_dim, cfg.out_dim, cfg.pred_hidden_dim, cfg.proj_layers) == (
+        4096,
+        256,
+        4096,
+        2,
+    )
     assert not cfg.proj_last_bn and cfg.stop_gradient
 
 
@@ -109,18 +116,22 @@ def test_simsiam_stop_gradient_ablation_sends_gradient_through_the_target():
 
 
 def test_fixed_predictor_lr_group():
-    assert tiny_method("simsiam", **SMALL).param_group_overrides() == \
-        {"predictor.": {"fixed_lr": True}}
+    assert tiny_method("simsiam", **SMALL).param_group_overrides() == {
+        "predictor.": {"fixed_lr": True}
+    }
     assert tiny_method("byol", **SMALL).param_group_overrides() == {}
 
 
-@pytest.mark.parametrize("name, fields, field", [
-    ("simsiam", {"stop_gradient": False, "momentum_encoder": True}, "method.stop_gradient"),
-    ("simsiam", {"stop_gradient": False, "loss_form": "exact"}, "method.stop_gradient"),
-    ("byol", {"loss_form": "grad"}, "method.loss_form"),
-    ("byol", {"base_momentum": 0.0}, "method.base_momentum"),
-    ("byol", {"momentum_schedule": "linear"}, "method.momentum_schedule"),
-])
+@pytest.mark.parametrize(
+    "name, fields, field",
+    [
+        ("simsiam", {"stop_gradient": False, "momentum_encoder": True}, "method.stop_gradient"),
+        ("simsiam", {"stop_gradient": False, "loss_form": "exact"}, "method.stop_gradient"),
+        ("byol", {"loss_form": "grad"}, "method.loss_form"),
+        ("byol", {"base_momentum": 0.0}, "method.base_momentum"),
+        ("byol", {"momentum_schedule": "linear"}, "method.momentum_schedule"),
+    ],
+)
 def test_unsupported_settings_name_the_field(name, fields, field):
     with pytest.raises(ValueError, match=field):
         tiny_method(name, **dict(SMALL, **fields))

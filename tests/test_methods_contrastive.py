@@ -53,8 +53,10 @@ def layout(kind: str, gen: torch.Generator, n: int = 6, dim: int = 5):
     raise ValueError(kind)
 
 
-CASES = [(k, s) for k in ("simclr", "simclr_momentum") for s in SIMILARITIES] + \
-        [("mocov2", "dot"), ("mocov3", "dot")]
+CASES = [(k, s) for k in ("simclr", "simclr_momentum") for s in SIMILARITIES] + [
+    ("mocov2", "dot"),
+    ("mocov3", "dot"),
+]
 
 
 @pytest.mark.parametrize("kind,similarity", CASES)
@@ -80,9 +82,17 @@ def test_moco_gradient_matches_unigrad_formula():
     n, tau = 6, 0.2
     u, keys, pos, exclude, _ = layout("mocov2", gen, n=n)
     queue = keys[n:]
-    expected = torch.stack([
-        (-keys[i] + (torch.cat([keys[i:i + 1], queue]) @ u[i] / tau).softmax(0)
-         @ torch.cat([keys[i:i + 1], queue])) / (n * tau) for i in range(n)])
+    expected = torch.stack(
+        [
+            (
+                -keys[i]
+                + (torch.cat([keys[i : i + 1], queue]) @ u[i] / tau).softmax(0)
+                @ torch.cat([keys[i : i + 1], queue])
+            )
+            / (n * tau)
+            for i in range(n)
+        ]
+    )
     assert rel_err(info_nce_grad(u, keys, pos, tau, exclude=exclude)[0], expected) < RTOL
 
 
@@ -142,11 +152,12 @@ def test_simclr_pairs_split_over_processes_average_to_global_loss():
     v1, v2 = unit(world * n, 4, gen=gen), unit(world * n, 4, gen=gen)
     pos, exclude = simclr_pairs(world * n, 0, 2 * world * n, v1.device)
     global_loss = info_nce(torch.cat([v1, v2]), torch.cat([v1, v2]), pos, 0.1, "sq", exclude)
-    gathered = torch.cat([torch.cat([v1[r * n:(r + 1) * n], v2[r * n:(r + 1) * n]])
-                          for r in range(world)])
+    gathered = torch.cat(
+        [torch.cat([v1[r * n : (r + 1) * n], v2[r * n : (r + 1) * n]]) for r in range(world)]
+    )
     per_rank = []
     for r in range(world):
-        local = gathered[r * 2 * n:(r + 1) * 2 * n]
+        local = gathered[r * 2 * n : (r + 1) * 2 * n]
         pos_r, exclude_r = simclr_pairs(n, r, 2 * world * n, v1.device)
         per_rank.append(info_nce(local, gathered, pos_r, 0.1, "sq", exclude_r))
     assert torch.allclose(sum(per_rank) / world, global_loss, rtol=1e-12)
@@ -154,17 +165,20 @@ def test_simclr_pairs_split_over_processes_average_to_global_loss():
 
 # ---- the methods, on method_checks' tiny float64 backbone -------------------------------------
 
-SMALL = {"simclr": {"proj_hidden_dim": 16, "out_dim": 8},
-         "mocov2": {"proj_hidden_dim": 16, "out_dim": 8, "queue_size": 24},
-         "mocov3": {"proj_hidden_dim": 16, "out_dim": 8, "pred_hidden_dim": 16}}
+SMALL = {
+    "simclr": {"proj_hidden_dim": 16, "out_dim": 8},
+    "mocov2": {"proj_hidden_dim": 16, "out_dim": 8, "queue_size": 24},
+    "mocov3": {"proj_hidden_dim": 16, "out_dim": 8, "pred_hidden_dim": 16},
+}
 
 
 def small_method(name: str, **fields):
     return tiny_method(name, **{**SMALL[name.split("_")[0]], **fields})
 
 
-METHOD_CASES = [(name, {"momentum_encoder": m}) for name in CONTRASTIVE for m in (False, True)] + \
-               [("mocov2", {"symmetric": True})]
+METHOD_CASES = [(name, {"momentum_encoder": m}) for name in CONTRASTIVE for m in (False, True)] + [
+    ("mocov2", {"symmetric": True})
+]
 
 
 @pytest.mark.parametrize("name,fields", METHOD_CASES, ids=str)
@@ -200,13 +214,16 @@ def test_momentum_encoder_switch(name):
     assert torch.allclose(on.target.net[1][0].weight, 0.9 * before + 0.1 * on.projector[0].weight)
 
 
-@pytest.mark.parametrize("fields,match", [
-    ({"loss_form": "unified"}, "method.loss_form"),
-    ({"temperature": 0.0}, "method.temperature"),
-    ({"momentum_encoder": True, "base_momentum": 0.0}, "method.base_momentum"),
-    ({"momentum_encoder": True, "base_momentum": 1.5}, "method.base_momentum"),
-    ({"momentum_encoder": True, "momentum_schedule": "step"}, "method.momentum_schedule"),
-])
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        ({"loss_form": "unified"}, "method.loss_form"),
+        ({"temperature": 0.0}, "method.temperature"),
+        ({"momentum_encoder": True, "base_momentum": 0.0}, "method.base_momentum"),
+        ({"momentum_encoder": True, "base_momentum": 1.5}, "method.base_momentum"),
+        ({"momentum_encoder": True, "momentum_schedule": "step"}, "method.momentum_schedule"),
+    ],
+)
 @pytest.mark.parametrize("name", ("simclr", "mocov2", "mocov3"))
 def test_unsupported_settings_name_the_field(name, fields, match):
     with pytest.raises(ValueError, match=match):
@@ -222,23 +239,30 @@ def test_registry_and_recipes_select_every_method_by_name():
     from pretrain.config import load_pretrain_config
 
     assert set(CONTRASTIVE) <= set(METHODS.names())
-    recipes = {**{f"{n}_synthetic_r18": n for n in CONTRASTIVE},
-               **{f"{n}_imagenet_r50": n for n in ("simclr", "mocov2", "mocov3")}}
+    recipes = {
+        **{f"{n}_synthetic_r18": n for n in CONTRASTIVE},
+        **{f"{n}_imagenet_r50": n for n in ("simclr", "mocov2", "mocov3")},
+    }
     cfgs = {}
     for recipe, name in recipes.items():
         cfgs[recipe] = load_pretrain_config([ROOT / "configs" / "pretrain" / f"{recipe}.yaml"])
         assert cfgs[recipe].method.name == name, recipe
-    simclr, mocov2, mocov3 = (cfgs[f"{n}_imagenet_r50"].method
-                              for n in ("simclr", "mocov2", "mocov3"))
+    simclr, mocov2, mocov3 = (
+        cfgs[f"{n}_imagenet_r50"].method for n in ("simclr", "mocov2", "mocov3")
+    )
     assert (simclr.temperature, simclr.out_dim, simclr.momentum_encoder) == (0.1, 128, False)
     assert (mocov2.queue_size, mocov2.base_momentum, mocov2.temperature) == (65536, 0.999, 0.2)
     assert not mocov2.symmetric
     assert not cfgs["mocov2_imagenet_r50"].train.sync_bn  # shuffle-BN
-    assert (mocov3.temperature, mocov3.base_momentum, mocov3.momentum_schedule) == \
-        (1.0, 0.99, "cosine")
+    assert (mocov3.temperature, mocov3.base_momentum, mocov3.momentum_schedule) == (
+        1.0,
+        0.99,
+        "cosine",
+    )
 
 
 # ---- the queue -----------------------------------------------------------------------------------
+
 
 def test_queue_is_fifo_and_in_the_state_dict():
     torch.manual_seed(0)
@@ -269,6 +293,7 @@ def test_mocov2_enqueues_the_keys_after_the_loss():
 
 # ---- shuffle-BN ----------------------------------------------------------------------------------
 
+
 def test_shuffle_bn_is_a_no_op_on_one_process():
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
@@ -297,8 +322,15 @@ SHUFFLE_WORKER = textwrap.dedent("""
 def test_shuffle_bn_normalises_keys_over_a_shuffled_sub_batch(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(SHUFFLE_WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(script), str(tmp_path / "out.pt")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(tmp_path / "out.pt"),
+    ]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     res = torch.load(tmp_path / "out.pt", weights_only=True)
@@ -316,8 +348,9 @@ def test_shuffle_bn_normalises_keys_over_a_shuffled_sub_batch(tmp_path):
 
 # ---- several processes ---------------------------------------------------------------------
 
-DIST_SMALL = {family: [f"method.{k}={v * 2}" for k, v in fields.items()]
-              for family, fields in SMALL.items()}
+DIST_SMALL = {
+    family: [f"method.{k}={v * 2}" for k, v in fields.items()] for family, fields in SMALL.items()
+}
 DIST_CASES = {
     "simclr": ["method.name=simclr", *DIST_SMALL["simclr"]],
     "simclr-exact": ["method.name=simclr", *DIST_SMALL["simclr"], "method.loss_form=exact"],
@@ -330,8 +363,9 @@ DIST_CASES = {
 def two_process_steps(tmp_path_factory):
     """Each case's step as one process and as two, in float64: at τ ≤ 0.2 float32 round-off
     alone moves these gradients by ~1e-3 relative."""
-    steps = one_and_two_processes(tmp_path_factory.mktemp("dist"), list(DIST_CASES.values()),
-                                  "--float64")
+    steps = one_and_two_processes(
+        tmp_path_factory.mktemp("dist"), list(DIST_CASES.values()), "--float64"
+    )
     return dict(zip(DIST_CASES, steps))
 
 
@@ -342,6 +376,7 @@ def test_two_processes_match_one(two_process_steps, case):
 
 
 # ---- real pretraining runs -------------------------------------------------------------------
+
 
 @pytest.mark.integration
 def test_mocov2_queue_survives_sigkill_and_resume(shapes_root, tmp_path):

@@ -41,6 +41,7 @@ def autograd_of(loss_fn, x: torch.Tensor) -> torch.Tensor:
 
 # ---- Barlow Twins ------------------------------------------------------------------------------
 
+
 def test_standardise_is_batchnorm_without_affine():
     z = randn(9, 4, seed=0) * 3 + 1
     torch.testing.assert_close(standardise(z), torch.nn.BatchNorm1d(4, affine=False).double()(z))
@@ -50,7 +51,8 @@ def test_barlow_twins_loss_is_the_papers():
     a, b = standardise(randn(10, 5, seed=1)), standardise(randn(10, 5, seed=2))
     c = a.T @ b / 10
     expected = sum((1 - c[i, i]) ** 2 for i in range(5)) + 0.3 * sum(
-        c[i, j] ** 2 for i in range(5) for j in range(5) if i != j)
+        c[i, j] ** 2 for i in range(5) for j in range(5) if i != j
+    )
     torch.testing.assert_close(barlow_twins_loss(a, b, 0.3)[0], expected)
 
 
@@ -64,16 +66,29 @@ def test_barlow_twins_gradient_equals_autograd_and_unigrads_formula(lambd):
     got = barlow_twins_grad(a, b, lambd)
     assert rel_err(got, expected) < RTOL
     diag_c = torch.diagonal(a.T @ b / n)
-    formula = torch.stack([(2 / n) * (-b[i] + (lambd / n) * sum((b[v] @ b[i]) * a[v]
-                                                                for v in range(n))
-                                      + (1 - lambd) * diag_c * b[i]) for i in range(n)])
+    formula = torch.stack(
+        [
+            (2 / n)
+            * (
+                -b[i]
+                + (lambd / n) * sum((b[v] @ b[i]) * a[v] for v in range(n))
+                + (1 - lambd) * diag_c * b[i]
+            )
+            for i in range(n)
+        ]
+    )
     assert rel_err(formula, expected) < RTOL
 
 
 def test_barlow_twins_bias_lr_scale_reaches_the_optimizer_groups():
     method = tiny_method("barlow_twins", **SMALL)
-    groups = param_groups(method, 1e-6, True, method.param_group_overrides(),
-                          norm_bias_overrides=method.norm_bias_overrides())
+    groups = param_groups(
+        method,
+        1e-6,
+        True,
+        method.param_group_overrides(),
+        norm_bias_overrides=method.norm_bias_overrides(),
+    )
     for group in groups:
         one_d = all(p.ndim <= 1 for p in group["params"])
         assert group["lr_scale"] == (0.024 if one_d else 1.0)
@@ -81,6 +96,7 @@ def test_barlow_twins_bias_lr_scale_reaches_the_optimizer_groups():
 
 
 # ---- VICReg and its duality variants -------------------------------------------------------------
+
 
 def official_vicreg(x, y, sim=25.0, std=25.0, cov=1.0):
     """`facebookresearch/vicreg` main_vicreg.py::VICReg.forward, transcribed (one process)."""
@@ -103,8 +119,11 @@ def criterion(name: str, sim=25.0, std=25.0, cov=1.0, temperature=0.3) -> VICReg
 def mixed_spread(n: int, d: int, seed: int) -> torch.Tensor:
     """Columns (and rows) with std both below and above 1, so the variance hinge is partly
     active."""
-    return randn(n, d, seed=seed) * torch.linspace(0.3, 2.0, d, dtype=torch.float64) \
+    return (
+        randn(n, d, seed=seed)
+        * torch.linspace(0.3, 2.0, d, dtype=torch.float64)
         * torch.linspace(0.5, 1.8, n, dtype=torch.float64)[:, None]
+    )
 
 
 def test_vicreg_loss_is_the_official_code():
@@ -116,8 +135,10 @@ def test_exponential_covariance_is_garrido_eq_11():
     """c_exp(K) = (1/d) Σ_i log Σ_{j≠i} exp(C(K)_ij / τ)."""
     x, tau = mixed_spread(12, 5, 7), 0.4
     c = torch.cov(x.T)
-    expected = sum(math.log(sum(math.exp(c[i, j] / tau) for j in range(5) if j != i))
-                   for i in range(5)) / 5
+    expected = (
+        sum(math.log(sum(math.exp(c[i, j] / tau) for j in range(5) if j != i)) for i in range(5))
+        / 5
+    )
     assert regularisers(x, tau)[1].item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -148,12 +169,16 @@ def test_vicreg_gradient_is_the_unified_formula():
     s = torch.sqrt(torch.diagonal(cov) + 1e-4)
     assert 0 < (s < 1).sum() < d  # the hinge is active for some dimensions only
     off_diagonal = cov - torch.diag(torch.diagonal(cov))
-    formula = (2 * lam * (x - y) / (n * d) + 4 * nu / (d * (n - 1)) * xc @ off_diagonal
-               - mu / (2 * d * (n - 1)) * xc * ((s < 1).double() / s))
+    formula = (
+        2 * lam * (x - y) / (n * d)
+        + 4 * nu / (d * (n - 1)) * xc @ off_diagonal
+        - mu / (2 * d * (n - 1)) * xc * ((s < 1).double() / s)
+    )
     assert rel_err(formula, criterion("vicreg", lam, mu, nu).grad(x, y)) < RTOL
 
 
 # ---- UniGrad -------------------------------------------------------------------------------------
+
 
 def test_unigrad_gradient_equals_autograd_of_the_explicit_loss():
     u, t = F.normalize(randn(9, 6, seed=14), dim=1), F.normalize(randn(9, 6, seed=15), dim=1)
@@ -208,13 +233,15 @@ def test_unigrad_exact_form_is_the_reference_codes_surrogate():
 
 # ---- every method: the two switches --------------------------------------------------------
 
+
 @pytest.mark.parametrize("momentum", [False, True])
 @pytest.mark.parametrize("name", METHODS)
 def test_exact_form_gives_the_original_parameter_gradients(name, momentum):
     views = tiny_views()
     loss, grad = loss_and_gradient(tiny_method(name, momentum_encoder=momentum, **SMALL), views)
     loss_g, grad_g = loss_and_gradient(
-        tiny_method(name, loss_form="exact", momentum_encoder=momentum, **SMALL), views)
+        tiny_method(name, loss_form="exact", momentum_encoder=momentum, **SMALL), views
+    )
     torch.testing.assert_close(loss_g, loss, rtol=0, atol=0)
     assert rel_err(grad_g, grad) < RTOL
 
@@ -231,13 +258,16 @@ def test_momentum_encoder_switch_changes_only_the_target(name):
     assert rel_err(loss_and_gradient(on, views)[1], loss_and_gradient(off, views)[1]) < RTOL
 
 
-@pytest.mark.parametrize("name, fields, field", [
-    ("barlow_twins", {"loss_form": "unified"}, "method.loss_form"),
-    ("barlow_twins", {"lambd": -1.0}, "method.lambd"),
-    ("vicreg_exp", {"temperature": 0.0}, "method.temperature"),
-    ("vicreg_ctr", {"momentum_encoder": True, "base_momentum": 0.0}, "method.base_momentum"),
-    ("unigrad", {"rho": 1.0}, "method.rho"),
-])
+@pytest.mark.parametrize(
+    "name, fields, field",
+    [
+        ("barlow_twins", {"loss_form": "unified"}, "method.loss_form"),
+        ("barlow_twins", {"lambd": -1.0}, "method.lambd"),
+        ("vicreg_exp", {"temperature": 0.0}, "method.temperature"),
+        ("vicreg_ctr", {"momentum_encoder": True, "base_momentum": 0.0}, "method.base_momentum"),
+        ("unigrad", {"rho": 1.0}, "method.rho"),
+    ],
+)
 def test_unsupported_settings_name_the_field(name, fields, field):
     with pytest.raises(ValueError, match=field):
         tiny_method(name, **dict(SMALL, **fields))
@@ -249,8 +279,12 @@ DIST_SMALL = ["method.proj_hidden_dim=32", "method.out_dim=16"]
 DIST_CASES = {
     "barlow_twins": ["method.name=barlow_twins", *DIST_SMALL],
     "vicreg": ["method.name=vicreg", *DIST_SMALL],
-    "vicreg_ctr-exact-momentum": ["method.name=vicreg_ctr", *DIST_SMALL, "method.loss_form=exact",
-                                     "method.momentum_encoder=true"],
+    "vicreg_ctr-exact-momentum": [
+        "method.name=vicreg_ctr",
+        *DIST_SMALL,
+        "method.loss_form=exact",
+        "method.momentum_encoder=true",
+    ],
     "unigrad": ["method.name=unigrad", *DIST_SMALL],
 }
 
@@ -260,8 +294,9 @@ def two_process_steps(tmp_path_factory):
     """Each case's step as one process and as two, in float64: these losses' large gradients
     (λ = 25, 100; lr 0.5) amplify float32 round-off past any tight tolerance, while in float64
     one and two processes agree to ~1e-12."""
-    steps = one_and_two_processes(tmp_path_factory.mktemp("dist"), list(DIST_CASES.values()),
-                                  "--float64")
+    steps = one_and_two_processes(
+        tmp_path_factory.mktemp("dist"), list(DIST_CASES.values()), "--float64"
+    )
     return dict(zip(DIST_CASES, steps))
 
 
@@ -272,6 +307,7 @@ def test_two_processes_match_one(two_process_steps, case):
 
 
 # ---- real pretraining runs -----------------------------------------------------------------
+
 
 @pytest.mark.integration
 def test_unigrad_correlation_survives_sigkill_and_resume(shapes_root, tmp_path):

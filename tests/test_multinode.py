@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT, sslbench, subprocess_env, tiny_data_overrides
 from safetensors.torch import load_file
 
-from helpers import ROOT, sslbench, subprocess_env, tiny_data_overrides
 from sslbench.config import ConfigError
 from sslbench.pipeline.config import load_pipeline_config
 from sslbench.pipeline.jobs import build_jobs
@@ -27,16 +27,40 @@ def _free_port() -> int:
 
 @pytest.mark.distributed
 def test_two_nodes_pretrain_as_one_process_with_the_global_batch(tmp_path, shapes_root):
-    args = [str(ROOT / "configs/pretrain/simsiam_synthetic_r18.yaml"),
-            *tiny_data_overrides(shapes_root), "train.epochs=1", "optim.batch_size=256",
-            "backbone.width=8", "run.name=simsiam"]
+    args = [
+        str(ROOT / "configs/pretrain/simsiam_synthetic_r18.yaml"),
+        *tiny_data_overrides(shapes_root),
+        "train.epochs=1",
+        "optim.batch_size=256",
+        "backbone.width=8",
+        "run.name=simsiam",
+    ]
     sslbench("pretrain", *args, f"run.output_dir={tmp_path / 'one'}", cwd=tmp_path)
     endpoint = f"127.0.0.1:{_free_port()}"
-    launch = [sys.executable, "-m", "sslbench.pipeline.launch", "--nnodes=2",
-              "--nproc-per-node=1", f"--endpoint={endpoint}", "--rdzv-id=sslbench-test", "--",
-              "pretrain", *args, f"run.output_dir={tmp_path / 'two'}"]
-    nodes = [subprocess.Popen(launch, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    launch = [
+        sys.executable,
+        "-m",
+        "sslbench.pipeline.launch",
+        "--nnodes=2",
+        "--nproc-per-node=1",
+        f"--endpoint={endpoint}",
+        "--rdzv-id=sslbench-test",
+        "--",
+        "pretrain",
+        *args,
+        f"run.output_dir={tmp_path / 'two'}",
+    ]
+    nodes = [
+        subprocess.Popen(
+            launch,
+            cwd=tmp_path,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(outputs)
     one = load_file(tmp_path / "one" / "simsiam" / "backbone.safetensors")
@@ -52,11 +76,14 @@ def test_two_nodes_pretrain_as_one_process_with_the_global_batch(tmp_path, shape
 
 
 def test_a_multi_node_job_is_started_through_the_launcher(tmp_path):
-    cfg = load_pipeline_config([QUICK], ["executor.name=submitit", "pretrain.nodes=2",
-                                         "pretrain.processes=4"])
+    cfg = load_pipeline_config(
+        [QUICK], ["executor.name=submitit", "pretrain.nodes=2", "pretrain.processes=4"]
+    )
     pretrain = next(job for job in build_jobs(cfg, tmp_path) if job.kind == "pretrain")
     command = pretrain.command()
-    assert command[1:6] == ["-m", "sslbench.pipeline.launch", "--nnodes=2", "--nproc-per-node=4",
-                            "--"] and command[6] == "pretrain"
+    assert (
+        command[1:6] == ["-m", "sslbench.pipeline.launch", "--nnodes=2", "--nproc-per-node=4", "--"]
+        and command[6] == "pretrain"
+    )
     with pytest.raises(ConfigError, match="pretrain.nodes > 1: .* needs executor.name=submitit"):
         load_pipeline_config([QUICK], ["pretrain.nodes=2"])

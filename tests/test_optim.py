@@ -7,8 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from sslbench.optim import (LARS, build_optimizer, param_groups, scaled_lr, set_lr,
-                            warmup_cosine)
+from sslbench.optim import LARS, build_optimizer, param_groups, scaled_lr, set_lr, warmup_cosine
 
 
 class ThreeParams(nn.Module):
@@ -46,8 +45,10 @@ def test_lars_matches_reference(steps):
     optimizer = build_optimizer("lars", groups, lr=0.5, momentum=0.9, eta=0.02)
     assert isinstance(optimizer, LARS)
     gen = torch.Generator().manual_seed(1)
-    grads_per_step = [[torch.randn(p.shape, generator=gen, dtype=torch.float64)
-                       for p in model.parameters()] for _ in range(steps)]
+    grads_per_step = [
+        [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in model.parameters()]
+        for _ in range(steps)
+    ]
     for grads in grads_per_step:
         for p, g in zip(model.parameters(), grads):
             p.grad = g.clone()
@@ -77,26 +78,33 @@ def test_resnet_decays_only_conv_and_linear_weights():
     assert len(decayed) == n_weights == 21
     assert all(p.ndim > 1 for p in decayed) and all(p.ndim <= 1 for p in excluded)
     assert len(decayed) + len(excluded) == len(list(model.parameters()))
-    everything, = param_groups(model, 1e-4, exclude_norm_bias=False)
+    (everything,) = param_groups(model, 1e-4, exclude_norm_bias=False)
     assert everything["weight_decay"] == 1e-4 and not everything["lars_exclude"]
 
 
 def test_overrides_and_no_duplicates():
-    model = nn.ModuleDict({
-        "backbone": nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)),
-        "predictor": nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)),
-    })
+    model = nn.ModuleDict(
+        {
+            "backbone": nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)),
+            "predictor": nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)),
+        }
+    )
     model["backbone"][0].bias.requires_grad_(False)
     shared = nn.Linear(4, 4)
     model["tied"] = shared
     model["tied_again"] = shared  # the same parameters reachable twice
-    groups = param_groups(model, 1e-4, overrides={"predictor.": {"fixed_lr": True},
-                                                  "predictor.1.": {"lr_scale": 0.5}},
-                          norm_bias_overrides={"lr_scale": 0.024})
+    groups = param_groups(
+        model,
+        1e-4,
+        overrides={"predictor.": {"fixed_lr": True}, "predictor.1.": {"lr_scale": 0.5}},
+        norm_bias_overrides={"lr_scale": 0.024},
+    )
     by_name = {g["name"]: g for g in groups}
     for g in groups:
         assert {"lr_scale", "fixed_lr", "lars_exclude", "weight_decay", "name"} <= g.keys()
-    assert by_name["predictor.weights"]["fixed_lr"] and by_name["predictor.weights"]["lr_scale"] == 1.0
+    assert (
+        by_name["predictor.weights"]["fixed_lr"] and by_name["predictor.weights"]["lr_scale"] == 1.0
+    )
     assert by_name["predictor.1.weights"]["lr_scale"] == 0.5
     assert not by_name["predictor.1.weights"]["fixed_lr"], "the longest prefix wins"
     assert by_name["norm_bias"]["lr_scale"] == 0.024 and by_name["norm_bias"]["weight_decay"] == 0
@@ -109,8 +117,9 @@ def test_overrides_and_no_duplicates():
 def test_unknown_optimizer():
     with pytest.raises(ValueError, match=r"'rmsprop'.*sgd, lars, adamw"):
         build_optimizer("rmsprop", param_groups(nn.Linear(2, 2), 0.0), lr=0.1)
-    assert isinstance(build_optimizer("adamw", param_groups(nn.Linear(2, 2), 0.05), lr=1e-3),
-                      torch.optim.AdamW)
+    assert isinstance(
+        build_optimizer("adamw", param_groups(nn.Linear(2, 2), 0.05), lr=1e-3), torch.optim.AdamW
+    )
 
 
 def test_scaled_lr():
@@ -124,9 +133,11 @@ def test_warmup_cosine():
     assert lr[5] == pytest.approx((start + base) / 2)
     assert lr[warmup + (total - warmup) // 2] == pytest.approx((base + final) / 2)
     assert lr[total] == lr[total + 2] == final
-    assert lr[total - 1] == pytest.approx(final + (base - final) * (1 + math.cos(math.pi * 99 / 100)) / 2)
-    assert all(a < b for a, b in zip(lr[:warmup], lr[1:warmup + 1]))
-    assert all(a > b for a, b in zip(lr[warmup:total], lr[warmup + 1:total + 1]))
+    assert lr[total - 1] == pytest.approx(
+        final + (base - final) * (1 + math.cos(math.pi * 99 / 100)) / 2
+    )
+    assert all(a < b for a, b in zip(lr[:warmup], lr[1 : warmup + 1]))
+    assert all(a > b for a, b in zip(lr[warmup:total], lr[warmup + 1 : total + 1]))
     assert warmup_cosine(0, 10, 0, base) == base
     with pytest.raises(ValueError):
         warmup_cosine(0, 10, 11, base)
@@ -134,14 +145,21 @@ def test_warmup_cosine():
 
 def test_set_lr_fixed_and_scaled_groups():
     model = nn.ModuleDict({"backbone": nn.Linear(3, 3), "predictor": nn.Linear(3, 3)})
-    groups = param_groups(model, 1e-4, overrides={"predictor.": {"fixed_lr": True}},
-                          norm_bias_overrides={"lr_scale": 0.5})
+    groups = param_groups(
+        model,
+        1e-4,
+        overrides={"predictor.": {"fixed_lr": True}},
+        norm_bias_overrides={"lr_scale": 0.5},
+    )
     optimizer = build_optimizer("sgd", groups, lr=0.2)
+
     def lrs():
         return {g["name"]: g["lr"] for g in optimizer.param_groups}
 
-    assert lrs() == pytest.approx({"weights": 0.2, "norm_bias": 0.1,
-                                   "predictor.weights": 0.2, "predictor.norm_bias": 0.1})
+    assert lrs() == pytest.approx(
+        {"weights": 0.2, "norm_bias": 0.1, "predictor.weights": 0.2, "predictor.norm_bias": 0.1}
+    )
     set_lr(optimizer, 0.05, base_lr=0.2)
-    assert lrs() == pytest.approx({"weights": 0.05, "norm_bias": 0.025,
-                                   "predictor.weights": 0.2, "predictor.norm_bias": 0.1})
+    assert lrs() == pytest.approx(
+        {"weights": 0.05, "norm_bias": 0.025, "predictor.weights": 0.2, "predictor.norm_bias": 0.1}
+    )

@@ -6,22 +6,42 @@ from dataclasses import replace
 
 import pytest
 
-from sslbench.results import (SCHEMA_VERSION, BackboneIdentity, DatasetInfo, RecordError,
-                              ResultRecord, load_records, protocol_id, read_record, write_record)
+from sslbench.results import (
+    SCHEMA_VERSION,
+    BackboneIdentity,
+    DatasetInfo,
+    RecordError,
+    ResultRecord,
+    load_records,
+    protocol_id,
+    read_record,
+    write_record,
+)
 
 SHA = "ab" * 32
 
 
 def make_record(**changes) -> ResultRecord:
     record = ResultRecord(
-        task="knn", metrics={"top1": 61.5, "top5": 90.0},
+        task="knn",
+        metrics={"top1": 61.5, "top5": 90.0},
         backbone=BackboneIdentity(SHA, "simsiam", "ss", "resnet18"),
         protocol={"data": {"name": "synthetic-shapes"}, "knn": {"k": [10, 20]}},
-        dataset=DatasetInfo("synthetic-shapes", 8, {"train": 512, "val": 64, "test": 192},
-                            {"root": "data"}),
-        seed=0, wall_time_s=1.5, peak_memory_mb={"cpu_rss": 800.0, "cuda_max_allocated": None},
-        device="cpu", versions={"python": "3.11", "torch": "2", "torchvision": "0", "faiss": None,
-                                "sslbench": "0.1.0"})
+        dataset=DatasetInfo(
+            "synthetic-shapes", 8, {"train": 512, "val": 64, "test": 192}, {"root": "data"}
+        ),
+        seed=0,
+        wall_time_s=1.5,
+        peak_memory_mb={"cpu_rss": 800.0, "cuda_max_allocated": None},
+        device="cpu",
+        versions={
+            "python": "3.11",
+            "torch": "2",
+            "torchvision": "0",
+            "faiss": None,
+            "sslbench": "0.1.0",
+        },
+    )
     return replace(record, **changes)
 
 
@@ -42,9 +62,12 @@ def test_protocol_id_is_order_independent_and_sensitive_to_values():
 
 def test_file_name_differs_by_task_protocol_seed_and_weights():
     base = make_record()
-    variants = [make_record(task="linear"), make_record(seed=1),
-                make_record(protocol={"knn": {"k": [200]}}),
-                make_record(backbone=BackboneIdentity("cd" * 32, "simsiam", "ss", "resnet18"))]
+    variants = [
+        make_record(task="linear"),
+        make_record(seed=1),
+        make_record(protocol={"knn": {"k": [200]}}),
+        make_record(backbone=BackboneIdentity("cd" * 32, "simsiam", "ss", "resnet18")),
+    ]
     names = {r.file_name for r in [base, *variants]}
     assert len(names) == 5
 
@@ -59,22 +82,25 @@ def _corrupt(obj, dotted, value):
         obj[leaf] = value
 
 
-@pytest.mark.parametrize("field,value", [
-    ("metrics", KeyError),
-    ("metrics", {}),
-    ("metrics.top1", "61"),
-    ("task", "kmeans"),
-    ("backbone.weights_sha256", "abc"),
-    ("backbone.method", ""),
-    ("protocol_id", "000000000000"),  # protocol edited after writing
-    ("seed", 1.5),
-    ("wall_time_s", -1),
-    ("peak_memory_mb.cpu_rss", "big"),
-    ("versions.torch", KeyError),
-    ("dataset.splits.train", -3),
-    ("created", "yesterday"),
-    ("colour", "blue"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("metrics", KeyError),
+        ("metrics", {}),
+        ("metrics.top1", "61"),
+        ("task", "kmeans"),
+        ("backbone.weights_sha256", "abc"),
+        ("backbone.method", ""),
+        ("protocol_id", "000000000000"),  # protocol edited after writing
+        ("seed", 1.5),
+        ("wall_time_s", -1),
+        ("peak_memory_mb.cpu_rss", "big"),
+        ("versions.torch", KeyError),
+        ("dataset.splits.train", -3),
+        ("created", "yesterday"),
+        ("colour", "blue"),
+    ],
+)
 def test_malformed_record_names_file_and_field(tmp_path, field, value):
     obj = make_record().to_json()
     _corrupt(obj, field, value)
@@ -122,8 +148,10 @@ def _write_many(directory, seeds, same_name):
 @pytest.mark.parametrize("same_name", [False, True])
 def test_two_processes_writing_into_one_directory_lose_nothing(tmp_path, same_name):
     ctx = multiprocessing.get_context("fork")
-    workers = [ctx.Process(target=_write_many, args=(tmp_path, range(i, 200, 2), same_name))
-               for i in range(2)]
+    workers = [
+        ctx.Process(target=_write_many, args=(tmp_path, range(i, 200, 2), same_name))
+        for i in range(2)
+    ]
     for w in workers:
         w.start()
     for w in workers:

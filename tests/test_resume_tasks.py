@@ -37,8 +37,13 @@ from transfer.segmentation.run import training_curves
 pytestmark = pytest.mark.integration
 
 # 128 training images at 64 px: 32 detection batches of 4 an epoch.
-DETECTION_SHAPES = {"image_size": 64, "train_per_class": 16, "val_per_class": 2,
-                    "test_per_class": 1, "style": "silhouette"}
+DETECTION_SHAPES = {
+    "image_size": 64,
+    "train_per_class": 16,
+    "val_per_class": 2,
+    "test_per_class": 1,
+    "style": "silhouette",
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +59,17 @@ def _resume_file(out: Path) -> Path:
     return found[0] if found else out / ".work" / "none" / "resume.pt"
 
 
-def _killed_then_rerun(args: list[str], out: Path, min_step: int, cwd: Path,
-                       nproc: int = 1) -> int:
+def _killed_then_rerun(args: list[str], out: Path, min_step: int, cwd: Path, nproc: int = 1) -> int:
     """Run `sslbench ARGS` (results into `out`; nproc processes), SIGKILL it once its resume
     checkpoint holds step >= min_step, run the same command again to the end; returns the
     checkpoint's step."""
-    sslbench_killed_when(args, cwd, lambda: saved_step(_resume_file(out)) >= min_step,
-                         f"resume checkpoint at step >= {min_step}", nproc=nproc)
+    sslbench_killed_when(
+        args,
+        cwd,
+        lambda: saved_step(_resume_file(out)) >= min_step,
+        f"resume checkpoint at step >= {min_step}",
+        nproc=nproc,
+    )
     assert not list(out.glob("*.json")), "the killed run wrote a record"
     killed_after = saved_step(_resume_file(out))
     sslbench(*args, cwd=cwd, nproc=nproc)
@@ -82,9 +91,19 @@ def _assert_same_classification(straight: ResultRecord, resumed: ResultRecord) -
 
 def _linear_args(backbone: Path, shapes_root: Path, out: Path, *extra: str) -> list[str]:
     """A standard linear probe of 96 steps: 512 images in batches of 32, 6 epochs."""
-    return ["eval", "linear", "--backbone", str(backbone), "--out", str(out),
-            *eval_overrides(shapes_root), "probe.name=standard", "probe.batch_size=32",
-            "probe.epochs=6", *extra]
+    return [
+        "eval",
+        "linear",
+        "--backbone",
+        str(backbone),
+        "--out",
+        str(out),
+        *eval_overrides(shapes_root),
+        "probe.name=standard",
+        "probe.batch_size=32",
+        "probe.epochs=6",
+        *extra,
+    ]
 
 
 def test_standard_linear_probe_continues_bit_identically(random_run, shapes_root, tmp_path):
@@ -93,8 +112,9 @@ def test_standard_linear_probe_continues_bit_identically(random_run, shapes_root
 
     sslbench(*args("straight", "run.checkpoint_every=0"), cwd=tmp_path)
     assert not (tmp_path / "straight" / ".work").exists()  # 0: no checkpoint at all
-    resumed_at = _killed_then_rerun(args("killed", "run.checkpoint_every=8"),
-                                    tmp_path / "killed", 8, tmp_path)
+    resumed_at = _killed_then_rerun(
+        args("killed", "run.checkpoint_every=8"), tmp_path / "killed", 8, tmp_path
+    )
     straight, resumed = _record(tmp_path / "straight"), _record(tmp_path / "killed")
     assert 8 <= resumed_at < 96 and resumed_at % 8 == 0
     assert resumed.details["resumed_from_step"] == resumed_at
@@ -106,13 +126,24 @@ def test_semisup_fine_tuning_continues_bit_identically(random_run, shapes_root, 
     # A quarter of the labels (128 images) in batches of 16: 8 steps an epoch, 32 in all; the
     # backbone and its BatchNorm statistics train too.
     def args(out: str, *extra: str) -> list[str]:
-        return ["eval", "semisup", "--backbone", str(random_run), "--out", str(tmp_path / out),
-                *eval_overrides(shapes_root), "semisup.fraction=0.25", "semisup.batch_size=16",
-                "semisup.epochs=4", *extra]
+        return [
+            "eval",
+            "semisup",
+            "--backbone",
+            str(random_run),
+            "--out",
+            str(tmp_path / out),
+            *eval_overrides(shapes_root),
+            "semisup.fraction=0.25",
+            "semisup.batch_size=16",
+            "semisup.epochs=4",
+            *extra,
+        ]
 
     sslbench(*args("straight"), cwd=tmp_path)
-    resumed_at = _killed_then_rerun(args("killed", "run.checkpoint_every=4"),
-                                    tmp_path / "killed", 4, tmp_path)
+    resumed_at = _killed_then_rerun(
+        args("killed", "run.checkpoint_every=4"), tmp_path / "killed", 4, tmp_path
+    )
     straight, resumed = _record(tmp_path / "straight"), _record(tmp_path / "killed")
     assert 4 <= resumed_at < 32 and resumed.details["resumed_from_step"] == resumed_at
     _assert_same_classification(straight, resumed)
@@ -120,11 +151,26 @@ def test_semisup_fine_tuning_continues_bit_identically(random_run, shapes_root, 
 
 def _detection_args(run_dir: Path, root: Path, out: Path) -> list[str]:
     """16 iterations of the tiny recipe (4 images a batch), a checkpoint every 4."""
-    return ["transfer", "detection", "--backbone", str(run_dir), "--config",
-            str(ROOT / "configs/transfer/detection_synthetic_r18_fpn.yaml"), "--out", str(out),
-            f"data.root={root}", shapes_options(DETECTION_SHAPES), "run.progress=false",
-            "run.threads=1", "run.log_every=2", "solver.max_iter=16", "solver.steps=[12]",
-            "solver.warmup_iters=4", "test.precise_bn_iters=2", "solver.checkpoint_period=4"]
+    return [
+        "transfer",
+        "detection",
+        "--backbone",
+        str(run_dir),
+        "--config",
+        str(ROOT / "configs/transfer/detection_synthetic_r18_fpn.yaml"),
+        "--out",
+        str(out),
+        f"data.root={root}",
+        shapes_options(DETECTION_SHAPES),
+        "run.progress=false",
+        "run.threads=1",
+        "run.log_every=2",
+        "solver.max_iter=16",
+        "solver.steps=[12]",
+        "solver.warmup_iters=4",
+        "test.precise_bn_iters=2",
+        "solver.checkpoint_period=4",
+    ]
 
 
 @pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.distributed)])
@@ -162,8 +208,9 @@ def _mmseg_missing() -> str:
 
 def _complete_checkpoints(work_dir: Path) -> list[int]:
     """Iterations of the whole mmengine checkpoints (a zip's directory is written last)."""
-    return sorted(int(p.stem.split("_")[1]) for p in work_dir.glob("iter_*.pth")
-                  if zipfile.is_zipfile(p))
+    return sorted(
+        int(p.stem.split("_")[1]) for p in work_dir.glob("iter_*.pth") if zipfile.is_zipfile(p)
+    )
 
 
 def _steps_and_losses(train_csv: Path) -> list[tuple[str, str]]:
@@ -176,17 +223,32 @@ def test_mmseg_segmentation_continues_bit_identically(shapes_root, tmp_path):
     run_dir = random_init_artifact(tmp_path / "r18", stem="small", width=16)
 
     def args(out: str) -> list[str]:
-        return ["transfer", "segmentation", "--backbone", str(run_dir), "--config",
-                str(ROOT / "configs/transfer/segmentation_synthetic_r18_fcn.yaml"), "--out",
-                str(tmp_path / out), f"data.root={shapes_root}", shapes_options(TINY_SHAPES),
-                "run.progress=false", "run.threads=1", "run.log_every=1",
-                "solver.max_iters=40", "run.checkpoint_every=10"]
+        return [
+            "transfer",
+            "segmentation",
+            "--backbone",
+            str(run_dir),
+            "--config",
+            str(ROOT / "configs/transfer/segmentation_synthetic_r18_fcn.yaml"),
+            "--out",
+            str(tmp_path / out),
+            f"data.root={shapes_root}",
+            shapes_options(TINY_SHAPES),
+            "run.progress=false",
+            "run.threads=1",
+            "run.log_every=1",
+            "solver.max_iters=40",
+            "run.checkpoint_every=10",
+        ]
 
     sslbench(*args("straight"), cwd=tmp_path)
     works = tmp_path / "killed" / ".work"  # holds the run's work dir once it starts
-    sslbench_killed_when(args("killed"), tmp_path,
-                         lambda: any(_complete_checkpoints(w) for w in works.glob("*")),
-                         "a complete mmengine checkpoint")
+    sslbench_killed_when(
+        args("killed"),
+        tmp_path,
+        lambda: any(_complete_checkpoints(w) for w in works.glob("*")),
+        "a complete mmengine checkpoint",
+    )
     (work,) = works.glob("*")
     resumed_at = _complete_checkpoints(work)[-1]
     sslbench(*args("killed"), cwd=tmp_path)
@@ -195,19 +257,23 @@ def test_mmseg_segmentation_continues_bit_identically(shapes_root, tmp_path):
     assert "resumed_from_iteration" not in straight.details
     assert resumed.file_name == straight.file_name and resumed.metrics == straight.metrics
     assert resumed.details["per_class_IoU"] == straight.details["per_class_IoU"]
-    weights = [torch.load(Path(r.details["work_dir"]) / "model_final.pth", weights_only=True)
-               for r in (straight, resumed)]
+    weights = [
+        torch.load(Path(r.details["work_dir"]) / "model_final.pth", weights_only=True)
+        for r in (straight, resumed)
+    ]
     assert weights[0].keys() == weights[1].keys()
     for key, value in weights[0].items():  # dropout draws continued too
         assert torch.equal(value, weights[1][key]), key
     # mmengine's own log of the run that resumed: every later iteration, once, none before
     logs = sorted(work.glob("*/vis_data/scalars.json"))
     assert len(logs) == 2
-    ran = [row["step"] for row in map(json.loads, logs[-1].read_text().splitlines())
-           if "loss" in row]
+    ran = [
+        row["step"] for row in map(json.loads, logs[-1].read_text().splitlines()) if "loss" in row
+    ]
     assert ran == list(range(resumed_at + 1, 41))
     assert _steps_and_losses(work / "train.csv") == _steps_and_losses(
-        Path(straight.details["work_dir"]) / "train.csv")
+        Path(straight.details["work_dir"]) / "train.csv"
+    )
     assert not _complete_checkpoints(work) and not (work / "last_checkpoint").exists()
 
 
@@ -215,8 +281,12 @@ def test_training_curves_of_a_resumed_run_take_each_step_from_the_run_that_kept_
     def log(name: str, steps: range) -> Path:
         path = tmp_path / name / "scalars.json"
         path.parent.mkdir()
-        path.write_text("".join(json.dumps({"loss": step + 0.5 if name == "killed" else step,
-                                            "step": step}) + "\n" for step in steps))
+        path.write_text(
+            "".join(
+                json.dumps({"loss": step + 0.5 if name == "killed" else step, "step": step}) + "\n"
+                for step in steps
+            )
+        )
         return path
 
     # killed after iteration 7 with a checkpoint at 4; a run killed before it logged anything;
@@ -228,8 +298,10 @@ def test_training_curves_of_a_resumed_run_take_each_step_from_the_run_that_kept_
 
 def test_a_requeued_job_runs_the_command_that_continues_it(tmp_path):
     """Pretraining continues only with --resume; a task's own command resumes by itself."""
-    for kind, argv, continuation in (("pretrain", ["pretrain", "r.yaml"], ["--resume"]),
-                                     ("task", ["eval", "linear", "--backbone", "run"], [])):
+    for kind, argv, continuation in (
+        ("pretrain", ["pretrain", "r.yaml"], ["--resume"]),
+        ("task", ["eval", "linear", "--backbone", "run"], []),
+    ):
         job = Job("job", kind, argv, {}, tmp_path, tmp_path / "job.log")
         first = RequeueableCommand.of(job, job.command(), {"OMP_NUM_THREADS": "1"})
         again = first.checkpoint().function
@@ -252,7 +324,8 @@ def _submitit_job_pid(folder: Path) -> int | None:
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds processes in /proc")
 def test_submitit_job_signalled_before_its_time_limit_requeues_and_continues(
-        random_run, shapes_root, tmp_path):
+    random_run, shapes_root, tmp_path
+):
     """SLURM's warning (USR2) to a job of the submitit executor, on submitit's local cluster
     (which requeues as SLURM does; with 10 minutes asked for, submitit takes any signal for the
     time limit, which requeues only a checkpointable job): the job requeues itself, and its
@@ -261,9 +334,14 @@ def test_submitit_job_signalled_before_its_time_limit_requeues_and_continues(
     cfg = OmegaConf.structured(SubmititConfig(cluster="local", timeout_min=10))
     executor = SubmititExecutor(cfg, threads=1, folder=tmp_path / "submitit")
     out = tmp_path / "requeued"
-    job = Job("linear/random/seed0", "task",
-              _linear_args(random_run, shapes_root, out, "run.checkpoint_every=8"), {}, out,
-              tmp_path / "logs" / "linear.log")
+    job = Job(
+        "linear/random/seed0",
+        "task",
+        _linear_args(random_run, shapes_root, out, "run.checkpoint_every=8"),
+        {},
+        out,
+        tmp_path / "logs" / "linear.log",
+    )
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(executor.run, job, job.command(), {})
         deadline = time.monotonic() + 600

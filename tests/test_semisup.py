@@ -1,13 +1,14 @@
-"""Semi-supervised label subsets: exact per-class counts, determinism, split files, missing classes."""
+"""Semi-supervised label subsets: exact per-class counts, determinism, split files, missing
+classes."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import TINY_SHAPES
 from PIL import Image
 
 from evaluators.semisup import SubsetError, balanced_subset, labelled_indices, read_split_file
-from helpers import TINY_SHAPES
 from sslbench.data import SPLITS, build_dataset
 
 SYNSETS = ("n01", "n02", "n03")
@@ -52,7 +53,11 @@ def test_split_file_in_simclr_format_is_honoured(imagenet_like, tmp_path):
     split_file.write_text("\n".join(listed) + "\n")
     indices = labelled_indices(imagenet_like, fraction=0.5, split_file=str(split_file), seed=0)
     assert [imagenet_like.files[i] for i in indices] == [
-        "n01/n01_1.JPEG", "n01/n01_3.JPEG", "n02/n02_0.JPEG", "n03/n03_4.JPEG"]
+        "n01/n01_1.JPEG",
+        "n01/n01_3.JPEG",
+        "n02/n02_0.JPEG",
+        "n03/n03_4.JPEG",
+    ]
 
 
 def test_split_file_missing_a_class_names_it(imagenet_like, tmp_path):
@@ -62,11 +67,17 @@ def test_split_file_missing_a_class_names_it(imagenet_like, tmp_path):
         read_split_file(split_file, imagenet_like)
 
 
-@pytest.mark.parametrize("text,match", [
-    ("n01_0.JPEG\nn02_0.JPEG\nn03_0.JPEG\nn04_0.JPEG\n", "4: n04_0.JPEG"),
-    ("n01_0.JPEG\nn02_0.JPEG\nn03_0.JPEG\nn01/n01_0.JPEG\n", ":4: 'n01/n01_0.JPEG' repeats line 1"),
-    ("\n\n", "lists no files"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("n01_0.JPEG\nn02_0.JPEG\nn03_0.JPEG\nn04_0.JPEG\n", "4: n04_0.JPEG"),
+        (
+            "n01_0.JPEG\nn02_0.JPEG\nn03_0.JPEG\nn01/n01_0.JPEG\n",
+            ":4: 'n01/n01_0.JPEG' repeats line 1",
+        ),
+        ("\n\n", "lists no files"),
+    ],
+)
 def test_bad_split_file_lines_are_named(imagenet_like, tmp_path, text, match):
     split_file = tmp_path / "subset.txt"
     split_file.write_text(text)
@@ -83,8 +94,9 @@ def test_ambiguous_base_name_asks_for_the_relative_path(shapes_train, tmp_path):
     assert len(read_split_file(split_file, shapes_train)) == 8
 
 
-@pytest.mark.parametrize("moved,match", [(4, "class 'n01' has 1 samples"),
-                                         (5, "class 'n01' has 0 samples")])
+@pytest.mark.parametrize(
+    "moved,match", [(4, "class 'n01' has 1 samples"), (5, "class 'n01' has 0 samples")]
+)
 def test_class_short_of_samples_is_an_error_naming_it(imagenet_like, moved, match):
     dataset = build_dataset("imagefolder", Path(imagenet_like.root), "train")
     dataset.targets = [1 if t == 0 and i < moved else t for i, t in enumerate(dataset.targets)]

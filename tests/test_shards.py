@@ -55,7 +55,8 @@ def test_round_trip_gives_the_folder_back(folder, shards):
         assert index["classes"] == source.classes == sorted(COUNTS)
         assert index["class_counts"] == [source.targets.count(c) for c in range(3)]
         assert [s["samples"] for s in index["shards"]] == [
-            min(5, len(source) - lo) for lo in range(0, len(source), 5)]
+            min(5, len(source) - lo) for lo in range(0, len(source), 5)
+        ]
         for s in index["shards"]:
             assert sha256_file(shards / split / s["file"]) == s["sha256"]
         dataset = build_dataset("shards", shards, split)
@@ -65,20 +66,23 @@ def test_round_trip_gives_the_folder_back(folder, shards):
         assert [i for i, _ in read] == list(range(len(source)))
         assert [data for _, data in read] == [f.read_bytes() for f in files]
         for i in (0, 4, 5, 3, len(source) - 1):  # forward, to the next shard, back, the end
-            assert np.array_equal(np.asarray(dataset.load_image(i)),
-                                  np.asarray(Image.open(files[i]).convert("RGB")))
+            assert np.array_equal(
+                np.asarray(dataset.load_image(i)), np.asarray(Image.open(files[i]).convert("RGB"))
+            )
         # The same samples through webdataset's own reader: keys in the folder's order.
         urls = [str(shards / split / s["file"]) for s in index["shards"]]
         samples = list(wds.WebDataset(urls, shardshuffle=False))
         assert [s["__key__"] for s in samples] == [sample_key(i) for i in range(len(source))]
         assert [int(s["cls"]) for s in samples] == source.targets
         assert [s["path.txt"].decode() for s in samples] == source.files
-        assert [s[Path(f).suffix[1:]] for s, f in zip(samples, files)] == \
-            [f.read_bytes() for f in files]
+        assert [s[Path(f).suffix[1:]] for s, f in zip(samples, files)] == [
+            f.read_bytes() for f in files
+        ]
 
 
-def test_an_interrupted_write_is_finished_by_running_it_again(folder, shards, tmp_path,
-                                                              monkeypatch):
+def test_an_interrupted_write_is_finished_by_running_it_again(
+    folder, shards, tmp_path, monkeypatch
+):
     real = shard_writer._read_image
     calls = []
 
@@ -96,10 +100,12 @@ def test_an_interrupted_write_is_finished_by_running_it_again(folder, shards, tm
     (tmp_path / "train" / ".train-000002.tar.x1y2.tmp").write_bytes(b"cut short by a kill")
     monkeypatch.setattr(shard_writer, "_read_image", real)
     shard_writer.write_shards(folder, tmp_path, 5, ["train"], progress=False)
-    assert (tmp_path / "train" / INDEX_FILE).read_bytes() == \
-        (shards / "train" / INDEX_FILE).read_bytes()
-    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == \
-        sorted(p.name for p in (shards / "train").iterdir())
+    assert (tmp_path / "train" / INDEX_FILE).read_bytes() == (
+        shards / "train" / INDEX_FILE
+    ).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "train").iterdir()) == sorted(
+        p.name for p in (shards / "train").iterdir()
+    )
 
     with pytest.raises(DatasetError, match="shard_size: 5 there, 4 now"):
         shard_writer.write_shards(folder, tmp_path, 4, ["train"], progress=False)
@@ -155,8 +161,9 @@ def test_each_sample_once_per_epoch_in_a_seeded_order(batch, streams, buffer):
     seen = [i for b in batches for i in b]
     assert order.steps == 58 // batch and all(len(b) == batch for b in batches)
     assert len(set(seen)) == len(seen) == order.steps * batch and set(seen) <= set(range(58))
-    assert batches == [EpochOrder(SHARD_COUNTS, batch, streams, buffer, 3, 1).batch(j)
-                       for j in range(order.steps)]
+    assert batches == [
+        EpochOrder(SHARD_COUNTS, batch, streams, buffer, 3, 1).batch(j) for j in range(order.steps)
+    ]
     for seed, epoch in ((3, 2), (4, 1)):
         other = EpochOrder(SHARD_COUNTS, batch, streams, buffer, seed, epoch)
         assert [other.batch(j) for j in range(order.steps)] != batches
@@ -165,8 +172,10 @@ def test_each_sample_once_per_epoch_in_a_seeded_order(batch, streams, buffer):
     for s in range(streams):
         buffers = list(order.buffers(s))
         assert all(sum(g.hi - g.lo for g in b.segments) >= buffer for b in buffers[:-1])
-        assert all(len(b.segments) == 1 or sum(g.hi - g.lo for g in b.segments[:-1]) < buffer
-                   for b in buffers)
+        assert all(
+            len(b.segments) == 1 or sum(g.hi - g.lo for g in b.segments[:-1]) < buffer
+            for b in buffers
+        )
 
 
 def test_one_stream_holding_the_split_is_the_folder_order():
@@ -183,8 +192,9 @@ class _SeedOf:
 
 
 def _cfg(batch: int, workers: int):
-    return OmegaConf.create({"optim": {"batch_size": batch}, "run": {"seed": 7},
-                             "data": {"num_workers": workers}})
+    return OmegaConf.create(
+        {"optim": {"batch_size": batch}, "run": {"seed": 7}, "data": {"num_workers": workers}}
+    )
 
 
 def _read_epoch(dataset, batch, workers, epoch, rank=0, world=1, start=0):
@@ -193,22 +203,23 @@ def _read_epoch(dataset, batch, workers, epoch, rank=0, world=1, start=0):
 
     env = D.DistEnv(rank, world, rank, torch.device("cpu"))
     index_of = {sample_seed(7, epoch, i): i for i in range(len(dataset))}
-    return [([index_of[s] for s in seeds.tolist()], labels.tolist()) for seeds, labels in
-            shard_batches(MultiViewDataset(dataset, _SeedOf()), _cfg(batch, workers), env,
-                          epoch, start)]
+    return [
+        ([index_of[s] for s in seeds.tolist()], labels.tolist())
+        for seeds, labels in shard_batches(
+            MultiViewDataset(dataset, _SeedOf()), _cfg(batch, workers), env, epoch, start
+        )
+    ]
 
 
 @pytest.mark.parametrize("world,workers", [(1, 0), (1, 2), (2, 1), (2, 2)])
-def test_processes_and_workers_split_the_shards_and_keep_the_global_batches(shards, world,
-                                                                             workers):
+def test_processes_and_workers_split_the_shards_and_keep_the_global_batches(shards, world, workers):
     dataset = ShardDataset(shards, "train", streams=4, shuffle_buffer=6)
     order = EpochOrder([s.samples for s in dataset.shards], 8, 4, 6, seed=7, epoch=1)
     per_rank = [_read_epoch(dataset, 8, workers, 1, r, world) for r in range(world)]
     for j in range(order.steps):
         indices = [i for rank in per_rank for i in rank[j][0]]
         assert indices == order.batch(j)
-        assert [y for rank in per_rank for y in rank[j][1]] == [dataset.targets[i]
-                                                                for i in indices]
+        assert [y for rank in per_rank for y in rank[j][1]] == [dataset.targets[i] for i in indices]
     assert len(per_rank[0]) == order.steps == 29 // 8
 
 
@@ -254,16 +265,13 @@ def test_features_from_shards_line_up_with_the_folder(folder, shards):
     transform = build_eval_transform(8)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())
-    kwargs = {"batch_size": 3, "device": torch.device("cpu"), "num_workers": 2,
-              "progress": False}
+    kwargs = {"batch_size": 3, "device": torch.device("cpu"), "num_workers": 2, "progress": False}
     expected = infer(model, ImageFolder(folder, "train", transform), **kwargs)
-    assert torch.equal(infer(model, ShardDataset(shards, "train", transform), **kwargs),
-                       expected)
+    assert torch.equal(infer(model, ShardDataset(shards, "train", transform), **kwargs), expected)
 
 
 @pytest.mark.integration
-def test_pretraining_on_shards_equals_the_folder_bit_for_bit(shapes_root, tmp_path,
-                                                             monkeypatch):
+def test_pretraining_on_shards_equals_the_folder_bit_for_bit(shapes_root, tmp_path, monkeypatch):
     """One stream whose buffer holds the split reads the folder's order (pretrain/shard_loader.py),
     so the weights match exactly; with several streams, resuming mid-epoch matches an
     uninterrupted run exactly."""
@@ -272,8 +280,14 @@ def test_pretraining_on_shards_equals_the_folder_bit_for_bit(shapes_root, tmp_pa
 
     shard_writer.write_shards(shapes_root, tmp_path / "shards", 100, ["train"], progress=False)
     recipe = [str(ROOT / "configs/pretrain/simsiam_synthetic_r18.yaml")]
-    common = ["data.image_size=16", "data.num_workers=0", "train.progress=false",
-              "optim.batch_size=64", "train.epochs=1", f"run.output_dir={tmp_path}"]
+    common = [
+        "data.image_size=16",
+        "data.num_workers=0",
+        "train.progress=false",
+        "optim.batch_size=64",
+        "train.epochs=1",
+        f"run.output_dir={tmp_path}",
+    ]
 
     def weights(name: str, *overrides: str, options: dict | None = None, resume: bool = False):
         cfg = load_pretrain_config(recipe, [*common, f"run.name={name}", *overrides])
@@ -284,14 +298,22 @@ def test_pretraining_on_shards_equals_the_folder_bit_for_bit(shapes_root, tmp_pa
         return torch.load(run_dir / "checkpoint.pt", weights_only=True)
 
     on_folder = weights("folder", "data.name=imagefolder", f"data.root={shapes_root}")
-    on_shards = weights("shards", "data.name=shards", f"data.root={tmp_path / 'shards'}",
-                        options={"streams": 1, "shuffle_buffer": 512})
+    on_shards = weights(
+        "shards",
+        "data.name=shards",
+        f"data.root={tmp_path / 'shards'}",
+        options={"streams": 1, "shuffle_buffer": 512},
+    )
     assert on_folder["step"] == on_shards["step"] == 512 // 64
     for key, value in on_folder["method"].items():
         assert torch.equal(value, on_shards["method"][key]), key
 
-    args = ["data.name=shards", f"data.root={tmp_path / 'shards'}", "train.epochs=2",
-            "train.checkpoint_every=5"]
+    args = [
+        "data.name=shards",
+        f"data.root={tmp_path / 'shards'}",
+        "train.epochs=2",
+        "train.checkpoint_every=5",
+    ]
     streams = {"streams": 4, "shuffle_buffer": 100}
     straight = weights("straight", *args, options=streams)
     real_step = engine.train_step

@@ -15,8 +15,8 @@ import textwrap
 
 import pytest
 import torch
-
 from helpers import ROOT, TINY_SHAPES, subprocess_env
+
 from sslbench.artifact import save_backbone
 from sslbench.backbones import build_backbone
 from sslbench.data import build_dataset
@@ -70,33 +70,54 @@ def test_built_in_tasks_are_registered_with_their_ranked_metric():
     registry = tasks()
     assert registry.in_order() == ["knn", "linear", "semisup", "detection", "segmentation"]
     assert {name: registry.get(name).metric for name in registry.in_order()} == {
-        "knn": "top1", "linear": "top1", "semisup": "top1", "detection": "bbox_AP",
-        "segmentation": "mIoU"}
+        "knn": "top1",
+        "linear": "top1",
+        "semisup": "top1",
+        "detection": "bbox_AP",
+        "segmentation": "mIoU",
+    }
     assert get_task("segmentation").requires == ("mmseg",)
     assert all(registry.get(name).command in COMMANDS for name in registry.in_order())
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"command": "evaluate"}, "command 'evaluate'"),
-    ({"run": "evaluators.knn.run"}, "expected 'module:attribute'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"command": "evaluate"}, "command 'evaluate'"),
+        ({"run": "evaluators.knn.run"}, "expected 'module:attribute'"),
+    ],
+)
 def test_a_malformed_task_is_refused(kwargs, message):
-    fields = {"name": "bad", "command": "eval", "summary": "s", "config": "m:f", "run": "m:g",
-              "metric": "top1", **kwargs}
+    fields = {
+        "name": "bad",
+        "command": "eval",
+        "summary": "s",
+        "config": "m:f",
+        "run": "m:g",
+        "metric": "top1",
+        **kwargs,
+    }
     with pytest.raises(ValueError, match=message):
         Task(**fields)
 
 
 def _run(args, cwd, env):
-    proc = subprocess.run([sys.executable, "-m", "sslbench.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sslbench.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"{args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     return proc
 
 
 @pytest.mark.integration
 def test_a_task_registered_in_a_temporary_module_runs_through_the_cli_and_the_board(
-        tmp_path, shapes_root):
+    tmp_path, shapes_root
+):
     plugin = tmp_path / "plugin"
     plugin.mkdir()
     (plugin / "toy_task.py").write_text(textwrap.dedent(TOY_MODULE))
@@ -104,16 +125,39 @@ def test_a_task_registered_in_a_temporary_module_runs_through_the_cli_and_the_bo
     env.update({"PYTHONPATH": f"{ROOT}:{plugin}", MODULES_ENV: "toy_task"})
     torch.manual_seed(0)
     run_dir = tmp_path / "runs" / "random"
-    save_backbone(run_dir, build_backbone("resnet18", stem="imagenet"), arch="resnet18",
-                  arch_kwargs={"stem": "imagenet"}, method="random-init", run_name="random")
+    save_backbone(
+        run_dir,
+        build_backbone("resnet18", stem="imagenet"),
+        arch="resnet18",
+        arch_kwargs={"stem": "imagenet"},
+        method="random-init",
+        run_name="random",
+    )
     out = tmp_path / "results"
     options = ", ".join(f"{k}: {v}" for k, v in TINY_SHAPES.items())
-    data = [f"data.root={shapes_root}", f"data.options={{{options}}}", "data.image_size=16",
-            "run.progress=false", "run.threads=1"]
+    data = [
+        f"data.root={shapes_root}",
+        f"data.options={{{options}}}",
+        "data.image_size=16",
+        "run.progress=false",
+        "run.threads=1",
+    ]
 
     assert "nearest class mean" in _run(["eval", "--help"], tmp_path, env).stdout
-    shown = _run(["eval", "toy", "--backbone", str(run_dir), "--out", str(out), *data,
-                  "toy.normalize=false"], tmp_path, env)
+    shown = _run(
+        [
+            "eval",
+            "toy",
+            "--backbone",
+            str(run_dir),
+            "--out",
+            str(out),
+            *data,
+            "toy.normalize=false",
+        ],
+        tmp_path,
+        env,
+    )
     (record_path,) = [p for p in out.glob("toy-*.json")]
     assert str(record_path) in shown.stdout
 
@@ -125,10 +169,12 @@ def test_a_task_registered_in_a_temporary_module_runs_through_the_cli_and_the_bo
     assert record["backbone"]["run_name"] == "random" and record["wall_time_s"] > 0
     assert record["details"]["world_size"] == 1 and record["dataset"]["splits"]["test"] == 192
     predictions = torch.tensor(record["details"]["predictions"])
-    labels = torch.tensor(build_dataset("synthetic-shapes", shapes_root, "test",
-                                        **TINY_SHAPES).targets)
+    labels = torch.tensor(
+        build_dataset("synthetic-shapes", shapes_root, "test", **TINY_SHAPES).targets
+    )
     assert record["metrics"]["top1"] == pytest.approx(
-        100 * (predictions == labels).float().mean().item())
+        100 * (predictions == labels).float().mean().item()
+    )
 
     _run(["leaderboard", str(out)], tmp_path, env)
     with open(out / "leaderboard.csv", newline="") as f:
@@ -139,6 +185,12 @@ def test_a_task_registered_in_a_temporary_module_runs_through_the_cli_and_the_bo
 
     # Without the plugin the record is refused by name, never silently read as another task.
     env.pop(MODULES_ENV)
-    proc = subprocess.run([sys.executable, "-m", "sslbench.cli", "results", str(out)], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sslbench.cli", "results", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "field 'task'" in proc.stderr and MODULES_ENV in proc.stderr

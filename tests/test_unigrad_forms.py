@@ -40,6 +40,7 @@ def randn_unit(n: int, d: int, seed: int) -> torch.Tensor:
 
 # ---- the formulas, float64, one sample at a time -------------------------------------------------
 
+
 def contrastive(u, positive, bank, history):
     """loss_simclr_grad_mm: (−positive + Σ_v softmax_v(u·v/τ) v)/τ, bank V = [ū1; ū2]."""
     out = torch.empty_like(u)
@@ -64,8 +65,9 @@ def directpred_matrices(corr):
     """W = U diag(max(√(s/s_max) + ε, 1e-4)) Vᵀ from the SVD of F, F̂ = F/s_max + ε²I."""
     u, s, vt = np.linalg.svd(corr.numpy())
     w = u @ np.diag(np.maximum(np.sqrt(s / s.max()) + EPS, EIG_MIN)) @ vt
-    return torch.from_numpy(w), corr / float(s.max()) + EPS ** 2 * torch.eye(len(corr),
-                                                                             dtype=corr.dtype)
+    return torch.from_numpy(w), corr / float(s.max()) + EPS**2 * torch.eye(
+        len(corr), dtype=corr.dtype
+    )
 
 
 def directpred(u, positive, bank, history):
@@ -83,8 +85,16 @@ def barlow_twins(u, positive, bank, history):
     """loss_barlow_twins_grad_mm: 2(−ū2_b + (λ/N) Σ_v (ū2_b·ū2_v) u1_v); bank = (ū2s, u1s)."""
     targets, online = bank
     n = len(targets)
-    return torch.stack([2 * (-positive[b] + BT_LAMBDA / n * sum(
-        float(positive[b] @ targets[v]) * online[v] for v in range(n))) for b in range(len(u))])
+    return torch.stack(
+        [
+            2
+            * (
+                -positive[b]
+                + BT_LAMBDA / n * sum(float(positive[b] @ targets[v]) * online[v] for v in range(n))
+            )
+            for b in range(len(u))
+        ]
+    )
 
 
 def vicreg(u, positive, bank, history):
@@ -100,9 +110,16 @@ def unigrad(u, positive, bank, history):
     return torch.stack([-positive[b] + UNIGRAD_LAMBDA * corr @ u[b] for b in range(len(u))])
 
 
-FORMULAS = {"simclr": contrastive, "mocov2": contrastive, "mocov3": contrastive,
-            "byol": directpred, "simsiam": directpred, "barlow_twins": barlow_twins,
-            "vicreg": vicreg, "unigrad": unigrad}
+FORMULAS = {
+    "simclr": contrastive,
+    "mocov2": contrastive,
+    "mocov3": contrastive,
+    "byol": directpred,
+    "simsiam": directpred,
+    "barlow_twins": barlow_twins,
+    "vicreg": vicreg,
+    "unigrad": unigrad,
+}
 
 
 def formula_gradients(name, u1, u2, t1, t2, history):
@@ -137,6 +154,7 @@ def test_constants_default_to_the_official_code():
 
 
 # ---- the gradient reaching the features ---------------------------------------------------------
+
 
 def projector_outputs_and_grads(method, views):
     """One step's online projector outputs z1, z2 and the gradients backward brings them."""
@@ -186,6 +204,7 @@ def test_injected_gradient_is_the_formula(name, momentum):
 
 
 # ---- the unified shape --------------------------------------------------------------------------
+
 
 def recovered_weights(residual: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """w with residual = Σ_v w_v bank_v (least squares), asserting the fit is exact."""
@@ -273,6 +292,6 @@ def test_directpred_shape(name):
     for b in range(B):
         lam = float((w_p @ u1[b]) @ t2[b]) / float(u1[b] @ f_hat @ u1[b])
         residual = (w_p @ u1[b]).norm() * g1[b] + w_p @ t2[b]
-        w = recovered_weights(residual, torch.cat([bank, u1[b:b + 1]]))
-        assert abs(float(w[-1]) - lam * EPS ** 2) < 1e-8 * abs(lam)
+        w = recovered_weights(residual, torch.cat([bank, u1[b : b + 1]]))
+        assert abs(float(w[-1]) - lam * EPS**2) < 1e-8 * abs(lam)
         assert rel_err(w[:-1] * s_max / (lam * (bank @ u1[b])), ema_weights()) < 1e-8

@@ -24,5 +24,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return task_cli.run(args, lambda task, cfg, backbone, out: task.run_function()(cfg, backbone,
-                                                                                   out))
+    return task_cli.run(
+        args, lambda task, cfg, backbone, out: task.run_function()(cfg, backbone, out)
+    )

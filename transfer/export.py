@@ -43,8 +43,10 @@ def detectron2_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
             continue
         name = to_detectron2(key)
         if name is None:
-            raise ArtifactError(f"state-dict key {key!r} is not part of a torchvision ResNet; "
-                                "cannot name it for detectron2")
+            raise ArtifactError(
+                f"state-dict key {key!r} is not part of a torchvision ResNet; "
+                "cannot name it for detectron2"
+            )
         out[name] = value.detach().cpu().numpy().copy()
     return out
 
@@ -54,14 +56,19 @@ def check_exportable(manifest: dict, fmt: str) -> None:
     facts = backbone_facts(manifest)
     what = describe_arch(manifest)
     if facts.family != "resnet":
-        raise ArtifactError(f"cannot export {what} to {fmt}: only ResNets are supported (this "
-                            f"backbone is a {facts.family})")
+        raise ArtifactError(
+            f"cannot export {what} to {fmt}: only ResNets are supported (this "
+            f"backbone is a {facts.family})"
+        )
     if facts.structure["stem"] != "imagenet":
-        raise ArtifactError(f"cannot export {what} to {fmt}: its 3x3 'small' stem has no "
-                            f"counterpart in {fmt}'s ResNet (7x7 conv, stride 2, max-pool)")
+        raise ArtifactError(
+            f"cannot export {what} to {fmt}: its 3x3 'small' stem has no "
+            f"counterpart in {fmt}'s ResNet (7x7 conv, stride 2, max-pool)"
+        )
     if fmt == "torchvision" and facts.structure["stem_channels"] != 64:
-        raise ArtifactError(f"cannot export {what} to torchvision: torchvision's ResNets have "
-                            "width 64")
+        raise ArtifactError(
+            f"cannot export {what} to torchvision: torchvision's ResNets have width 64"
+        )
 
 
 def export_backbone(run_dir: str | Path, fmt: str, path: str | Path | None = None) -> Path:
@@ -74,8 +81,11 @@ def export_backbone(run_dir: str | Path, fmt: str, path: str | Path | None = Non
     state = backbone.state_dict()
     with atomic_path(path) as tmp:
         if fmt == "detectron2":
-            blob = {"model": detectron2_state(state), "__author__": AUTHOR,
-                    "matching_heuristics": True}
+            blob = {
+                "model": detectron2_state(state),
+                "__author__": AUTHOR,
+                "matching_heuristics": True,
+            }
             with open(tmp, "wb") as f:
                 pickle.dump(blob, f, protocol=pickle.HIGHEST_PROTOCOL)
         else:
@@ -84,13 +94,19 @@ def export_backbone(run_dir: str | Path, fmt: str, path: str | Path | None = Non
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--to", required=True, choices=FORMATS, dest="fmt",
-                        help="target framework")
-    parser.add_argument("--backbone", required=True, metavar="RUN_DIR",
-                        help="run directory holding backbone.safetensors and backbone.json")
-    parser.add_argument("--out", metavar="PATH",
-                        help=f"output file (default: RUN_DIR/{DEFAULT_FILES['detectron2']} or "
-                             f"RUN_DIR/{DEFAULT_FILES['torchvision']})")
+    parser.add_argument("--to", required=True, choices=FORMATS, dest="fmt", help="target framework")
+    parser.add_argument(
+        "--backbone",
+        required=True,
+        metavar="RUN_DIR",
+        help="run directory holding backbone.safetensors and backbone.json",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="PATH",
+        help=f"output file (default: RUN_DIR/{DEFAULT_FILES['detectron2']} or "
+        f"RUN_DIR/{DEFAULT_FILES['torchvision']})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

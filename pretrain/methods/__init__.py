@@ -7,5 +7,17 @@ simclr_abs, simclr_sq); barlow_twins; vicreg (vicreg, vicreg_exp, vicreg_ctr); u
 from . import barlow_twins, byol, moco, simclr, simsiam, unigrad, vicreg
 from .base import METHODS, Method, MethodConfig, build_method, method_config_class
 
-__all__ = ["METHODS", "Method", "MethodConfig", "barlow_twins", "build_method", "byol",
-           "method_config_class", "moco", "simclr", "simsiam", "unigrad", "vicreg"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "MethodConfig",
+    "barlow_twins",
+    "build_method",
+    "byol",
+    "method_config_class",
+    "moco",
+    "simclr",
+    "simsiam",
+    "unigrad",
+    "vicreg",
+]

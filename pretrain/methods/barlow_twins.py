@@ -60,8 +60,9 @@ def standardise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (z - z.mean(dim=0)) * torch.rsqrt(z.var(dim=0, unbiased=False) + eps)
 
 
-def barlow_twins_loss(a: torch.Tensor, b: torch.Tensor, lambd: float
-                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def barlow_twins_loss(
+    a: torch.Tensor, b: torch.Tensor, lambd: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L(â, b̂) for standardised features; also returns the on- and off-diagonal sums."""
     c = a.T @ b / a.shape[0]
     diag = torch.diagonal(c)
@@ -78,8 +79,9 @@ def barlow_twins_grad(a: torch.Tensor, b: torch.Tensor, lambd: float) -> torch.T
 
 
 @torch.no_grad()
-def barlow_twins_unigrad(target: torch.Tensor, target_bank: torch.Tensor,
-                         online_bank: torch.Tensor, lambd: float) -> torch.Tensor:
+def barlow_twins_unigrad(
+    target: torch.Tensor, target_bank: torch.Tensor, online_bank: torch.Tensor, lambd: float
+) -> torch.Tensor:
     """g = 2(−ū2 + λ(ū2·Ū2ᵀ)U1/N): `target` the local ū2, the banks the gathered ū2 and u1."""
     n = target_bank.shape[0]
     return 2 * (-target + lambd * (target @ target_bank.T) @ online_bank / n)
@@ -103,20 +105,33 @@ class BarlowTwins(SiameseMethod):
         lambd = self.cfg.lambd
         with full_precision(z[0]):
             a1, a2 = (standardise(D.gather_with_grad(zi)) for zi in z)
-            b1, b2 = (None, None) if self.target is None else (
-                standardise(D.gather_no_grad(ti)) for ti in t)
+            b1, b2 = (
+                (None, None)
+                if self.target is None
+                else (standardise(D.gather_no_grad(ti)) for ti in t)
+            )
             loss, terms = self.pair_objective(
-                a1, a2, b1, b2, lambda x, y: barlow_twins_loss(x, y, lambd),
-                lambda x, y: barlow_twins_grad(x, y, lambd))
+                a1,
+                a2,
+                b1,
+                b2,
+                lambda x, y: barlow_twins_loss(x, y, lambd),
+                lambda x, y: barlow_twins_grad(x, y, lambd),
+            )
         z1, z2 = (zi.detach() for zi in z)
-        return {"loss": loss, "logs": {**terms, **self.base_logs((z1, z2), t)},
-                "embeddings": (z1, z2)}
+        return {
+            "loss": loss,
+            "logs": {**terms, **self.base_logs((z1, z2), t)},
+            "embeddings": (z1, z2),
+        }
 
     def unigrad_gradients(self, u1, u2, t1, t2):
         online1, online2, bank1, bank2 = (D.gather_no_grad(x.detach()) for x in (u1, u2, t1, t2))
         lambd = self.cfg.unigrad.lambd
-        return (barlow_twins_unigrad(t2, bank2, online1, lambd),
-                barlow_twins_unigrad(t1, bank1, online2, lambd))
+        return (
+            barlow_twins_unigrad(t2, bank2, online1, lambd),
+            barlow_twins_unigrad(t1, bank1, online2, lambd),
+        )
 
     def norm_bias_overrides(self) -> dict:
         return {"lr_scale": self.cfg.bias_lr_scale}

@@ -64,8 +64,14 @@ def _negative_similarity(s: torch.Tensor, similarity: str) -> tuple[torch.Tensor
     raise ValueError(f"unknown similarity {similarity!r}; expected one of {SIMILARITIES}")
 
 
-def _logits_and_slope(u: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, temperature: float,
-                      similarity: str, exclude: torch.Tensor | None):
+def _logits_and_slope(
+    u: torch.Tensor,
+    keys: torch.Tensor,
+    pos: torch.Tensor,
+    temperature: float,
+    similarity: str,
+    exclude: torch.Tensor | None,
+):
     s = u @ keys.T
     phi, slope = _negative_similarity(s, similarity)
     is_pos = F.one_hot(pos, keys.shape[0]).bool()
@@ -75,31 +81,54 @@ def _logits_and_slope(u: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, te
     return logits, torch.where(is_pos, torch.ones_like(slope), slope), is_pos
 
 
-def info_nce_logits(u: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, temperature: float,
-                    similarity: str = "dot", exclude: torch.Tensor | None = None) -> torch.Tensor:
+def info_nce_logits(
+    u: torch.Tensor,
+    keys: torch.Tensor,
+    pos: torch.Tensor,
+    temperature: float,
+    similarity: str = "dot",
+    exclude: torch.Tensor | None = None,
+) -> torch.Tensor:
     """l_ij for anchors u (n×D) and keys (M×D); pos (n,) indexes keys; exclude (n×M) masks."""
     return _logits_and_slope(u, keys, pos, temperature, similarity, exclude)[0]
 
 
-def info_nce(u: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, temperature: float,
-             similarity: str = "dot", exclude: torch.Tensor | None = None) -> torch.Tensor:
+def info_nce(
+    u: torch.Tensor,
+    keys: torch.Tensor,
+    pos: torch.Tensor,
+    temperature: float,
+    similarity: str = "dot",
+    exclude: torch.Tensor | None = None,
+) -> torch.Tensor:
     """L = mean_i ℓ_i, the original loss."""
     return F.cross_entropy(info_nce_logits(u, keys, pos, temperature, similarity, exclude), pos)
 
 
 @torch.no_grad()
-def info_nce_grad(u: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor, temperature: float,
-                  similarity: str = "dot", exclude: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def info_nce_grad(
+    u: torch.Tensor,
+    keys: torch.Tensor,
+    pos: torch.Tensor,
+    temperature: float,
+    similarity: str = "dot",
+    exclude: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(∂L/∂u, ∂L/∂keys) in closed form; see the module docstring."""
     logits, slope, is_pos = _logits_and_slope(u, keys, pos, temperature, similarity, exclude)
     w = (logits.softmax(dim=1) - is_pos.to(u.dtype)) * slope / (temperature * u.shape[0])
     return w @ keys, w.T @ u
 
 
-def contrastive_loss(loss_form: str, u: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor,
-                     temperature: float, similarity: str = "dot",
-                     exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+def contrastive_loss(
+    loss_form: str,
+    u: torch.Tensor,
+    keys: torch.Tensor,
+    pos: torch.Tensor,
+    temperature: float,
+    similarity: str = "dot",
+    exclude: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict]:
     """InfoNCE in the original or exact form, and its logs; the value is the loss L in both.
 
     "original" back-propagates through L. "exact" injects info_nce_grad through
@@ -107,8 +136,10 @@ def contrastive_loss(loss_form: str, u: torch.Tensor, keys: torch.Tensor, pos: t
     without momentum encoder), so autograd sees the same gradient as from the original form.
     Computed outside autocast: logits divided by a small τ need float32.
     """
-    with torch.autocast(u.device.type, enabled=False), \
-            torch.set_grad_enabled(torch.is_grad_enabled() and loss_form == "original"):
+    with (
+        torch.autocast(u.device.type, enabled=False),
+        torch.set_grad_enabled(torch.is_grad_enabled() and loss_form == "original"),
+    ):
         logits = info_nce_logits(u, keys, pos, temperature, similarity, exclude)
         loss = F.cross_entropy(logits, pos)
     if loss_form == "exact":
@@ -119,8 +150,10 @@ def contrastive_loss(loss_form: str, u: torch.Tensor, keys: torch.Tensor, pos: t
         loss = with_value(surrogate, loss)
     logits = logits.detach()
     rows = torch.arange(len(pos), device=pos.device)
-    logs = {"pos_sim": (logits[rows, pos] * temperature).mean(),
-            "pos_top1": (logits.argmax(dim=1) == pos).float().mean()}
+    logs = {
+        "pos_sim": (logits[rows, pos] * temperature).mean(),
+        "pos_top1": (logits.argmax(dim=1) == pos).float().mean(),
+    }
     return loss, logs
 
 
@@ -132,8 +165,9 @@ class ContrastiveForm:
 
 
 @torch.no_grad()
-def contrastive_unigrad(u: torch.Tensor, positive: torch.Tensor, bank: torch.Tensor,
-                        temperature: float) -> torch.Tensor:
+def contrastive_unigrad(
+    u: torch.Tensor, positive: torch.Tensor, bank: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """g = (−positive + softmax(u·bankᵀ/τ)·bank)/τ, one row per anchor u."""
     weights = (u @ bank.T / temperature).softmax(dim=1)
     return (-positive + weights @ bank) / temperature
@@ -148,8 +182,11 @@ class ContrastiveMethod(SiameseMethod):
 
     def __init__(self, backbone: nn.Module, cfg: MethodConfig):
         require(cfg.temperature > 0, "temperature", f"must be positive, got {cfg.temperature}")
-        require(cfg.unigrad.temperature > 0, "unigrad.temperature",
-                f"must be positive, got {cfg.unigrad.temperature}")
+        require(
+            cfg.unigrad.temperature > 0,
+            "unigrad.temperature",
+            f"must be positive, got {cfg.unigrad.temperature}",
+        )
         super().__init__(backbone, cfg)
 
     def unigrad_gradients(self, u1, u2, t1, t2):
@@ -157,9 +194,15 @@ class ContrastiveMethod(SiameseMethod):
         tau = self.cfg.unigrad.temperature
         return contrastive_unigrad(u1, t2, bank, tau), contrastive_unigrad(u2, t1, bank, tau)
 
-    def infonce(self, u: torch.Tensor, keys: torch.Tensor, pos: torch.Tensor,
-                similarity: str = "dot", exclude: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, dict]:
-        loss, logs = contrastive_loss(self.cfg.loss_form, u, keys, pos, self.cfg.temperature,
-                                      similarity, exclude)
+    def infonce(
+        self,
+        u: torch.Tensor,
+        keys: torch.Tensor,
+        pos: torch.Tensor,
+        similarity: str = "dot",
+        exclude: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict]:
+        loss, logs = contrastive_loss(
+            self.cfg.loss_form, u, keys, pos, self.cfg.temperature, similarity, exclude
+        )
         return loss, {**logs, **self.momentum_logs()}

@@ -43,8 +43,8 @@ def shuffle_bn_forward(encoder: nn.Module, x: torch.Tensor, seed: int) -> torch.
     everything = D.gather_no_grad(x)
     perm = torch.randperm(everything.shape[0], generator=torch.Generator().manual_seed(seed))
     perm = perm.to(x.device)
-    encoded = D.gather_no_grad(encoder(everything[perm[rank * n:(rank + 1) * n]]))
-    return encoded[torch.argsort(perm)][rank * n:(rank + 1) * n]
+    encoded = D.gather_no_grad(encoder(everything[perm[rank * n : (rank + 1) * n]]))
+    return encoded[torch.argsort(perm)][rank * n : (rank + 1) * n]
 
 
 @dataclass
@@ -131,13 +131,20 @@ class MoCoV3(ContrastiveMethod):
     def __init__(self, backbone: nn.Module, cfg: MoCoV3Config):
         super().__init__(backbone, cfg)
         if not self.unigrad_form:
-            self.predictor = build_mlp(cfg.out_dim, cfg.pred_hidden_dim, cfg.out_dim, 2,
-                                       last_bias=False)
+            self.predictor = build_mlp(
+                cfg.out_dim, cfg.pred_hidden_dim, cfg.out_dim, 2, last_bias=False
+            )
 
     def build_projector(self, in_dim: int) -> nn.Module:
         cfg = self.cfg
-        return build_mlp(in_dim, cfg.proj_hidden_dim, cfg.out_dim, cfg.proj_layers, last_bn=True,
-                         last_bn_affine=False)
+        return build_mlp(
+            in_dim,
+            cfg.proj_hidden_dim,
+            cfg.out_dim,
+            cfg.proj_layers,
+            last_bn=True,
+            last_bn_affine=False,
+        )
 
     def loss_forward(self, views: list[torch.Tensor]) -> dict:
         z = [upcast(zi) for zi in self.embed(views)]
@@ -147,5 +154,8 @@ class MoCoV3(ContrastiveMethod):
         pos = torch.arange(n, device=q[0].device) + D.rank() * n
         (l12, logs12) = self.infonce(q[0], keys[1], pos)
         (l21, logs21) = self.infonce(q[1], keys[0], pos)
-        return {"loss": 2 * t * (l12 + l21), "logs": mean_logs(logs12, logs21),
-                "embeddings": (z[0].detach(), z[1].detach())}
+        return {
+            "loss": 2 * t * (l12 + l21),
+            "logs": mean_logs(logs12, logs21),
+            "embeddings": (z[0].detach(), z[1].detach()),
+        }

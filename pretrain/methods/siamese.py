@@ -66,16 +66,26 @@ class SiameseMethod(Method):
     def __init__(self, backbone: nn.Module, cfg: MethodConfig):
         super().__init__(backbone, cfg)
         check_loss_form(cfg.name, cfg.loss_form)
-        require(cfg.momentum_schedule in SCHEDULES, "momentum_schedule",
-                f"{cfg.momentum_schedule!r} is not one of {', '.join(SCHEDULES)}")
-        require(0.0 <= cfg.base_momentum <= 1.0, "base_momentum",
-                f"must lie in [0, 1], got {cfg.base_momentum}")
-        require(not (cfg.momentum_encoder and cfg.base_momentum == 0), "base_momentum",
-                "0 with momentum_encoder=true is not 'no momentum encoder' (a cosine schedule "
-                "sweeps it from 0 to 1: UniGrad's trap); set method.momentum_encoder=false")
+        require(
+            cfg.momentum_schedule in SCHEDULES,
+            "momentum_schedule",
+            f"{cfg.momentum_schedule!r} is not one of {', '.join(SCHEDULES)}",
+        )
+        require(
+            0.0 <= cfg.base_momentum <= 1.0,
+            "base_momentum",
+            f"must lie in [0, 1], got {cfg.base_momentum}",
+        )
+        require(
+            not (cfg.momentum_encoder and cfg.base_momentum == 0),
+            "base_momentum",
+            "0 with momentum_encoder=true is not 'no momentum encoder' (a cosine schedule "
+            "sweeps it from 0 to 1: UniGrad's trap); set method.momentum_encoder=false",
+        )
         if self.unigrad_form:  # the paper's shared head: no BN on the output, bias on the last
-            self.projector = build_mlp(backbone.feature_dim, cfg.proj_hidden_dim, cfg.out_dim,
-                                       cfg.proj_layers)
+            self.projector = build_mlp(
+                backbone.feature_dim, cfg.proj_hidden_dim, cfg.out_dim, cfg.proj_layers
+            )
         else:
             self.projector = self.build_projector(backbone.feature_dim)
         self.target = None
@@ -104,8 +114,9 @@ class SiameseMethod(Method):
         z1, z2 = (self.projector(self.backbone(v)) for v in views[:2])
         return z1, z2
 
-    def targets(self, views: list[torch.Tensor], z: tuple[torch.Tensor, torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def targets(
+        self, views: list[torch.Tensor], z: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The EMA branch's outputs, or sg(online) without a momentum encoder."""
         if self.target is None:
             return z[0].detach(), z[1].detach()
@@ -116,8 +127,9 @@ class SiameseMethod(Method):
         """The EMA momentum in use, when there is a momentum encoder."""
         return {} if self.target is None else {"momentum": self.momentum.detach().clone()}
 
-    def base_logs(self, z: tuple[torch.Tensor, torch.Tensor], t: tuple[torch.Tensor, torch.Tensor]
-                  ) -> dict[str, torch.Tensor]:
+    def base_logs(
+        self, z: tuple[torch.Tensor, torch.Tensor], t: tuple[torch.Tensor, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         """UniGrad's monitor pos_sim = mean cos(z1, t2) over both directions, and the momentum."""
         with torch.no_grad():
             cos = F.cosine_similarity
@@ -131,8 +143,9 @@ class SiameseMethod(Method):
         """The original loss, or its exact gradient injected (`loss_form: original | exact`)."""
         raise NotImplementedError
 
-    def unigrad_gradients(self, u1: torch.Tensor, u2: torch.Tensor, t1: torch.Tensor,
-                          t2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def unigrad_gradients(
+        self, u1: torch.Tensor, u2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The unified form's g1, g2 (one row per local sample, before the batch mean) from the
         ℓ2-normalised online features u and target features t of this process."""
         raise NotImplementedError
@@ -163,9 +176,15 @@ class SiameseMethod(Method):
         self.correlation_updates += 1
         return self.correlation_ema.clone()
 
-    def pair_objective(self, a1: torch.Tensor, a2: torch.Tensor, b1: torch.Tensor | None,
-                       b2: torch.Tensor | None, loss: PairLoss, grad: PairGrad
-                       ) -> tuple[torch.Tensor, dict]:
+    def pair_objective(
+        self,
+        a1: torch.Tensor,
+        a2: torch.Tensor,
+        b1: torch.Tensor | None,
+        b2: torch.Tensor | None,
+        loss: PairLoss,
+        grad: PairGrad,
+    ) -> tuple[torch.Tensor, dict]:
         """The loss of a symmetric criterion ℓ (Barlow Twins, VICReg) on online features a1, a2
         and target features b1, b2 (None without a momentum encoder).
 

@@ -55,8 +55,9 @@ class SimCLRSqConfig(SimCLRConfig):
     name: str = "simclr_sq"
 
 
-def simclr_pairs(n: int, rank: int, total: int, device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def simclr_pairs(
+    n: int, rank: int, total: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Positive index and self mask of local anchors [view 1; view 2] (2n of them) among
     `total` keys gathered in rank order, each process contributing its own [view 1; view 2]."""
     local = torch.arange(2 * n, device=device)

@@ -78,8 +78,9 @@ def negative_cosine_grad(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def directpred_predictor(corr: torch.Tensor, eps: float, eig_min: float
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def directpred_predictor(
+    corr: torch.Tensor, eps: float, eig_min: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DirectPred's W = U diag(max(√(s/s_max) + ε, eig_min)) Uᵀ from F = U diag(s) Uᵀ, and
     F̂ = F/s_max + ε²I, UniGrad's stand-in for WᵀW."""
     s, vecs = torch.linalg.eigh(corr)
@@ -87,12 +88,13 @@ def directpred_predictor(corr: torch.Tensor, eps: float, eig_min: float
     s_max = s.max()
     w = (vecs * ((s / s_max).sqrt() + eps).clamp(min=eig_min)) @ vecs.T
     eye = torch.eye(corr.shape[0], dtype=corr.dtype, device=corr.device)
-    return w, corr / s_max + eps ** 2 * eye
+    return w, corr / s_max + eps**2 * eye
 
 
 @torch.no_grad()
-def directpred_unigrad(u: torch.Tensor, positive: torch.Tensor, w: torch.Tensor,
-                       f_hat: torch.Tensor) -> torch.Tensor:
+def directpred_unigrad(
+    u: torch.Tensor, positive: torch.Tensor, w: torch.Tensor, f_hat: torch.Tensor
+) -> torch.Tensor:
     """g = (1/‖Wu‖)(−W·positive + λF̂u), λ = ⟨Wu, positive⟩/⟨F̂u, u⟩, per row; W, F̂ symmetric."""
     wu, fu = u @ w, u @ f_hat
     lam = (wu * positive).sum(dim=1, keepdim=True) / (fu * u).sum(dim=1, keepdim=True)
@@ -103,10 +105,16 @@ def directpred_unigrad(u: torch.Tensor, positive: torch.Tensor, w: torch.Tensor,
 class SimSiam(SiameseMethod):
     def __init__(self, backbone: nn.Module, cfg: SimSiamConfig):
         if not cfg.stop_gradient:
-            require(not cfg.momentum_encoder, "stop_gradient",
-                    "false needs momentum_encoder=false (an EMA target carries no gradient)")
-            require(cfg.loss_form == "original", "stop_gradient",
-                    "false needs loss_form=original (the injected forms hold the target fixed)")
+            require(
+                not cfg.momentum_encoder,
+                "stop_gradient",
+                "false needs momentum_encoder=false (an EMA target carries no gradient)",
+            )
+            require(
+                cfg.loss_form == "original",
+                "stop_gradient",
+                "false needs loss_form=original (the injected forms hold the target fixed)",
+            )
         form = cfg.unigrad
         require(0.0 <= form.rho < 1.0, "unigrad.rho", f"must lie in [0, 1), got {form.rho}")
         require(form.eps >= 0, "unigrad.eps", f"must be >= 0, got {form.eps}")
@@ -119,8 +127,14 @@ class SimSiam(SiameseMethod):
 
     def build_projector(self, in_dim: int) -> nn.Module:
         cfg = self.cfg
-        return build_mlp(in_dim, cfg.proj_hidden_dim, cfg.out_dim, cfg.proj_layers,
-                         last_bn=cfg.proj_last_bn, last_bn_affine=False)
+        return build_mlp(
+            in_dim,
+            cfg.proj_hidden_dim,
+            cfg.out_dim,
+            cfg.proj_layers,
+            last_bn=cfg.proj_last_bn,
+            last_bn_affine=False,
+        )
 
     @staticmethod
     def combine(d12: torch.Tensor, d21: torch.Tensor) -> torch.Tensor:
@@ -135,8 +149,10 @@ class SimSiam(SiameseMethod):
             d12, d21 = negative_cosine(p1, t2), negative_cosine(p2, t1)
             loss = self.combine(d12, d21)
             if self.exact_form:
-                surrogate = self.combine(gradient_surrogate(p1, negative_cosine_grad(p1, t2)),
-                                         gradient_surrogate(p2, negative_cosine_grad(p2, t1)))
+                surrogate = self.combine(
+                    gradient_surrogate(p1, negative_cosine_grad(p1, t2)),
+                    gradient_surrogate(p2, negative_cosine_grad(p2, t1)),
+                )
                 loss = with_value(surrogate, loss)
         z1, z2 = (upcast(zi.detach()) for zi in z)
         logs = {"pred_cos": -0.5 * (d12 + d21).detach(), **self.base_logs((z1, z2), (t1, t2))}
@@ -144,8 +160,9 @@ class SimSiam(SiameseMethod):
 
     def unigrad_gradients(self, u1, u2, t1, t2):
         form = self.cfg.unigrad
-        w, f_hat = directpred_predictor(self.update_correlation(t1, t2, form.rho), form.eps,
-                                        form.eig_min)
+        w, f_hat = directpred_predictor(
+            self.update_correlation(t1, t2, form.rho), form.eps, form.eig_min
+        )
         return directpred_unigrad(u1, t2, w, f_hat), directpred_unigrad(u2, t1, w, f_hat)
 
     def param_group_overrides(self) -> dict[str, dict]:

@@ -43,14 +43,16 @@ class UniGradConfig(MethodConfig):
     rho: float = 0.99  # ρ, EMA factor of the correlation matrix F
 
 
-def unigrad_loss(u: torch.Tensor, t: torch.Tensor, corr: torch.Tensor, lambd: float
-                 ) -> torch.Tensor:
+def unigrad_loss(
+    u: torch.Tensor, t: torch.Tensor, corr: torch.Tensor, lambd: float
+) -> torch.Tensor:
     """mean_b[−u_b·t_b + (λ/2) u_bᵀ F u_b], F constant (the README's explicit loss)."""
     return (-(u * t).sum(dim=1) + 0.5 * lambd * ((u @ corr) * u).sum(dim=1)).mean()
 
 
-def unigrad_grad(u: torch.Tensor, t: torch.Tensor, corr: torch.Tensor, lambd: float
-                 ) -> torch.Tensor:
+def unigrad_grad(
+    u: torch.Tensor, t: torch.Tensor, corr: torch.Tensor, lambd: float
+) -> torch.Tensor:
     """∂ unigrad_loss/∂u = (−t + λuF)/B for symmetric F (UniGrad's g, divided by the mean's B)."""
     return (-t + lambd * u @ corr) / u.shape[0]
 
@@ -80,8 +82,10 @@ class UniGrad(SiameseMethod):
             corr = self.update_correlation(t1, t2, self.cfg.rho)
             loss = 0.5 * (unigrad_loss(u1, t2, corr, lambd) + unigrad_loss(u2, t1, corr, lambd))
             if self.exact_form:
-                surrogate = 0.5 * (gradient_surrogate(u1, unigrad_grad(u1, t2, corr, lambd))
-                                   + gradient_surrogate(u2, unigrad_grad(u2, t1, corr, lambd)))
+                surrogate = 0.5 * (
+                    gradient_surrogate(u1, unigrad_grad(u1, t2, corr, lambd))
+                    + gradient_surrogate(u2, unigrad_grad(u2, t1, corr, lambd))
+                )
                 loss = with_value(surrogate, loss)
             with torch.no_grad():
                 negative = 0.25 * lambd * sum(((u @ corr) * u).sum(1).mean() for u in (u1, u2))

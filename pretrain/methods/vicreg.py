@@ -109,8 +109,9 @@ def _off_diagonal_logits(c: torch.Tensor, temperature: float) -> torch.Tensor:
     return (c / temperature).masked_fill(eye, float("-inf"))
 
 
-def regularisers(x: torch.Tensor, temperature: Optional[float]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def regularisers(
+    x: torch.Tensor, temperature: Optional[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(v(x), c(x)) of an N × D matrix; c is c_exp when a temperature is given."""
     _, c = _covariance(x)
     v = F.relu(1 - torch.sqrt(torch.diagonal(c) + STD_EPS)).mean()
@@ -122,8 +123,9 @@ def regularisers(x: torch.Tensor, temperature: Optional[float]
     return v, cov
 
 
-def regulariser_grad(x: torch.Tensor, std_coeff: float, cov_coeff: float,
-                     temperature: Optional[float]) -> torch.Tensor:
+def regulariser_grad(
+    x: torch.Tensor, std_coeff: float, cov_coeff: float, temperature: Optional[float]
+) -> torch.Tensor:
     """∂/∂x of std_coeff·v(x)/2 + cov_coeff·c(x).
 
     Every row sum of the result over the batch is 0 (it is x̃ times a matrix), so the batch
@@ -154,27 +156,29 @@ class VICRegCriterion:
         """The matrix v and c act on: x, or for VICReg-ctr the dimension-centred xᵀ."""
         return _centred(x).T if self.transpose else x
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         invariance = F.mse_loss(x, y)
         (vx, cx), (vy, cy) = (regularisers(self.regularised(k), self.temperature) for k in (x, y))
         variance, covariance = (vx + vy) / 2, cx + cy
-        loss = (self.sim_coeff * invariance + self.std_coeff * variance
-                + self.cov_coeff * covariance)
+        loss = self.sim_coeff * invariance + self.std_coeff * variance + self.cov_coeff * covariance
         terms = {"invariance": invariance, "variance": variance, "covariance": covariance}
         return loss, {k: v.detach() for k, v in terms.items()}
 
     def grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        reg = regulariser_grad(self.regularised(x), self.std_coeff, self.cov_coeff,
-                               self.temperature)
+        reg = regulariser_grad(
+            self.regularised(x), self.std_coeff, self.cov_coeff, self.temperature
+        )
         if self.transpose:  # back through the transpose and the (self-adjoint) centring
             reg = _centred(reg.T)
         return 2 * self.sim_coeff * (x - y) / x.numel() + reg
 
 
 @torch.no_grad()
-def vicreg_unigrad(u: torch.Tensor, positive: torch.Tensor, same: torch.Tensor,
-                   lambd: float) -> torch.Tensor:
+def vicreg_unigrad(
+    u: torch.Tensor, positive: torch.Tensor, same: torch.Tensor, lambd: float
+) -> torch.Tensor:
     """g = −positive + λ_u·u·F, F the correlation of `same` (this view's targets) over the
     global batch."""
     return -positive + lambd * u @ D.all_reduce_mean(same.T @ same / same.shape[0])
@@ -193,12 +197,16 @@ class VICReg(SiameseMethod):
         exp, transpose = VARIANTS[cfg.name]
         if exp:
             require(cfg.temperature > 0, "temperature", f"must be > 0, got {cfg.temperature}")
-        criterion = VICRegCriterion(cfg.sim_coeff, cfg.std_coeff, cfg.cov_coeff,
-                                    cfg.temperature if exp else None, transpose)
+        criterion = VICRegCriterion(
+            cfg.sim_coeff, cfg.std_coeff, cfg.cov_coeff, cfg.temperature if exp else None, transpose
+        )
         lambd = cfg.unigrad.lambd
         if lambd is None:
-            require(cfg.sim_coeff > 0, "sim_coeff",
-                    f"must be > 0 to derive method.unigrad.lambd, got {cfg.sim_coeff}")
+            require(
+                cfg.sim_coeff > 0,
+                "sim_coeff",
+                f"must be > 0 to derive method.unigrad.lambd, got {cfg.sim_coeff}",
+            )
             lambd = 2 * cfg.cov_coeff * cfg.out_dim / cfg.sim_coeff
         require(lambd >= 0, "unigrad.lambd", f"must be >= 0, got {lambd}")
         super().__init__(backbone, cfg)
@@ -210,8 +218,10 @@ class VICReg(SiameseMethod):
         return build_mlp(in_dim, cfg.proj_hidden_dim, cfg.out_dim, cfg.proj_layers, last_bias=False)
 
     def unigrad_gradients(self, u1, u2, t1, t2):
-        return (vicreg_unigrad(u1, t2, t1, self.unigrad_lambd),
-                vicreg_unigrad(u2, t1, t2, self.unigrad_lambd))
+        return (
+            vicreg_unigrad(u1, t2, t1, self.unigrad_lambd),
+            vicreg_unigrad(u2, t1, t2, self.unigrad_lambd),
+        )
 
     def loss_forward(self, views: list[torch.Tensor]) -> dict:
         z = tuple(upcast(zi) for zi in self.embed(views))
@@ -219,8 +229,12 @@ class VICReg(SiameseMethod):
         x, y = (D.gather_with_grad(zi) for zi in z)
         tx, ty = (None, None) if self.target is None else (D.gather_no_grad(ti) for ti in t)
         with full_precision(x):
-            loss, terms = self.pair_objective(x, y, tx, ty, self.criterion.loss,
-                                              self.criterion.grad)
+            loss, terms = self.pair_objective(
+                x, y, tx, ty, self.criterion.loss, self.criterion.grad
+            )
         z1, z2 = (zi.detach() for zi in z)
-        return {"loss": loss, "logs": {**terms, **self.base_logs((z1, z2), t)},
-                "embeddings": (z1, z2)}
+        return {
+            "loss": loss,
+            "logs": {**terms, **self.base_logs((z1, z2), t)},
+            "embeddings": (z1, z2),
+        }

@@ -8,5 +8,13 @@ from . import resnet, vit
 from .base import BACKBONES, BackboneFacts, Stage, build_backbone, constructor
 from .resnet import ResNetBackbone
 
-__all__ = ["BACKBONES", "BackboneFacts", "ResNetBackbone", "Stage", "build_backbone",
-           "constructor", "resnet", "vit"]
+__all__ = [
+    "BACKBONES",
+    "BackboneFacts",
+    "ResNetBackbone",
+    "Stage",
+    "build_backbone",
+    "constructor",
+    "resnet",
+    "vit",
+]

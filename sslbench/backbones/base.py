@@ -45,14 +45,22 @@ class BackboneFacts:
 
     def to_dict(self) -> dict[str, Any]:
         """As the manifest's "structure" entry (plain JSON values)."""
-        return {**self.structure, "family": self.family, "feature_dim": self.feature_dim,
-                "stages": [asdict(stage) for stage in self.stages]}
+        return {
+            **self.structure,
+            "family": self.family,
+            "feature_dim": self.feature_dim,
+            "stages": [asdict(stage) for stage in self.stages],
+        }
 
     @classmethod
     def from_dict(cls, entry: dict[str, Any]) -> BackboneFacts:
         rest = {k: v for k, v in entry.items() if k not in ("family", "feature_dim", "stages")}
-        return cls(entry["family"], entry["feature_dim"],
-                   tuple(Stage(**stage) for stage in entry["stages"]), rest)
+        return cls(
+            entry["family"],
+            entry["feature_dim"],
+            tuple(Stage(**stage) for stage in entry["stages"]),
+            rest,
+        )
 
 
 def constructor(arch: str) -> Callable[..., nn.Module]:
@@ -61,8 +69,10 @@ def constructor(arch: str) -> Callable[..., nn.Module]:
     if not sep:
         return BACKBONES.get(arch)
     if namespace not in NAMESPACES:
-        raise KeyError(f"unknown backbone namespace {namespace!r} in {arch!r}"
-                       f"{closest(namespace, NAMESPACES)}; known: {', '.join(NAMESPACES)}")
+        raise KeyError(
+            f"unknown backbone namespace {namespace!r} in {arch!r}"
+            f"{closest(namespace, NAMESPACES)}; known: {', '.join(NAMESPACES)}"
+        )
     return NAMESPACES[namespace](name)
 
 

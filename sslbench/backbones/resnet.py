@@ -41,15 +41,26 @@ class ResNetBackbone(resnet.ResNet):
 
     width = 64
 
-    def __init__(self, block, layers, stem: str = "imagenet", zero_init_residual: bool = False,
-                 width: int = 64, width_per_group: int = 64):
+    def __init__(
+        self,
+        block,
+        layers,
+        stem: str = "imagenet",
+        zero_init_residual: bool = False,
+        width: int = 64,
+        width_per_group: int = 64,
+    ):
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; expected one of {STEMS}")
         if width < 1:
             raise ValueError(f"backbone width must be a positive channel count, got {width}")
         self.width = width  # read by _make_layer during torchvision's constructor
-        super().__init__(block, list(layers), zero_init_residual=zero_init_residual,
-                         width_per_group=width_per_group)
+        super().__init__(
+            block,
+            list(layers),
+            zero_init_residual=zero_init_residual,
+            width_per_group=width_per_group,
+        )
         self.stem = stem
         if stem == "small":
             self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
@@ -61,14 +72,26 @@ class ResNetBackbone(resnet.ResNet):
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
         del self.fc
         stem_stride = 4 if stem == "imagenet" else 1
-        stages = tuple(Stage(name, width * 2**i * block.expansion, stem_stride * 2**i)
-                       for i, name in enumerate(STAGE_NAMES))
+        stages = tuple(
+            Stage(name, width * 2**i * block.expansion, stem_stride * 2**i)
+            for i, name in enumerate(STAGE_NAMES)
+        )
         self.feature_dim = stages[-1].channels
         convs = 3 if block is resnet.Bottleneck else 2
-        self.facts = BackboneFacts("resnet", self.feature_dim, stages, {
-            "classifier": "fc", "depth": convs * sum(layers) + 2, "layers": list(layers),
-            "block": "bottleneck" if block is resnet.Bottleneck else "basic",
-            "stem": stem, "stem_channels": width, "width_per_group": width_per_group})
+        self.facts = BackboneFacts(
+            "resnet",
+            self.feature_dim,
+            stages,
+            {
+                "classifier": "fc",
+                "depth": convs * sum(layers) + 2,
+                "layers": list(layers),
+                "block": "bottleneck" if block is resnet.Bottleneck else "basic",
+                "stem": stem,
+                "stem_channels": width,
+                "width_per_group": width_per_group,
+            },
+        )
 
     def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
         """torchvision's stage builder with every stage's width scaled by width/64."""
@@ -92,5 +115,6 @@ class ResNetBackbone(resnet.ResNet):
 
 
 for _name, (_block, _layers, _width_per_group) in ARCHS.items():
-    BACKBONES.register(_name)(partial(ResNetBackbone, _block, _layers,
-                                      width_per_group=_width_per_group))
+    BACKBONES.register(_name)(
+        partial(ResNetBackbone, _block, _layers, width_per_group=_width_per_group)
+    )

@@ -28,27 +28,38 @@ from .base import BACKBONES, NAMESPACES, BackboneFacts, Stage
 
 POOLS = ("token", "avg")
 # Registered under their timm names; any other timm model is "timm:NAME".
-VITS = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224",
-        "vit_large_patch16_224")
+VITS = (
+    "vit_tiny_patch16_224",
+    "vit_small_patch16_224",
+    "vit_base_patch16_224",
+    "vit_large_patch16_224",
+)
 
 
 def sincos_table(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """MoCo v3's fixed 2-D position embedding of the patch tokens, (1, h*w, dim): sin and cos of
     each grid coordinate at dim/4 frequencies (its build_2d_sincos_position_embedding)."""
     if dim % 4:
-        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, "
-                         f"not {dim}")
+        raise ValueError(
+            f"a 2-D sin-cos position embedding needs a width divisible by 4, not {dim}"
+        )
     h, w = grid
-    grid_w, grid_h = torch.meshgrid(torch.arange(w, dtype=torch.float32),
-                                    torch.arange(h, dtype=torch.float32), indexing="ij")
+    grid_w, grid_h = torch.meshgrid(
+        torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32), indexing="ij"
+    )
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
     out_w = grid_w.flatten()[:, None] * omega[None]
     out_h = grid_h.flatten()[:, None] * omega[None]
     return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)[None]
 
 
-def timm_backbone(name: str, pool: str | None = None, freeze_patch_embed: bool = False,
-                  sincos_pos_embed: bool = False, **kwargs: Any) -> nn.Module:
+def timm_backbone(
+    name: str,
+    pool: str | None = None,
+    freeze_patch_embed: bool = False,
+    sincos_pos_embed: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
     """timm's model `name` without its classifier, with the facts sslbench reads attached.
 
     kwargs go to timm.create_model (img_size, patch_size, num_heads, drop_path_rate, ...).
@@ -63,35 +74,42 @@ def timm_backbone(name: str, pool: str | None = None, freeze_patch_embed: bool =
             raise ValueError(f"unknown ViT pool {pool!r}; expected one of {POOLS}")
         kwargs = {"dynamic_img_size": True, **kwargs, "global_pool": pool, "fc_norm": False}
     else:
-        given = {"pool": pool, "freeze_patch_embed": freeze_patch_embed,
-                 "sincos_pos_embed": sincos_pos_embed}
+        given = {
+            "pool": pool,
+            "freeze_patch_embed": freeze_patch_embed,
+            "sincos_pos_embed": sincos_pos_embed,
+        }
         vit_only = [f"{k}={v!r}" for k, v in given.items() if v]
         if vit_only:
-            raise ValueError(f"{', '.join(vit_only)} applies to ViTs; timm model {name!r} is not "
-                             "one")
+            raise ValueError(
+                f"{', '.join(vit_only)} applies to ViTs; timm model {name!r} is not one"
+            )
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
     if sincos_pos_embed:
         with torch.no_grad():
             prefix = model.pos_embed.shape[1] - model.patch_embed.num_patches
-            model.pos_embed[:, prefix:] = sincos_table(model.patch_embed.grid_size,
-                                                       model.embed_dim)
+            model.pos_embed[:, prefix:] = sincos_table(model.patch_embed.grid_size, model.embed_dim)
             model.pos_embed[:, :prefix] = 0  # the CLS token's entry, as MoCo v3 sets it
         model.pos_embed.requires_grad_(False)
     if freeze_patch_embed:
         model.patch_embed.requires_grad_(False)
     model.feature_dim = model.num_features
-    stages = tuple(Stage(info["module"], info["num_chs"], info["reduction"])
-                   for info in model.feature_info)
+    stages = tuple(
+        Stage(info["module"], info["num_chs"], info["reduction"]) for info in model.feature_info
+    )
     structure = {"timm_name": name, "classifier": model.pretrained_cfg.get("classifier", "head")}
     family = "timm"
     if isinstance(model, VisionTransformer):
         family = "vit"
         structure.update(
-            embed_dim=model.embed_dim, depth=len(model.blocks),
+            embed_dim=model.embed_dim,
+            depth=len(model.blocks),
             num_heads=model.blocks[0].attn.num_heads,
             patch_size=list(model.patch_embed.patch_size),
-            img_size=list(model.patch_embed.img_size), pool=model.global_pool,
-            num_prefix_tokens=model.num_prefix_tokens)
+            img_size=list(model.patch_embed.img_size),
+            pool=model.global_pool,
+            num_prefix_tokens=model.num_prefix_tokens,
+        )
     model.facts = BackboneFacts(family, model.feature_dim, stages, structure)
     return model
 

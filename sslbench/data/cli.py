@@ -22,22 +22,40 @@ data.options.shuffle_buffer say how they are shuffled; see README, "Data at scal
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    shard = sub.add_parser("shard", help="write an ImageFolder's splits as WebDataset tar shards",
-                           epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    shard.add_argument("folder", metavar="IMAGEFOLDER",
-                       help="the dataset root: IMAGEFOLDER/<split>/<class>/<image files>")
+    shard = sub.add_parser(
+        "shard",
+        help="write an ImageFolder's splits as WebDataset tar shards",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    shard.add_argument(
+        "folder",
+        metavar="IMAGEFOLDER",
+        help="the dataset root: IMAGEFOLDER/<split>/<class>/<image files>",
+    )
     shard.add_argument("out", metavar="OUT", help="where the shards go: OUT/<split>/")
-    shard.add_argument("--shard-size", type=int, required=True, metavar="N",
-                       help="samples per shard (the last one of a split may hold fewer)")
-    shard.add_argument("--split", action="append", choices=SPLITS, dest="splits",
-                       help="a split to write (repeatable); default: every split IMAGEFOLDER has")
+    shard.add_argument(
+        "--shard-size",
+        type=int,
+        required=True,
+        metavar="N",
+        help="samples per shard (the last one of a split may hold fewer)",
+    )
+    shard.add_argument(
+        "--split",
+        action="append",
+        choices=SPLITS,
+        dest="splits",
+        help="a split to write (repeatable); default: every split IMAGEFOLDER has",
+    )
     shard.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     from .shard_writer import write_shards
 
-    for index in write_shards(args.folder, args.out, args.shard_size, args.splits,
-                              progress=not args.no_progress):
+    for index in write_shards(
+        args.folder, args.out, args.shard_size, args.splits, progress=not args.no_progress
+    ):
         print(index)
     return 0

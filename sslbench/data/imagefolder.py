@@ -41,20 +41,31 @@ def open_rgb(path: Path) -> Image.Image:
 
 
 def _entries(directory: Path, want_dirs: bool) -> list[str]:
-    return sorted(e.name for e in os.scandir(directory)
-                  if not e.name.startswith(".") and (e.is_dir() if want_dirs else e.is_file()))
+    return sorted(
+        e.name
+        for e in os.scandir(directory)
+        if not e.name.startswith(".") and (e.is_dir() if want_dirs else e.is_file())
+    )
 
 
 class ImageFolder(LabeledDataset):
     """One split of an ImageFolder tree; `files` are paths relative to the split directory."""
 
-    def __init__(self, root: str | Path, split: str, transform: Callable | None = None,
-                 name: str = "imagefolder", params: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        transform: Callable | None = None,
+        name: str = "imagefolder",
+        params: dict[str, Any] | None = None,
+    ):
         root = Path(root)
         split_dir = root / split
         if not root.is_dir():
-            raise DatasetError(f"{name}: dataset root {root} does not exist (expected "
-                               f"{root}/{{{','.join(SPLITS)}}}/<class>/<images>)")
+            raise DatasetError(
+                f"{name}: dataset root {root} does not exist (expected "
+                f"{root}/{{{','.join(SPLITS)}}}/<class>/<images>)"
+            )
         if not split_dir.is_dir():
             raise DatasetError(f"{name}: split directory {split_dir} does not exist")
         classes = _entries(split_dir, want_dirs=True)
@@ -63,11 +74,16 @@ class ImageFolder(LabeledDataset):
         _check_same_classes(root, split, classes)
         files, targets = [], []
         for label, cls in enumerate(classes):
-            images = [f for f in _entries(split_dir / cls, want_dirs=False)
-                      if f.lower().endswith(IMAGE_EXTENSIONS)]
+            images = [
+                f
+                for f in _entries(split_dir / cls, want_dirs=False)
+                if f.lower().endswith(IMAGE_EXTENSIONS)
+            ]
             if not images:
-                raise DatasetError(f"{name}: class directory {split_dir / cls} has no image files "
-                                   f"({' '.join(IMAGE_EXTENSIONS)})")
+                raise DatasetError(
+                    f"{name}: class directory {split_dir / cls} has no image files "
+                    f"({' '.join(IMAGE_EXTENSIONS)})"
+                )
             files += [f"{cls}/{f}" for f in images]
             targets += [label] * len(images)
         super().__init__(name, root, split, classes, targets, transform, files, params)
@@ -79,8 +95,9 @@ class ImageFolder(LabeledDataset):
     def verify(self, progress: bool = True) -> None:
         """Read every file; raise DatasetError naming the first one that is corrupt."""
         decode = len(self) <= FULL_DECODE_LIMIT
-        for file in tqdm(self.files, desc=f"verify {self.name}/{self.split}", unit="img",
-                         disable=not progress):
+        for file in tqdm(
+            self.files, desc=f"verify {self.name}/{self.split}", unit="img", disable=not progress
+        ):
             path = self.split_dir / file
             if decode:
                 open_rgb(path)
@@ -96,8 +113,10 @@ def _check_same_classes(root: Path, split: str, classes: list[str]) -> None:
             if theirs != classes:
                 odd = sorted(set(theirs) ^ set(classes))[0]
                 where, missing = (other, split) if odd in theirs else (split, other)
-                raise DatasetError(f"{root}: splits {split!r} and {other!r} have different "
-                                   f"classes: {odd!r} is in {where!r} but not in {missing!r}")
+                raise DatasetError(
+                    f"{root}: splits {split!r} and {other!r} have different "
+                    f"classes: {odd!r} is in {where!r} but not in {missing!r}"
+                )
 
 
 @DATASETS.register("imagefolder")

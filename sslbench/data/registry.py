@@ -16,16 +16,19 @@ def call_with_options(func: Callable, what: str, *args: Any, **options: Any) -> 
     """Call func(*args, **options), refusing an option func does not take with a DatasetError."""
     params = inspect.signature(func).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        accepted = list(params)[len(args):]
+        accepted = list(params)[len(args) :]
         for key in options:
             if key not in accepted:
-                raise DatasetError(f"{what} has no option {key!r}{closest(key, accepted)}; "
-                                   f"options: {', '.join(accepted) or 'none'}")
+                raise DatasetError(
+                    f"{what} has no option {key!r}{closest(key, accepted)}; "
+                    f"options: {', '.join(accepted) or 'none'}"
+                )
     return func(*args, **options)
 
 
-def build_dataset(name: str, root: str | Path | None, split: str, transform=None,
-                  **options: Any) -> LabeledDataset:
+def build_dataset(
+    name: str, root: str | Path | None, split: str, transform=None, **options: Any
+) -> LabeledDataset:
     """One split of a registered dataset; root=None means `default_data_root() / name`."""
     try:
         factory = DATASETS.get(name)

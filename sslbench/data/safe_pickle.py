@@ -48,8 +48,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise DatasetError(f"{self.path}: refusing to load global {module}.{name}; only "
-                               f"numpy arrays are allowed (the file may be malicious)") from None
+            raise DatasetError(
+                f"{self.path}: refusing to load global {module}.{name}; only "
+                f"numpy arrays are allowed (the file may be malicious)"
+            ) from None
 
 
 def load_pickle(path: str | Path) -> Any:

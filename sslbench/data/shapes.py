@@ -22,13 +22,28 @@ def _star(points: int = 5, inner: float = 0.45) -> np.ndarray:
 
 def _cross(half_width: float = 0.3) -> np.ndarray:
     w = half_width
-    return np.array([(w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1),
-                     (-w, -1), (-w, -w), (-1, -w), (-1, w), (-w, w), (-w, 1)])
+    return np.array(
+        [
+            (w, 1),
+            (w, w),
+            (1, w),
+            (1, -w),
+            (w, -w),
+            (w, -1),
+            (-w, -1),
+            (-w, -w),
+            (-1, -w),
+            (-1, w),
+            (-w, w),
+            (-w, 1),
+        ]
+    )
 
 
 def _arrow() -> np.ndarray:
-    return np.array([(-1, -0.3), (0.1, -0.3), (0.1, -0.7), (1, 0), (0.1, 0.7), (0.1, 0.3),
-                     (-1, 0.3)])
+    return np.array(
+        [(-1, -0.3), (0.1, -0.3), (0.1, -0.7), (1, 0), (0.1, 0.7), (0.1, 0.3), (-1, 0.3)]
+    )
 
 
 def _crescent(offset: float = 0.45, inner: float = 0.8) -> np.ndarray:
@@ -39,9 +54,12 @@ def _crescent(offset: float = 0.45, inner: float = 0.8) -> np.ndarray:
     inner_start = np.arctan2(y, x - offset)
     outer = np.linspace(outer_start, 2 * np.pi - outer_start, 32)
     hollow = np.linspace(2 * np.pi - inner_start, inner_start, 24)[1:-1]
-    return np.concatenate([np.stack([np.cos(outer), np.sin(outer)], axis=1),
-                           np.stack([offset + inner * np.cos(hollow),
-                                     inner * np.sin(hollow)], axis=1)])
+    return np.concatenate(
+        [
+            np.stack([np.cos(outer), np.sin(outer)], axis=1),
+            np.stack([offset + inner * np.cos(hollow), inner * np.sin(hollow)], axis=1),
+        ]
+    )
 
 
 def _heart(n: int = 48) -> np.ndarray:
@@ -56,10 +74,19 @@ def _normalise(polygon: np.ndarray) -> np.ndarray:
     return polygon / np.linalg.norm(polygon, axis=1).max()
 
 
-SHAPES = {name: _normalise(make()) for name, make in {
-    "arrow": _arrow, "circle": lambda: _regular(48), "crescent": _crescent, "cross": _cross,
-    "heart": _heart, "square": lambda: _regular(4), "star": _star, "triangle": lambda: _regular(3),
-}.items()}
+SHAPES = {
+    name: _normalise(make())
+    for name, make in {
+        "arrow": _arrow,
+        "circle": lambda: _regular(48),
+        "crescent": _crescent,
+        "cross": _cross,
+        "heart": _heart,
+        "square": lambda: _regular(4),
+        "star": _star,
+        "triangle": lambda: _regular(3),
+    }.items()
+}
 CLASSES = tuple(sorted(SHAPES))  # ImageFolder's class order, so label k is CLASSES[k]
 
 

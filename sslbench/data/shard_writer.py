@@ -39,8 +39,13 @@ PLAN_FILE = ".plan.json"
 _READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-def write_shards(folder: str | Path, out: str | Path, shard_size: int,
-                 splits: list[str] | None = None, progress: bool = True) -> list[Path]:
+def write_shards(
+    folder: str | Path,
+    out: str | Path,
+    shard_size: int,
+    splits: list[str] | None = None,
+    progress: bool = True,
+) -> list[Path]:
     """Shard `splits` of the ImageFolder at `folder` (default: every split it has) into
     out/<split>/; the index files written (or found complete)."""
     folder, out = Path(folder), Path(out)
@@ -49,10 +54,11 @@ def write_shards(folder: str | Path, out: str | Path, shard_size: int,
     if splits is None:
         splits = [s for s in SPLITS if (folder / s).is_dir()]
         if not splits:
-            raise DatasetError(f"{folder} has none of the split directories "
-                               f"{', '.join(SPLITS)}")
-    return [write_split(ImageFolder(folder, split), out / split, shard_size, progress)
-            for split in splits]
+            raise DatasetError(f"{folder} has none of the split directories {', '.join(SPLITS)}")
+    return [
+        write_split(ImageFolder(folder, split), out / split, shard_size, progress)
+        for split in splits
+    ]
 
 
 def write_split(source: ImageFolder, out: Path, shard_size: int, progress: bool = True) -> Path:
@@ -65,13 +71,23 @@ def write_split(source: ImageFolder, out: Path, shard_size: int, progress: bool 
     _claim(out, plan)
     shards = []
     ranges = [(lo, min(lo + shard_size, len(source))) for lo in range(0, len(source), shard_size)]
-    with tqdm(total=len(source), desc=f"shard {source.split_dir} -> {out}", unit="img",
-              disable=not progress) as bar:
+    with tqdm(
+        total=len(source),
+        desc=f"shard {source.split_dir} -> {out}",
+        unit="img",
+        disable=not progress,
+    ) as bar:
         for number, (lo, hi) in enumerate(ranges):
             path = out / shard_name(source.split, number)
             digest = sha256_file(path) if path.exists() else _write_shard(path, source, lo, hi)
-            shards.append({"file": path.name, "samples": hi - lo, "bytes": path.stat().st_size,
-                           "sha256": digest})
+            shards.append(
+                {
+                    "file": path.name,
+                    "samples": hi - lo,
+                    "bytes": path.stat().st_size,
+                    "sha256": digest,
+                }
+            )
             bar.update(hi - lo)
     write_json_atomic(index_path, {**plan, "shards": shards})
     (out / PLAN_FILE).unlink()
@@ -89,18 +105,27 @@ def _plan(source: ImageFolder, shard_size: int) -> dict[str, Any]:
             raise DatasetError(f"cannot read image {path}: {err}") from None
     per_class = Counter(source.targets)
     counts = [per_class[label] for label in range(source.num_classes)]
-    return {"format": FORMAT, "version": FORMAT_VERSION, "split": source.split,
-            "shard_size": shard_size, "samples": len(source), "classes": source.classes,
-            "class_counts": counts,
-            "source": {"root": str(source.root.resolve()), "files_sha256": listing.hexdigest()}}
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "split": source.split,
+        "shard_size": shard_size,
+        "samples": len(source),
+        "classes": source.classes,
+        "class_counts": counts,
+        "source": {"root": str(source.root.resolve()), "files_sha256": listing.hexdigest()},
+    }
 
 
 def _same_plan(found: dict[str, Any], plan: dict[str, Any], where: Path) -> None:
-    differ = [f"{k}: {found.get(k)!r} there, {v!r} now" for k, v in plan.items()
-              if found.get(k) != v]
+    differ = [
+        f"{k}: {found.get(k)!r} there, {v!r} now" for k, v in plan.items() if found.get(k) != v
+    ]
     if differ:
-        raise DatasetError(f"{where} is for other shards ({'; '.join(differ)}); write to "
-                           f"another directory, or delete {where.parent} to write it again")
+        raise DatasetError(
+            f"{where} is for other shards ({'; '.join(differ)}); write to "
+            f"another directory, or delete {where.parent} to write it again"
+        )
 
 
 def _claim(out: Path, plan: dict[str, Any]) -> None:
@@ -110,8 +135,10 @@ def _claim(out: Path, plan: dict[str, Any]) -> None:
     if plan_path.exists():
         _same_plan(_read_json(plan_path), plan, plan_path)
     elif out.exists() and any(out.iterdir()):
-        raise DatasetError(f"{out} is not empty and holds no shards of an unfinished run "
-                           f"({PLAN_FILE} is missing); write to another directory")
+        raise DatasetError(
+            f"{out} is not empty and holds no shards of an unfinished run "
+            f"({PLAN_FILE} is missing); write to another directory"
+        )
     else:
         write_json_atomic(plan_path, plan)
     for stale in out.glob(f".{plan['split']}-*.tar.*.tmp"):
@@ -122,8 +149,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise DatasetError(f"{path} is unreadable ({err}); delete {path.parent} to write the "
-                           "shards again") from None
+        raise DatasetError(
+            f"{path} is unreadable ({err}); delete {path.parent} to write the shards again"
+        ) from None
 
 
 class _Hashing:
@@ -146,9 +174,14 @@ def _write_shard(path: Path, source: ImageFolder, lo: int, hi: int) -> str:
             for i in range(lo, hi):
                 relative = source.files[i]
                 data = _read_image(source.split_dir / relative)
-                tar.write({"__key__": sample_key(i), Path(relative).suffix[1:].lower(): data,
-                           LABEL_MEMBER: str(source.targets[i]).encode(),
-                           PATH_MEMBER: relative.encode()})
+                tar.write(
+                    {
+                        "__key__": sample_key(i),
+                        Path(relative).suffix[1:].lower(): data,
+                        LABEL_MEMBER: str(source.targets[i]).encode(),
+                        PATH_MEMBER: relative.encode(),
+                    }
+                )
     return sink.sha256.hexdigest()
 
 

@@ -72,46 +72,65 @@ def read_index(path: Path) -> dict[str, Any]:
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DatasetError(f"shard index {path} does not exist (write shards with `sslbench "
-                           f"data shard IMAGEFOLDER {path.parent.parent}`)") from None
+        raise DatasetError(
+            f"shard index {path} does not exist (write shards with `sslbench "
+            f"data shard IMAGEFOLDER {path.parent.parent}`)"
+        ) from None
     except (OSError, ValueError) as err:
         raise DatasetError(f"shard index {path} is unreadable: {err}") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
-        raise DatasetError(f"{path} is not a shard index (no \"format\": \"{FORMAT}\")")
+        raise DatasetError(f'{path} is not a shard index (no "format": "{FORMAT}")')
     if index.get("version") != FORMAT_VERSION:
-        raise DatasetError(f"{path}: shard format version {index.get('version')!r}; this "
-                           f"sslbench reads version {FORMAT_VERSION}")
+        raise DatasetError(
+            f"{path}: shard format version {index.get('version')!r}; this "
+            f"sslbench reads version {FORMAT_VERSION}"
+        )
     try:
         classes, counts, shards = index["classes"], index["class_counts"], index["shards"]
         total = sum(s["samples"] for s in shards)
-        ok = (len(classes) == len(counts) and len(set(classes)) == len(classes) and classes
-              and all(type(c) is int and c > 0 for c in counts)
-              and all(type(s["samples"]) is int and s["samples"] > 0 for s in shards)
-              and all(isinstance(s[k], str) for s in shards for k in ("file", "sha256"))
-              and all(type(s["bytes"]) is int for s in shards))
+        ok = (
+            len(classes) == len(counts)
+            and len(set(classes)) == len(classes)
+            and classes
+            and all(type(c) is int and c > 0 for c in counts)
+            and all(type(s["samples"]) is int and s["samples"] > 0 for s in shards)
+            and all(isinstance(s[k], str) for s in shards for k in ("file", "sha256"))
+            and all(type(s["bytes"]) is int for s in shards)
+        )
     except (KeyError, TypeError) as err:
         raise DatasetError(f"{path}: malformed shard index ({err!r})") from None
     if not ok:
-        raise DatasetError(f"{path}: malformed shard index: expected distinct classes with a "
-                           "positive count each and shards with a positive sample count")
+        raise DatasetError(
+            f"{path}: malformed shard index: expected distinct classes with a "
+            "positive count each and shards with a positive sample count"
+        )
     if not sum(counts) == total == index.get("samples"):
-        raise DatasetError(f"{path}: the counts disagree: {sum(counts)} per class, {total} in "
-                           f"shards, {index.get('samples')!r} in all")
+        raise DatasetError(
+            f"{path}: the counts disagree: {sum(counts)} per class, {total} in "
+            f"shards, {index.get('samples')!r} in all"
+        )
     return index
 
 
 class ShardDataset(LabeledDataset):
     """One split of a shard directory (see the module docstring)."""
 
-    def __init__(self, root: str | Path, split: str, transform: Callable | None = None,
-                 streams: int = DEFAULT_STREAMS, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        transform: Callable | None = None,
+        streams: int = DEFAULT_STREAMS,
+        shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    ):
         root = Path(root)
         index_path = root / split / INDEX_FILE
         index = read_index(index_path)
         for key, value in (("streams", streams), ("shuffle_buffer", shuffle_buffer)):
             if type(value) is not int or value < 1:
-                raise DatasetError(f"dataset 'shards': option {key} must be a positive integer, "
-                                   f"got {value!r}")
+                raise DatasetError(
+                    f"dataset 'shards': option {key} must be a positive integer, got {value!r}"
+                )
         self.streams, self.shuffle_buffer = streams, shuffle_buffer
         self.shards: list[Shard] = []
         first = 0
@@ -120,16 +139,26 @@ class ShardDataset(LabeledDataset):
             size = path.stat().st_size if path.is_file() else None
             if size != entry["bytes"]:
                 found = "missing" if size is None else f"{size} bytes"
-                raise DatasetError(f"shard {path} is {found}; {index_path} lists it with "
-                                   f"{entry.get('bytes')} bytes: write the shards again")
+                raise DatasetError(
+                    f"shard {path} is {found}; {index_path} lists it with "
+                    f"{entry.get('bytes')} bytes: write the shards again"
+                )
             self.shards.append(Shard(path, first, entry["samples"], size, entry["sha256"]))
             first += entry["samples"]
         self._firsts = [s.first for s in self.shards]
         targets = [label for label, n in enumerate(index["class_counts"]) for _ in range(n)]
-        digest = hashlib.sha256(json.dumps([index["classes"], [s.sha256 for s in self.shards]])
-                                .encode()).hexdigest()
-        super().__init__("shards", root, split, index["classes"], targets, transform,
-                         params={"shards_sha256": digest})
+        digest = hashlib.sha256(
+            json.dumps([index["classes"], [s.sha256 for s in self.shards]]).encode()
+        ).hexdigest()
+        super().__init__(
+            "shards",
+            root,
+            split,
+            index["classes"],
+            targets,
+            transform,
+            params={"shards_sha256": digest},
+        )
         self._cursor: _Cursor | None = None
 
     def __getstate__(self) -> dict:
@@ -138,8 +167,9 @@ class ShardDataset(LabeledDataset):
     def shard_of(self, index: int) -> int:
         return bisect.bisect_right(self._firsts, index) - 1
 
-    def read(self, shard: int, lo: int = 0, hi: int | None = None,
-             wanted: set[int] | None = None) -> Iterator[tuple[int, bytes]]:
+    def read(
+        self, shard: int, lo: int = 0, hi: int | None = None, wanted: set[int] | None = None
+    ) -> Iterator[tuple[int, bytes]]:
         """(index, encoded image) of samples [lo, hi) of shard number `shard` (positions within
         it), those in `wanted` only if given, in order. Others are skipped without reading."""
         s = self.shards[shard]
@@ -157,8 +187,10 @@ class ShardDataset(LabeledDataset):
             with Image.open(io.BytesIO(data)) as image:
                 return image.convert("RGB")
         except _READ_ERRORS as err:
-            raise DatasetError(f"cannot read image {sample_key(index)} in shard "
-                               f"{self.shards[self.shard_of(index)].path}: {err}") from err
+            raise DatasetError(
+                f"cannot read image {sample_key(index)} in shard "
+                f"{self.shards[self.shard_of(index)].path}: {err}"
+            ) from err
 
     def load_image(self, index: int) -> Image.Image:
         if not 0 <= index < len(self):
@@ -176,17 +208,22 @@ class ShardDataset(LabeledDataset):
         FULL_DECODE_LIMIT samples, as ImageFolder decodes that many, also check each shard's
         sha256 against the index and each label against the counts, and decode every image."""
         full = len(self) <= FULL_DECODE_LIMIT
-        for s in tqdm(self.shards, desc=f"verify shards/{self.split}", unit="shard",
-                      disable=not progress):
+        for s in tqdm(
+            self.shards, desc=f"verify shards/{self.split}", unit="shard", disable=not progress
+        ):
             if full and sha256_file(s.path) != s.sha256:
-                raise DatasetError(f"shard {s.path} does not have the sha256 its index lists: "
-                                   "it changed or is damaged; write the shards again")
+                raise DatasetError(
+                    f"shard {s.path} does not have the sha256 its index lists: "
+                    "it changed or is damaged; write the shards again"
+                )
             with _ShardReader(s) as reader:
                 for index, member in reader.members(LABEL_MEMBER if full else None):
                     if full and int(reader.data(member)) != self.targets[index]:
-                        raise DatasetError(f"shard {s.path}: sample {sample_key(index)} has "
-                                           f"label {int(reader.data(member))}, the index "
-                                           f"{self.targets[index]}")
+                        raise DatasetError(
+                            f"shard {s.path}: sample {sample_key(index)} has "
+                            f"label {int(reader.data(member))}, the index "
+                            f"{self.targets[index]}"
+                        )
         if full:
             for i in range(len(self)):
                 self.load_image(i)
@@ -221,15 +258,19 @@ class _ShardReader:
             except (OSError, tarfile.TarError) as err:
                 raise DatasetError(f"shard {self.shard.path} is damaged: {err}") from None
             if member is None:
-                raise DatasetError(f"shard {self.shard.path} ends before sample "
-                                   f"{sample_key(expected)}: it is not the file its index "
-                                   "describes; write the shards again")
+                raise DatasetError(
+                    f"shard {self.shard.path} ends before sample "
+                    f"{sample_key(expected)}: it is not the file its index "
+                    "describes; write the shards again"
+                )
             key, _, ext = member.name.partition(".")
             if ext == kind or (kind is None and ext in IMAGE_MEMBERS):
                 if key != sample_key(expected):
-                    raise DatasetError(f"shard {self.shard.path}: member {member.name!r} where "
-                                       f"sample {sample_key(expected)}'s was expected: it is "
-                                       "not the file its index describes")
+                    raise DatasetError(
+                        f"shard {self.shard.path}: member {member.name!r} where "
+                        f"sample {sample_key(expected)}'s was expected: it is "
+                        "not the file its index describes"
+                    )
                 yield expected, member
                 expected += 1
 
@@ -237,8 +278,9 @@ class _ShardReader:
         try:
             return self.tar.extractfile(member).read()
         except (OSError, tarfile.TarError) as err:
-            raise DatasetError(f"shard {self.shard.path}: cannot read {member.name}: "
-                               f"{err}") from None
+            raise DatasetError(
+                f"shard {self.shard.path}: cannot read {member.name}: {err}"
+            ) from None
 
 
 class _Cursor:
@@ -265,7 +307,11 @@ class _Cursor:
 
 
 @DATASETS.register("shards")
-def shards(root: Path, split: str, transform: Callable | None = None,
-           streams: int = DEFAULT_STREAMS,
-           shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> ShardDataset:
+def shards(
+    root: Path,
+    split: str,
+    transform: Callable | None = None,
+    streams: int = DEFAULT_STREAMS,
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+) -> ShardDataset:
     return ShardDataset(root, split, transform, streams, shuffle_buffer)

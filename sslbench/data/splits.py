@@ -9,8 +9,9 @@ import numpy as np
 SPLIT_SEED = 0
 
 
-def stratified_split(targets: Sequence[int], fractions: Sequence[float],
-                     seed: int = SPLIT_SEED) -> list[np.ndarray]:
+def stratified_split(
+    targets: Sequence[int], fractions: Sequence[float], seed: int = SPLIT_SEED
+) -> list[np.ndarray]:
     """Partition sample indices into len(fractions) parts with each class cut in those proportions.
 
     Each class is shuffled by a private Generator (so the split neither depends on nor disturbs

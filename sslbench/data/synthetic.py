@@ -60,10 +60,16 @@ STYLES = ("colour", "silhouette")
 _OWN_FILE = re.compile(r"\d{6}\.png")
 
 
-def prepare_synthetic_shapes(root: str | Path, seed: int = 0, image_size: int = 64,
-                             train_per_class: int = 200, val_per_class: int = 50,
-                             test_per_class: int = 100, style: str = "colour",
-                             progress: bool = True) -> Path:
+def prepare_synthetic_shapes(
+    root: str | Path,
+    seed: int = 0,
+    image_size: int = 64,
+    train_per_class: int = 200,
+    val_per_class: int = 50,
+    test_per_class: int = 100,
+    style: str = "colour",
+    progress: bool = True,
+) -> Path:
     """Generate the dataset under `root` unless its meta.json shows the same params; return root.
 
     A root generated with other params is never overwritten (DatasetError naming the params that
@@ -71,33 +77,48 @@ def prepare_synthetic_shapes(root: str | Path, seed: int = 0, image_size: int = 
     unless it holds entries the generator does not write.
     """
     root = Path(root)
-    params = _check_params(generator_version=GENERATOR_VERSION, seed=seed, image_size=image_size,
-                           train_per_class=train_per_class, val_per_class=val_per_class,
-                           test_per_class=test_per_class)
+    params = _check_params(
+        generator_version=GENERATOR_VERSION,
+        seed=seed,
+        image_size=image_size,
+        train_per_class=train_per_class,
+        val_per_class=val_per_class,
+        test_per_class=test_per_class,
+    )
     if style not in STYLES:
         raise DatasetError(f"synthetic-shapes: unknown style {style!r}; valid: {', '.join(STYLES)}")
     params["style"] = style
     if (root / META_FILE).exists():
         on_disk = _read_params(root)
-        differ = [f"{k}: on disk {on_disk.get(k)!r}, requested {v!r}"
-                  for k, v in params.items() if on_disk.get(k) != v]
+        differ = [
+            f"{k}: on disk {on_disk.get(k)!r}, requested {v!r}"
+            for k, v in params.items()
+            if on_disk.get(k) != v
+        ]
         if differ:
-            raise DatasetError(f"{root} already holds synthetic-shapes generated with other "
-                               f"params ({'; '.join(differ)}); use another root, or delete this "
-                               f"one to regenerate")
+            raise DatasetError(
+                f"{root} already holds synthetic-shapes generated with other "
+                f"params ({'; '.join(differ)}); use another root, or delete this "
+                f"one to regenerate"
+            )
         return root
     if root.exists():
         if not root.is_dir():
             raise DatasetError(f"{root} exists and is not a directory")
-        foreign = sorted(n for n in os.listdir(root)
-                         if n not in _OWN_ENTRIES and not n.startswith("."))
+        foreign = sorted(
+            n for n in os.listdir(root) if n not in _OWN_ENTRIES and not n.startswith(".")
+        )
         if foreign:
-            raise DatasetError(f"{root} has no {META_FILE} but holds {foreign[:5]}, which the "
-                               f"synthetic-shapes generator does not write; refusing to write "
-                               f"into it")
+            raise DatasetError(
+                f"{root} has no {META_FILE} but holds {foreign[:5]}, which the "
+                f"synthetic-shapes generator does not write; refusing to write "
+                f"into it"
+            )
     _generate(root, params, progress)
-    write_json_atomic(root / META_FILE, {"generator": "synthetic-shapes", "params": params,
-                                         "classes": list(CLASSES)})
+    write_json_atomic(
+        root / META_FILE,
+        {"generator": "synthetic-shapes", "params": params, "classes": list(CLASSES)},
+    )
     return root
 
 
@@ -106,11 +127,16 @@ def _check_params(**params: Any) -> dict[str, int]:
         params = {k: operator.index(v) for k, v in params.items()}
     except TypeError:
         raise DatasetError(f"synthetic-shapes params must be integers, got {params}") from None
-    bad = [f"{k}={v}" for k, v in params.items()
-           if v < {"seed": 0, "image_size": MIN_IMAGE_SIZE}.get(k, 1)]
+    bad = [
+        f"{k}={v}"
+        for k, v in params.items()
+        if v < {"seed": 0, "image_size": MIN_IMAGE_SIZE}.get(k, 1)
+    ]
     if bad:
-        raise DatasetError(f"synthetic-shapes: invalid {', '.join(bad)} (need seed >= 0, "
-                           f"image_size >= {MIN_IMAGE_SIZE}, at least 1 image per class)")
+        raise DatasetError(
+            f"synthetic-shapes: invalid {', '.join(bad)} (need seed >= 0, "
+            f"image_size >= {MIN_IMAGE_SIZE}, at least 1 image per class)"
+        )
     return params
 
 
@@ -119,15 +145,17 @@ def _read_params(root: Path) -> dict[str, Any]:
     try:
         return dict(json.loads(path.read_text(encoding="utf-8"))["params"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DatasetError(f"{path} is not a synthetic-shapes meta file ({err!r}); delete "
-                           f"{root} to regenerate") from None
+        raise DatasetError(
+            f"{path} is not a synthetic-shapes meta file ({err!r}); delete {root} to regenerate"
+        ) from None
 
 
 def _generate(root: Path, params: dict[str, int], progress: bool) -> None:
     size = params["image_size"]
     total = len(CLASSES) * sum(params[f"{split}_per_class"] for split in SPLITS)
-    with tqdm(total=total, desc=f"synthetic-shapes -> {root}", unit="img",
-              disable=not progress) as bar:
+    with tqdm(
+        total=total, desc=f"synthetic-shapes -> {root}", unit="img", disable=not progress
+    ) as bar:
         for split_id, split in enumerate(SPLITS):
             per_class = params[f"{split}_per_class"]
             images: list[dict] = []
@@ -142,16 +170,24 @@ def _generate(root: Path, params: dict[str, int], progress: bool) -> None:
                     file = f"{i:06d}.png"
                     Image.fromarray(pixels).save(image_dir / file)
                     Image.fromarray(label_map).save(label_dir / file)
-                    images.append({"id": len(images) + 1, "file_name": f"{split}/{name}/{file}",
-                                   "width": size, "height": size})
+                    images.append(
+                        {
+                            "id": len(images) + 1,
+                            "file_name": f"{split}/{name}/{file}",
+                            "width": size,
+                            "height": size,
+                        }
+                    )
                     for obj in objects:
-                        annotations.append({"id": len(annotations) + 1,
-                                            "image_id": images[-1]["id"], **obj})
+                        annotations.append(
+                            {"id": len(annotations) + 1, "image_id": images[-1]["id"], **obj}
+                        )
                     bar.update()
                 _remove_stale(image_dir, per_class)
                 _remove_stale(label_dir, per_class)
-            _write_coco(root / "annotations" / f"instances_{split}.json", images, annotations,
-                        params)
+            _write_coco(
+                root / "annotations" / f"instances_{split}.json", images, annotations, params
+            )
 
 
 def _remove_stale(directory: Path, count: int) -> None:
@@ -162,16 +198,22 @@ def _remove_stale(directory: Path, count: int) -> None:
 
 
 def _write_coco(path: Path, images: list, annotations: list, params: dict) -> None:
-    coco = {"info": {"description": "synthetic-shapes", **params}, "licenses": [],
-            "images": images, "annotations": annotations,
-            "categories": [{"id": k + 1, "name": name, "supercategory": "shape"}
-                           for k, name in enumerate(CLASSES)]}
+    coco = {
+        "info": {"description": "synthetic-shapes", **params},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": [
+            {"id": k + 1, "name": name, "supercategory": "shape"} for k, name in enumerate(CLASSES)
+        ],
+    }
     with atomic_path(path) as tmp:  # compact: indenting would triple the size of the polygons
         tmp.write_text(json.dumps(coco, separators=(",", ":")), encoding="utf-8")
 
 
-def render(rng: np.random.Generator, label: int, size: int,
-           style: str = "colour") -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+def render(
+    rng: np.random.Generator, label: int, size: int, style: str = "colour"
+) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
     """One image: RGB pixels, its label map, and its objects as COCO annotation fields.
 
     Both styles make the same random draws, so they differ in pixels only.
@@ -184,8 +226,9 @@ def render(rng: np.random.Generator, label: int, size: int,
         other = (label + int(rng.integers(1, len(CLASSES)))) % len(CLASSES)
         for _ in range(PLACEMENT_TRIES):
             distractor = _shape(rng, other, DISTRACTOR_SIZE, size)
-            if distractor[0]["area"] > 0 and _boxes_apart(placed[0][0]["bbox"],
-                                                          distractor[0]["bbox"]):
+            if distractor[0]["area"] > 0 and _boxes_apart(
+                placed[0][0]["bbox"], distractor[0]["bbox"]
+            ):
                 placed.append(distractor)
                 break
     label_map = np.zeros((size, size), np.uint8)
@@ -198,8 +241,9 @@ def render(rng: np.random.Generator, label: int, size: int,
     return pixels, label_map, [annotation for annotation, _ in placed]
 
 
-def _shape(rng: np.random.Generator, label: int, diameter: tuple[float, float],
-           size: int) -> tuple[dict[str, Any], np.ndarray]:
+def _shape(
+    rng: np.random.Generator, label: int, diameter: tuple[float, float], size: int
+) -> tuple[dict[str, Any], np.ndarray]:
     """A random pose of class `label` with its enclosing disc inside the image: COCO fields, mask.
 
     The mask is pycocotools' rasterisation of the polygon exactly as the JSON stores it, so it is
@@ -213,17 +257,27 @@ def _shape(rng: np.random.Generator, label: int, diameter: tuple[float, float],
         warnings.simplefilter("ignore", DeprecationWarning)
         rle = mask_utils.frPyObjects([polygon], size, size)
         mask = mask_utils.decode(rle)[..., 0] > 0
-    return {"category_id": label + 1, "bbox": mask_utils.toBbox(rle)[0].tolist(),
-            "area": float(mask.sum()), "segmentation": [polygon], "iscrowd": 0}, mask
+    return {
+        "category_id": label + 1,
+        "bbox": mask_utils.toBbox(rle)[0].tolist(),
+        "area": float(mask.sum()),
+        "segmentation": [polygon],
+        "iscrowd": 0,
+    }, mask
 
 
 def _boxes_apart(a: list[float], b: list[float], gap: float = 1.0) -> bool:
-    return (a[0] + a[2] + gap <= b[0] or b[0] + b[2] + gap <= a[0]
-            or a[1] + a[3] + gap <= b[1] or b[1] + b[3] + gap <= a[1])
+    return (
+        a[0] + a[2] + gap <= b[0]
+        or b[0] + b[2] + gap <= a[0]
+        or a[1] + a[3] + gap <= b[1]
+        or b[1] + b[3] + gap <= a[1]
+    )
 
 
-def _background(rng: np.random.Generator, colour: np.ndarray, grid: np.ndarray,
-                size: int) -> np.ndarray:
+def _background(
+    rng: np.random.Generator, colour: np.ndarray, grid: np.ndarray, size: int
+) -> np.ndarray:
     """`colour` plus a linear gradient in a random direction plus mild pixel noise."""
     angle = rng.uniform(0, 2 * np.pi)
     ramp = ((grid[1] - size / 2) * np.cos(angle) + (grid[0] - size / 2) * np.sin(angle)) / size
@@ -237,8 +291,9 @@ def _contrasting(rng: np.random.Generator, background: np.ndarray) -> np.ndarray
             return colour
 
 
-def _texture(rng: np.random.Generator, colour: np.ndarray, grid: np.ndarray,
-             size: int) -> np.ndarray:
+def _texture(
+    rng: np.random.Generator, colour: np.ndarray, grid: np.ndarray, size: int
+) -> np.ndarray:
     """A full-image fill pattern around `colour`; the caller keeps the pixels under the mask."""
     kind = TEXTURES[rng.integers(len(TEXTURES))]
     if kind == "flat":
@@ -258,17 +313,21 @@ def _texture(rng: np.random.Generator, colour: np.ndarray, grid: np.ndarray,
 
 
 @DATASETS.register("synthetic-shapes")
-def synthetic_shapes(root: Path, split: str, transform: Callable | None = None,
-                     **generation: Any) -> ImageFolder:
+def synthetic_shapes(
+    root: Path, split: str, transform: Callable | None = None, **generation: Any
+) -> ImageFolder:
     """Generate (or find) the dataset, then read the split back through the ImageFolder reader."""
-    root = call_with_options(prepare_synthetic_shapes, "dataset 'synthetic-shapes'", root,
-                             **generation)
+    root = call_with_options(
+        prepare_synthetic_shapes, "dataset 'synthetic-shapes'", root, **generation
+    )
     params = _read_params(root)
     dataset = ImageFolder(root, split, transform, name="synthetic-shapes", params=params)
     expected = params[f"{split}_per_class"] * len(CLASSES)
     if dataset.classes != list(CLASSES) or len(dataset) != expected:
-        raise DatasetError(f"{root / split} holds {len(dataset)} images in classes "
-                           f"{dataset.classes}, but the generator wrote {expected} in "
-                           f"{list(CLASSES)}; files were added or removed: delete {root} to "
-                           f"regenerate")
+        raise DatasetError(
+            f"{root / split} holds {len(dataset)} images in classes "
+            f"{dataset.classes}, but the generator wrote {expected} in "
+            f"{list(CLASSES)}; files were added or removed: delete {root} to "
+            f"regenerate"
+        )
     return dataset

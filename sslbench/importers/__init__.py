@@ -8,5 +8,15 @@ from .formats import ALIASES, FORMATS, Format, Layout
 from .importing import AUTO, CheckpointImportError, ImportReport, import_checkpoint
 from .reading import CheckpointReadError, read_checkpoint
 
-__all__ = ["ALIASES", "AUTO", "FORMATS", "CheckpointImportError", "CheckpointReadError", "Format",
-           "ImportReport", "Layout", "import_checkpoint", "read_checkpoint"]
+__all__ = [
+    "ALIASES",
+    "AUTO",
+    "FORMATS",
+    "CheckpointImportError",
+    "CheckpointReadError",
+    "Format",
+    "ImportReport",
+    "Layout",
+    "import_checkpoint",
+    "read_checkpoint",
+]

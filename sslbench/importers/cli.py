@@ -32,36 +32,78 @@ def _arch_arg(text: str) -> tuple[str, object]:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
-    parser.add_argument("format", metavar="FORMAT",
-                        choices=[AUTO, *FORMATS, *ALIASES],
-                        help=f"where the checkpoint comes from: {', '.join([AUTO, *FORMATS])} "
-                             f"({', '.join(ALIASES)}: mmpretrain); auto detects it from the keys")
-    parser.add_argument("checkpoint", metavar="CHECKPOINT",
-                        help="the file (.pth, .pth.tar, .ckpt, .torch, .pkl, .safetensors)")
-    parser.add_argument("--arch", required=True,
-                        help="the backbone architecture (resnet18..152, wide_resnet50_2, "
-                             "vit_{tiny,small,base,large}_patch16_224, timm:NAME)")
-    parser.add_argument("--arch-arg", dest="arch_args", action="append", default=[],
-                        type=_arch_arg, metavar="KEY=VALUE",
-                        help="an architecture argument, e.g. stem=small, img_size=32, pool=avg "
-                             "(repeatable)")
-    parser.add_argument("--out", required=True, metavar="RUN_DIR",
-                        help="the run directory to write backbone.safetensors and backbone.json")
-    parser.add_argument("--method", help="the method that trained it (default: what the "
-                                         "format implies; required where it implies none)")
-    parser.add_argument("--prefix", help="dotted path of the backbone's tensors in the file, "
-                                         "e.g. state_dict.module.encoder. (overrides the format's)")
-    parser.add_argument("--mean", type=float, nargs=3, default=list(IMAGENET_MEAN),
-                        metavar=("R", "G", "B"),
-                        help="input normalisation mean of [0, 1] RGB (default ImageNet's)")
-    parser.add_argument("--std", type=float, nargs=3, default=list(IMAGENET_STD),
-                        metavar=("R", "G", "B"),
-                        help="input normalisation std (default ImageNet's)")
+    parser.add_argument(
+        "format",
+        metavar="FORMAT",
+        choices=[AUTO, *FORMATS, *ALIASES],
+        help=f"where the checkpoint comes from: {', '.join([AUTO, *FORMATS])} "
+        f"({', '.join(ALIASES)}: mmpretrain); auto detects it from the keys",
+    )
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="the file (.pth, .pth.tar, .ckpt, .torch, .pkl, .safetensors)",
+    )
+    parser.add_argument(
+        "--arch",
+        required=True,
+        help="the backbone architecture (resnet18..152, wide_resnet50_2, "
+        "vit_{tiny,small,base,large}_patch16_224, timm:NAME)",
+    )
+    parser.add_argument(
+        "--arch-arg",
+        dest="arch_args",
+        action="append",
+        default=[],
+        type=_arch_arg,
+        metavar="KEY=VALUE",
+        help="an architecture argument, e.g. stem=small, img_size=32, pool=avg (repeatable)",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="RUN_DIR",
+        help="the run directory to write backbone.safetensors and backbone.json",
+    )
+    parser.add_argument(
+        "--method",
+        help="the method that trained it (default: what the "
+        "format implies; required where it implies none)",
+    )
+    parser.add_argument(
+        "--prefix",
+        help="dotted path of the backbone's tensors in the file, "
+        "e.g. state_dict.module.encoder. (overrides the format's)",
+    )
+    parser.add_argument(
+        "--mean",
+        type=float,
+        nargs=3,
+        default=list(IMAGENET_MEAN),
+        metavar=("R", "G", "B"),
+        help="input normalisation mean of [0, 1] RGB (default ImageNet's)",
+    )
+    parser.add_argument(
+        "--std",
+        type=float,
+        nargs=3,
+        default=list(IMAGENET_STD),
+        metavar=("R", "G", "B"),
+        help="input normalisation std (default ImageNet's)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    report = import_checkpoint(args.format, args.checkpoint, arch=args.arch, out=args.out,
-                               arch_kwargs=dict(args.arch_args), method=args.method,
-                               prefix=args.prefix, mean=tuple(args.mean), std=tuple(args.std))
+    report = import_checkpoint(
+        args.format,
+        args.checkpoint,
+        arch=args.arch,
+        out=args.out,
+        arch_kwargs=dict(args.arch_args),
+        method=args.method,
+        prefix=args.prefix,
+        mean=tuple(args.mean),
+        std=tuple(args.std),
+    )
     print("\n".join(report.lines()))
     return 0

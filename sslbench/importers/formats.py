@@ -77,52 +77,103 @@ def _under(prefixes: tuple[str, ...], *roots: str) -> tuple[Layout, ...]:
     return tuple(Layout(root + prefix) for root in roots for prefix in prefixes)
 
 
-FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("torchvision", (Layout("", method="supervised"),)),
-    Format("timm", _under(("", "module."), "state_dict_ema.", "model_ema.", "state_dict.",
-                          "model.", ""),),
-    Format("moco", (
-        Layout("state_dict.module.encoder_q.", "MoCo v1/v2", _mocov1_or_v2),
-        Layout("state_dict.module.base_encoder.", "MoCo v3", "mocov3",
-               arch_defaults=MOCO_V3_VIT_HEADS)),
-        slot="projector",
-        groups=(("state_dict.module.encoder_k.", "momentum encoder"),
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("torchvision", (Layout("", method="supervised"),)),
+        Format(
+            "timm",
+            _under(("", "module."), "state_dict_ema.", "model_ema.", "state_dict.", "model.", ""),
+        ),
+        Format(
+            "moco",
+            (
+                Layout("state_dict.module.encoder_q.", "MoCo v1/v2", _mocov1_or_v2),
+                Layout(
+                    "state_dict.module.base_encoder.",
+                    "MoCo v3",
+                    "mocov3",
+                    arch_defaults=MOCO_V3_VIT_HEADS,
+                ),
+            ),
+            slot="projector",
+            groups=(
+                ("state_dict.module.encoder_k.", "momentum encoder"),
                 ("state_dict.module.momentum_encoder.", "momentum encoder"),
                 ("state_dict.module.predictor.", "predictor"),
-                ("state_dict.module.queue", "queue"))),
-    Format("dino", (
-        Layout("teacher.backbone.", "teacher", "dino"),
-        Layout("teacher.module.backbone.", "teacher", "dino"),
-        Layout("student.module.backbone.", "student", "dino"),
-        Layout("", "released backbone", "dino")),
-        groups=(("teacher.head.", "DINO head"), ("teacher.module.head.", "DINO head"),
-                ("student.", "student"), ("dino_loss.", "DINO loss center"))),
-    Format("solo-learn", (Layout("state_dict.backbone."),),
-           groups=(("state_dict.projector.", "projector"),
-                   ("state_dict.predictor.", "predictor"),
-                   ("state_dict.momentum_backbone.", "momentum encoder"),
-                   ("state_dict.momentum_projector.", "momentum projector"),
-                   ("state_dict.classifier.", "online classifier"),
-                   ("state_dict.queue", "queue")),
-           signatures=(("pytorch-lightning_version", "state_dict.classifier."),)),
-    Format("lightly", (Layout("state_dict.backbone."), Layout("backbone.")),
-           rename=names.from_sequential,
-           groups=(("state_dict.projection_head.", "projector"), ("projection_head.", "projector"),
-                   ("state_dict.prediction_head.", "predictor"), ("prediction_head.", "predictor"),
-                   ("state_dict.online_classifier.", "online classifier")),
-           signatures=(("state_dict.backbone.", "state_dict.projection_head."),
-                       ("backbone.", "projection_head."))),
-    Format("mmpretrain", (Layout("state_dict.backbone."),), rename=names.from_mmpretrain,
-           families=("resnet", "vit"),
-           groups=(("state_dict.neck.", "neck (projector)"), ("state_dict.head.", "head"),
-                   ("state_dict.target_net.", "momentum encoder"),
-                   ("state_dict.momentum_encoder.", "momentum encoder"),
-                   ("state_dict.data_preprocessor.", "data preprocessor")),
-           signatures=(("meta", "state_dict.backbone."),)),
-    Format("vissl", (Layout("classy_state_dict.base_model.model.trunk._feature_blocks."),),
-           families=("resnet",),
-           groups=(("classy_state_dict.base_model.model.heads.", "heads"),)),
-    Format("detectron2", (Layout("model."), Layout("model.backbone.bottom_up."), Layout("")),
-           rename=names.from_detectron2, families=("resnet",)),
-)}
+                ("state_dict.module.queue", "queue"),
+            ),
+        ),
+        Format(
+            "dino",
+            (
+                Layout("teacher.backbone.", "teacher", "dino"),
+                Layout("teacher.module.backbone.", "teacher", "dino"),
+                Layout("student.module.backbone.", "student", "dino"),
+                Layout("", "released backbone", "dino"),
+            ),
+            groups=(
+                ("teacher.head.", "DINO head"),
+                ("teacher.module.head.", "DINO head"),
+                ("student.", "student"),
+                ("dino_loss.", "DINO loss center"),
+            ),
+        ),
+        Format(
+            "solo-learn",
+            (Layout("state_dict.backbone."),),
+            groups=(
+                ("state_dict.projector.", "projector"),
+                ("state_dict.predictor.", "predictor"),
+                ("state_dict.momentum_backbone.", "momentum encoder"),
+                ("state_dict.momentum_projector.", "momentum projector"),
+                ("state_dict.classifier.", "online classifier"),
+                ("state_dict.queue", "queue"),
+            ),
+            signatures=(("pytorch-lightning_version", "state_dict.classifier."),),
+        ),
+        Format(
+            "lightly",
+            (Layout("state_dict.backbone."), Layout("backbone.")),
+            rename=names.from_sequential,
+            groups=(
+                ("state_dict.projection_head.", "projector"),
+                ("projection_head.", "projector"),
+                ("state_dict.prediction_head.", "predictor"),
+                ("prediction_head.", "predictor"),
+                ("state_dict.online_classifier.", "online classifier"),
+            ),
+            signatures=(
+                ("state_dict.backbone.", "state_dict.projection_head."),
+                ("backbone.", "projection_head."),
+            ),
+        ),
+        Format(
+            "mmpretrain",
+            (Layout("state_dict.backbone."),),
+            rename=names.from_mmpretrain,
+            families=("resnet", "vit"),
+            groups=(
+                ("state_dict.neck.", "neck (projector)"),
+                ("state_dict.head.", "head"),
+                ("state_dict.target_net.", "momentum encoder"),
+                ("state_dict.momentum_encoder.", "momentum encoder"),
+                ("state_dict.data_preprocessor.", "data preprocessor"),
+            ),
+            signatures=(("meta", "state_dict.backbone."),),
+        ),
+        Format(
+            "vissl",
+            (Layout("classy_state_dict.base_model.model.trunk._feature_blocks."),),
+            families=("resnet",),
+            groups=(("classy_state_dict.base_model.model.heads.", "heads"),),
+        ),
+        Format(
+            "detectron2",
+            (Layout("model."), Layout("model.backbone.bottom_up."), Layout("")),
+            rename=names.from_detectron2,
+            families=("resnet",),
+        ),
+    )
+}
 ALIASES = {"mmselfsup": "mmpretrain", "mmcls": "mmpretrain"}

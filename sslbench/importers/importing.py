@@ -65,9 +65,11 @@ class ImportReport:
         out = [f"format: {chosen}, backbone tensors under {self.namespace or '(top level)'!r}"]
         if self.auto:
             out.append(f"auto: {self.auto}")
-        out.append(f"backbone: {self.arch}, {self.tensors} tensors, {self.parameters:,} "
-                   "parameters" + (f"; {self.filled} BatchNorm counters absent, set to 0"
-                                   if self.filled else ""))
+        out.append(
+            f"backbone: {self.arch}, {self.tensors} tensors, {self.parameters:,} "
+            "parameters"
+            + (f"; {self.filled} BatchNorm counters absent, set to 0" if self.filled else "")
+        )
         dropped = ", ".join(f"{label} ({n})" for label, n in self.dropped.items())
         out.append(f"dropped: {dropped or 'nothing'}")
         out.append(f"method: {self.method} ({'inferred' if self.method_inferred else 'given'})")
@@ -79,8 +81,9 @@ def get_format(name: str) -> Format:
     name = ALIASES.get(name, name)
     if name not in FORMATS:
         known = ", ".join([AUTO, *FORMATS, *ALIASES])
-        raise CheckpointImportError(f"unknown checkpoint format {name!r}"
-                                    f"{closest(name, [AUTO, *FORMATS])}; known: {known}")
+        raise CheckpointImportError(
+            f"unknown checkpoint format {name!r}{closest(name, [AUTO, *FORMATS])}; known: {known}"
+        )
     return FORMATS[name]
 
 
@@ -116,15 +119,20 @@ def _renamed(fmt: Format, key: str) -> str | None:
     return fmt.rename(key) if fmt.rename else key
 
 
-def hits(tensors: Mapping[str, torch.Tensor], fmt: Format, layout: Layout,
-         own: Mapping[str, torch.Tensor]) -> int:
+def hits(
+    tensors: Mapping[str, torch.Tensor],
+    fmt: Format,
+    layout: Layout,
+    own: Mapping[str, torch.Tensor],
+) -> int:
     """How many of the architecture's tensors the layout finds (by name)."""
     ns = layout.namespace
-    return sum(1 for key in tensors if key.startswith(ns) and _renamed(fmt, key[len(ns):]) in own)
+    return sum(1 for key in tensors if key.startswith(ns) and _renamed(fmt, key[len(ns) :]) in own)
 
 
-def choose_layout(tensors: Mapping[str, torch.Tensor], fmt: Format,
-                  own: Mapping[str, torch.Tensor]) -> Layout | None:
+def choose_layout(
+    tensors: Mapping[str, torch.Tensor], fmt: Format, own: Mapping[str, torch.Tensor]
+) -> Layout | None:
     return next((lay for lay in fmt.layouts if hits(tensors, fmt, lay, own)), None)
 
 
@@ -140,8 +148,14 @@ def _group(key: str, fmt: Format, namespace: str) -> str:
     return ".".join(parts[:depth])
 
 
-def extract(tensors: Mapping[str, torch.Tensor], fmt: Format, layout: Layout, model: nn.Module,
-            arch: str, source: str) -> Extraction:
+def extract(
+    tensors: Mapping[str, torch.Tensor],
+    fmt: Format,
+    layout: Layout,
+    model: nn.Module,
+    arch: str,
+    source: str,
+) -> Extraction:
     """The architecture's state from the layout's namespace, strictly (module docstring)."""
     own = model.state_dict()
     ns, slot = layout.namespace, model.facts.structure.get("classifier", "")
@@ -151,11 +165,12 @@ def extract(tensors: Mapping[str, torch.Tensor], fmt: Format, layout: Layout, mo
         if not key.startswith(ns):
             dropped[_group(key, fmt, ns)] += 1
             continue
-        name = _renamed(fmt, key[len(ns):])
+        name = _renamed(fmt, key[len(ns) :])
         if name in own:
             if name in found:
-                raise CheckpointImportError(f"{source}: {found[name][0]} and {key} both name "
-                                            f"{name}")
+                raise CheckpointImportError(
+                    f"{source}: {found[name][0]} and {key} both name {name}"
+                )
             found[name] = (key, value)
         elif name is not None and slot and (name == slot or name.startswith(slot + ".")):
             dropped[f"{fmt.slot} ({ns}{slot})"] += 1
@@ -167,18 +182,22 @@ def extract(tensors: Mapping[str, torch.Tensor], fmt: Format, layout: Layout, mo
             raise CheckpointImportError(
                 f"{source}: {key} has shape {tuple(value.shape)}, but {arch} expects "
                 f"{tuple(expected.shape)} for {name}: the checkpoint is not a {arch} with "
-                "these arguments (check --arch and --arch-arg)")
+                "these arguments (check --arch and --arch-arg)"
+            )
     missing = [n for n in own if n not in found and not n.endswith(COUNTER)]
     if missing:
         raise CheckpointImportError(
             f"{source}: {len(missing)} of {arch}'s tensors are not under {ns or 'the top level'!r}"
-            f", e.g. {', '.join(ns + n for n in missing[:3])}")
+            f", e.g. {', '.join(ns + n for n in missing[:3])}"
+        )
     if leftovers:
-        shown = ", ".join(leftovers[:5]) + (f", … ({len(leftovers)} in all)"
-                                            if len(leftovers) > 5 else "")
+        shown = ", ".join(leftovers[:5]) + (
+            f", … ({len(leftovers)} in all)" if len(leftovers) > 5 else ""
+        )
         raise CheckpointImportError(
             f"{source}: keys under the backbone's namespace {ns!r} that {arch} does not have: "
-            f"{shown}")
+            f"{shown}"
+        )
     state, filled = {}, []
     for name, expected in own.items():
         if name in found:
@@ -189,8 +208,9 @@ def extract(tensors: Mapping[str, torch.Tensor], fmt: Format, layout: Layout, mo
     return Extraction(state, dict(dropped), filled)
 
 
-def detect(tensors: Mapping[str, torch.Tensor], paths: set[str], model: nn.Module,
-           source: str) -> tuple[Format, Layout, str]:
+def detect(
+    tensors: Mapping[str, torch.Tensor], paths: set[str], model: nn.Module, source: str
+) -> tuple[Format, Layout, str]:
     """The format whose layout (and signature) the file matches, and a note saying how.
 
     Formats that read the same tensors under the same names count as one (a bare ResNet state
@@ -200,17 +220,23 @@ def detect(tensors: Mapping[str, torch.Tensor], paths: set[str], model: nn.Modul
     own = model.state_dict()
     candidates = []
     for fmt in FORMATS.values():
-        if fmt.signatures and not any(all(any(p.startswith(part) for p in paths) for part in sig)
-                                      for sig in fmt.signatures):
+        if fmt.signatures and not any(
+            all(any(p.startswith(part) for p in paths) for part in sig) for sig in fmt.signatures
+        ):
             continue
         layout = choose_layout(tensors, fmt, own)
         if layout is not None:
-            reading = frozenset((key, _renamed(fmt, key[len(layout.namespace):]))
-                                for key in tensors if key.startswith(layout.namespace))
+            reading = frozenset(
+                (key, _renamed(fmt, key[len(layout.namespace) :]))
+                for key in tensors
+                if key.startswith(layout.namespace)
+            )
             candidates.append((fmt, layout, reading))
     if not candidates:
-        raise CheckpointImportError(f"{source}: no known format holds the architecture's "
-                                    "tensors; name the format, or give --prefix")
+        raise CheckpointImportError(
+            f"{source}: no known format holds the architecture's "
+            "tensors; name the format, or give --prefix"
+        )
     listed = ", ".join(f"{f.name} ({lay.namespace or 'top level'})" for f, lay, _ in candidates)
     if len({reading for _, _, reading in candidates}) > 1:
         raise CheckpointImportError(f"{source}: ambiguous, it reads as {listed}; name the format")
@@ -224,23 +250,32 @@ def detect(tensors: Mapping[str, torch.Tensor], paths: set[str], model: nn.Modul
 
 
 def _inner(tensors: Mapping[str, torch.Tensor], layout: Layout) -> set[str]:
-    return {k[len(layout.namespace):] for k in tensors if k.startswith(layout.namespace)}
+    return {k[len(layout.namespace) :] for k in tensors if k.startswith(layout.namespace)}
 
 
 def _method(layout: Layout, keys: set[str]) -> str | None:
     return layout.method(keys) if callable(layout.method) else layout.method
 
 
-def import_checkpoint(fmt_name: str, checkpoint: str | Path, *, arch: str, out: str | Path,
-                      arch_kwargs: dict[str, Any] | None = None, method: str | None = None,
-                      prefix: str | None = None, mean: tuple[float, ...] = IMAGENET_MEAN,
-                      std: tuple[float, ...] = IMAGENET_STD) -> ImportReport:
+def import_checkpoint(
+    fmt_name: str,
+    checkpoint: str | Path,
+    *,
+    arch: str,
+    out: str | Path,
+    arch_kwargs: dict[str, Any] | None = None,
+    method: str | None = None,
+    prefix: str | None = None,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> ImportReport:
     """Read `checkpoint` as `fmt_name` (or detect it: "auto"), take the backbone `arch` out of it,
     and write it as a backbone artifact into `out`."""
     checkpoint, out = Path(checkpoint), Path(out)
     if (out / MANIFEST_FILE).exists():
-        raise CheckpointImportError(f"{out} already holds a backbone ({MANIFEST_FILE}); choose "
-                                    "another --out")
+        raise CheckpointImportError(
+            f"{out} already holds a backbone ({MANIFEST_FILE}); choose another --out"
+        )
     fmt = None if fmt_name == AUTO else get_format(fmt_name)
     for name, size in (("mean", len(mean)), ("std", len(std))):
         if size != 3:
@@ -260,31 +295,63 @@ def import_checkpoint(fmt_name: str, checkpoint: str | Path, *, arch: str, out: 
         layout = choose_layout(tensors, fmt, model.state_dict())
         if layout is None:
             tried = ", ".join(repr(lay.namespace or "top level") for lay in fmt.layouts)
-            raise CheckpointImportError(f"{source}: none of {arch}'s tensors is where {fmt.name} "
-                                        f"keeps a backbone ({tried}); wrong format or --arch?")
+            raise CheckpointImportError(
+                f"{source}: none of {arch}'s tensors is where {fmt.name} "
+                f"keeps a backbone ({tried}); wrong format or --arch?"
+            )
     if fmt.families and model.facts.family not in fmt.families:
-        raise CheckpointImportError(f"the {fmt.name} format holds {' or '.join(fmt.families)} "
-                                    f"backbones here; {arch} is a {model.facts.family}")
-    defaults = {k: v for k, v in layout.arch_defaults.get(arch, {}).items()
-                if k not in given_kwargs}
+        raise CheckpointImportError(
+            f"the {fmt.name} format holds {' or '.join(fmt.families)} "
+            f"backbones here; {arch} is a {model.facts.family}"
+        )
+    defaults = {
+        k: v for k, v in layout.arch_defaults.get(arch, {}).items() if k not in given_kwargs
+    }
     if defaults:  # the source's own variant of the architecture (MoCo v3's 12-head ViT-S)
         given_kwargs.update(defaults)
         model = build_backbone(arch, **given_kwargs)
     found = extract(tensors, fmt, layout, model, arch, source)
     inferred = _method(layout, _inner(tensors, layout))
     if method is None and inferred is None:
-        raise CheckpointImportError(f"{source}: a {fmt.name} checkpoint does not say which method "
-                                    "trained it; give --method NAME")
+        raise CheckpointImportError(
+            f"{source}: a {fmt.name} checkpoint does not say which method "
+            "trained it; give --method NAME"
+        )
     model.load_state_dict(found.state, strict=True)
     provenance = {
-        "format": fmt.name, "file": checkpoint.name, "sha256": sha256_file(checkpoint),
-        "namespace": layout.namespace, "variant": layout.variant,
-        "dropped": found.dropped, "counters_set_to_zero": len(found.filled),
-        "method": "given" if method else "inferred"}
-    save_backbone(out, model, arch=arch, arch_kwargs=given_kwargs, method=method or inferred,
-                  mean=mean, std=std, imported=True, source=provenance,
-                  run_name=out.name)  # as a pretraining run's: its directory names the row
-    return ImportReport(out, fmt.name, layout.namespace, layout.variant, arch, given_kwargs,
-                        method or inferred, method is None, len(found.state),
-                        sum(p.numel() for p in model.parameters()), found.dropped,
-                        len(found.filled), note)
+        "format": fmt.name,
+        "file": checkpoint.name,
+        "sha256": sha256_file(checkpoint),
+        "namespace": layout.namespace,
+        "variant": layout.variant,
+        "dropped": found.dropped,
+        "counters_set_to_zero": len(found.filled),
+        "method": "given" if method else "inferred",
+    }
+    save_backbone(
+        out,
+        model,
+        arch=arch,
+        arch_kwargs=given_kwargs,
+        method=method or inferred,
+        mean=mean,
+        std=std,
+        imported=True,
+        source=provenance,
+        run_name=out.name,
+    )  # as a pretraining run's: its directory names the row
+    return ImportReport(
+        out,
+        fmt.name,
+        layout.namespace,
+        layout.variant,
+        arch,
+        given_kwargs,
+        method or inferred,
+        method is None,
+        len(found.state),
+        sum(p.numel() for p in model.parameters()),
+        found.dropped,
+        len(found.filled),
+        note,
+    )

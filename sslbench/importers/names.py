@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import re
 
-_FIELDS = {"layer": r"(?P<layer>[1-4])", "res": r"(?P<res>[2-5])", "block": r"(?P<block>\d+)",
-           "k": r"(?P<k>\d)", "rest": r"(?P<rest>.+)",
-           "bn": r"(?P<bn>weight|bias|running_mean|running_var|num_batches_tracked)"}
+_FIELDS = {
+    "layer": r"(?P<layer>[1-4])",
+    "res": r"(?P<res>[2-5])",
+    "block": r"(?P<block>\d+)",
+    "k": r"(?P<k>\d)",
+    "rest": r"(?P<rest>.+)",
+    "bn": r"(?P<bn>weight|bias|running_mean|running_var|num_batches_tracked)",
+}
 # (torchvision name, detectron2 name); detectron2's res{N} is torchvision's layer{N-1}. MoCo's
 # convert-pretrain-to-detectron2.py puts "stem." before every key outside the stages, its
 # projection head (fc) included; detectron2 ignores it, and here it is the classifier slot.
@@ -27,8 +32,18 @@ DETECTRON2_RULES = (
     ("layer{layer}.{block}.downsample.1.{bn}", "res{res}.{block}.shortcut.norm.{bn}"),
 )
 # torchvision.models.resnet's children in order: what nn.Sequential(*resnet.children()) numbers
-RESNET_CHILDREN = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
-                   "avgpool", "fc")
+RESNET_CHILDREN = (
+    "conv1",
+    "bn1",
+    "relu",
+    "maxpool",
+    "layer1",
+    "layer2",
+    "layer3",
+    "layer4",
+    "avgpool",
+    "fc",
+)
 
 
 def _pattern(template: str) -> re.Pattern:
@@ -66,15 +81,18 @@ def from_detectron2(key: str) -> str | None:
 # (mmpretrain name, timm name) of a ViT with a class token, no layer scale and no pre-norm
 # (mmpretrain/models/backbones/vision_transformer.py); a variant with either keeps tensors no
 # rule names, which the importer reports as not part of the architecture.
-MMPRETRAIN_VIT_RULES = [(re.compile(src), dst) for src, dst in (
-    (r"patch_embed\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
-    (r"layers\.(\d+)\.ln1\.(weight|bias)", r"blocks.\1.norm1.\2"),
-    (r"layers\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
-    (r"layers\.(\d+)\.ln2\.(weight|bias)", r"blocks.\1.norm2.\2"),
-    (r"layers\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-    (r"layers\.(\d+)\.ffn\.layers\.1\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
-    (r"ln1\.(weight|bias)", r"norm.\1"),
-)]
+MMPRETRAIN_VIT_RULES = [
+    (re.compile(src), dst)
+    for src, dst in (
+        (r"patch_embed\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+        (r"layers\.(\d+)\.ln1\.(weight|bias)", r"blocks.\1.norm1.\2"),
+        (r"layers\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)", r"blocks.\1.attn.\2.\3"),
+        (r"layers\.(\d+)\.ln2\.(weight|bias)", r"blocks.\1.norm2.\2"),
+        (r"layers\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+        (r"layers\.(\d+)\.ffn\.layers\.1\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+        (r"ln1\.(weight|bias)", r"norm.\1"),
+    )
+]
 
 
 def from_mmpretrain(key: str) -> str:

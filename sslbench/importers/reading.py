@@ -32,17 +32,52 @@ ZIP_MAGIC = b"PK\x03\x04"
 # A legacy torch.save file starts with its magic number pickled (protocol 2, LONG1 of 10 bytes).
 LEGACY_HEADER = b"\x80\x02\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
 # Packages whose classes appear as metadata in the checkpoints of the supported sources.
-METADATA_PACKAGES = frozenset({
-    "argparse", "collections", "datetime", "enum", "pathlib", "typing",  # standard library
-    "numpy", "omegaconf",  # scalars and RNG states; Hydra / solo-learn configs
-    "lightning", "lightning_fabric", "pytorch_lightning",  # Lightning (solo-learn, lightly)
-    "mmengine", "mmcv", "mmpretrain", "mmselfsup", "mmcls",  # OpenMMLab
-    "classy_vision", "vissl", "fvcore", "iopath", "detectron2", "timm",
-})
+METADATA_PACKAGES = frozenset(
+    {
+        "argparse",
+        "collections",
+        "datetime",
+        "enum",
+        "pathlib",
+        "typing",  # standard library
+        "numpy",
+        "omegaconf",  # scalars and RNG states; Hydra / solo-learn configs
+        "lightning",
+        "lightning_fabric",
+        "pytorch_lightning",  # Lightning (solo-learn, lightly)
+        "mmengine",
+        "mmcv",
+        "mmpretrain",
+        "mmselfsup",
+        "mmcls",  # OpenMMLab
+        "classy_vision",
+        "vissl",
+        "fvcore",
+        "iopath",
+        "detectron2",
+        "timm",
+    }
+)
 # Builtin types a container can name (defaultdict(list), a set); never builtins' functions.
-BUILTIN_TYPES = frozenset(f"builtins.{t}" for t in (
-    "bool", "bytearray", "bytes", "complex", "dict", "float", "frozenset", "int", "list",
-    "object", "set", "slice", "str", "tuple"))
+BUILTIN_TYPES = frozenset(
+    f"builtins.{t}"
+    for t in (
+        "bool",
+        "bytearray",
+        "bytes",
+        "complex",
+        "dict",
+        "float",
+        "frozenset",
+        "int",
+        "list",
+        "object",
+        "set",
+        "slice",
+        "str",
+        "tuple",
+    )
+)
 
 
 class CheckpointReadError(ArtifactError):
@@ -101,7 +136,8 @@ def _torch_load(path: Path, zipped: bool) -> Any:
                 raise CheckpointReadError(
                     f"refusing to load {path}: it names {name}, which is neither a tensor, a "
                     "plain container nor a known training framework's metadata class (the file "
-                    "may be malicious); nothing from it was run")
+                    "may be malicious); nothing from it was run"
+                )
             stand_ins.append((placeholder(name), name))
     try:
         with torch.serialization.safe_globals(stand_ins):
@@ -110,7 +146,9 @@ def _torch_load(path: Path, zipped: bool) -> Any:
     except pickle.UnpicklingError as err:
         named = re.search(r"GLOBAL (\S+)", str(err))
         detail = f"it names {named.group(1)}" if named else str(err).splitlines()[0]
-        raise CheckpointReadError(f"refusing to load {path}: torch's weights-only unpickler "
-                                  f"rejected it ({detail}); nothing from it was run") from None
+        raise CheckpointReadError(
+            f"refusing to load {path}: torch's weights-only unpickler "
+            f"rejected it ({detail}); nothing from it was run"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointReadError(f"{path}: not a readable torch checkpoint ({err})") from None

@@ -35,10 +35,15 @@ refuses, naming the lock (output_dir/.sslbench-run.lock) and the pid that holds 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
-    parser.add_argument("items", nargs="+", metavar="PIPELINE.yaml|key=value",
-                        help="pipeline files (configs/pipeline/), then dotted-key overrides")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved pipeline config and exit")
+    parser.add_argument(
+        "items",
+        nargs="+",
+        metavar="PIPELINE.yaml|key=value",
+        help="pipeline files (configs/pipeline/), then dotted-key overrides",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved pipeline config and exit"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,22 +79,33 @@ def _run(cfg: DictConfig, out: Path, text: str) -> int:
     executor = make_executor(cfg.executor, out)
     # kNN and the fast probe of one backbone share its features, unless the user set a cache.
     env = {} if "SSLBENCH_CACHE" in os.environ else {"SSLBENCH_CACHE": str(out / ".feature_cache")}
-    print(f"pipeline {cfg.name}: {len(cfg.pretrain.recipes)} recipe(s) x {len(cfg.tasks)} "
-          f"task(s) x {len(cfg.seeds)} seed(s) = {len(jobs)} jobs; {cfg.executor.workers} "
-          f"worker(s), {executor.describe()}; output {out}", flush=True)
+    print(
+        f"pipeline {cfg.name}: {len(cfg.pretrain.recipes)} recipe(s) x {len(cfg.tasks)} "
+        f"task(s) x {len(cfg.seeds)} seed(s) = {len(jobs)} jobs; {cfg.executor.workers} "
+        f"worker(s), {executor.describe()}; output {out}",
+        flush=True,
+    )
     started = time.perf_counter()
-    outcomes = Scheduler(jobs, executor, cfg.executor.workers, env,
-                         echo=lambda line: print(line, flush=True),
-                         first_job_alone=cfg.executor.first_job_alone).run()
+    outcomes = Scheduler(
+        jobs,
+        executor,
+        cfg.executor.workers,
+        env,
+        echo=lambda line: print(line, flush=True),
+        first_job_alone=cfg.executor.first_job_alone,
+    ).run()
     print("\n" + summary(outcomes, time.perf_counter() - started), flush=True)
     board = out / "leaderboard.md"
     if board.is_file():
         print(f"leaderboard: {board} (.csv, .html)")
     unavailable = [o for o in outcomes if o.status == "unavailable"]
     if unavailable:
-        print(f"sslbench run: {len(unavailable)} job(s) left out: a module they need does not "
-              f"import here ({unavailable[0].message}); install the extra that provides it "
-              f"(README) and run again: finished jobs are skipped", file=sys.stderr)
+        print(
+            f"sslbench run: {len(unavailable)} job(s) left out: a module they need does not "
+            f"import here ({unavailable[0].message}); install the extra that provides it "
+            f"(README) and run again: finished jobs are skipped",
+            file=sys.stderr,
+        )
     bad = [o for o in outcomes if o.status in ("failed", "blocked")]
     if bad:
         print(f"sslbench run: {len(bad)} job(s) failed or blocked", file=sys.stderr)

@@ -120,45 +120,59 @@ def load_pipeline_config(paths: Sequence[str | Path], overrides: Sequence[str] =
 def check(cfg: DictConfig) -> None:
     """Reject what would only fail once jobs run: empty stages, bad names, unknown commands."""
     if not cfg.pretrain.recipes and not cfg.backbones:
-        raise ConfigError("pretrain.recipes and backbones are empty: name at least one "
-                          "pretraining recipe or imported backbone")
+        raise ConfigError(
+            "pretrain.recipes and backbones are empty: name at least one "
+            "pretraining recipe or imported backbone"
+        )
     for name, entry in cfg.backbones.items():
         if name in cfg.pretrain.recipes:
-            raise ConfigError(f"backbones.{name}: also a pretraining recipe's name (both would "
-                              "be one board row)")
+            raise ConfigError(
+                f"backbones.{name}: also a pretraining recipe's name (both would be one board row)"
+            )
         if not entry.checkpoint or not Path(entry.checkpoint).is_file():
-            raise ConfigError(f"backbones.{name}.checkpoint: file not found: "
-                              f"{entry.checkpoint!r}")
+            raise ConfigError(f"backbones.{name}.checkpoint: file not found: {entry.checkpoint!r}")
         if not entry.arch:
             raise ConfigError(f"backbones.{name}.arch: give the backbone architecture")
     if not cfg.seeds or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError(f"seeds={list(cfg.seeds)}: expected distinct seeds, at least one")
     if cfg.executor.name not in EXECUTORS:
-        raise ConfigError(f"executor.name={cfg.executor.name!r}: expected one of "
-                          f"{', '.join(EXECUTORS)}")
+        raise ConfigError(
+            f"executor.name={cfg.executor.name!r}: expected one of {', '.join(EXECUTORS)}"
+        )
     if cfg.executor.workers < 1 or (cfg.executor.threads or 1) < 1:
         raise ConfigError("executor.workers and executor.threads must be at least 1")
     multi_node = [f"tasks.{n}" for n, t in cfg.tasks.items() if t.nodes > 1]
     multi_node += ["pretrain"] if cfg.pretrain.nodes > 1 else []
     if multi_node and cfg.executor.name != "submitit":
-        raise ConfigError(f"{multi_node[0]}.nodes > 1: a job over several machines needs "
-                          "executor.name=submitit (on SLURM)")
-    for section, entries in (("pretrain.recipes", cfg.pretrain.recipes), ("tasks", cfg.tasks),
-                             ("backbones", cfg.backbones)):
+        raise ConfigError(
+            f"{multi_node[0]}.nodes > 1: a job over several machines needs "
+            "executor.name=submitit (on SLURM)"
+        )
+    for section, entries in (
+        ("pretrain.recipes", cfg.pretrain.recipes),
+        ("tasks", cfg.tasks),
+        ("backbones", cfg.backbones),
+    ):
         for name, entry in entries.items():
             if not _NAME.fullmatch(name):
-                raise ConfigError(f"{section}.{name}: a name may hold letters, digits, '_', "
-                                  f"'.', '-' (it names directories)")
+                raise ConfigError(
+                    f"{section}.{name}: a name may hold letters, digits, '_', "
+                    f"'.', '-' (it names directories)"
+                )
             if getattr(entry, "config", None) is not None and not Path(entry.config).is_file():
                 raise ConfigError(f"{section}.{name}.config: file not found: {entry.config}")
     for name, task in cfg.tasks.items():
         if task.seeds is not None and (not task.seeds or set(task.seeds) - set(cfg.seeds)):
-            raise ConfigError(f"tasks.{name}.seeds={list(task.seeds)}: expected some of the "
-                              f"pipeline's seeds {list(cfg.seeds)}")
+            raise ConfigError(
+                f"tasks.{name}.seeds={list(task.seeds)}: expected some of the "
+                f"pipeline's seeds {list(cfg.seeds)}"
+            )
         bad = [m for m in task.requires if not _MODULE.fullmatch(m)]
         if bad:
             raise ConfigError(f"tasks.{name}.requires: {bad[0]!r} is not a Python module name")
         known = [f"{t.command} {t.name}" for t in map(tasks().get, tasks().in_order())]
         if task.command not in known:
-            raise ConfigError(f"tasks.{name}.command={task.command!r}: expected 'eval TASK' or "
-                              f"'transfer TASK' with a registered TASK: {', '.join(known)}")
+            raise ConfigError(
+                f"tasks.{name}.command={task.command!r}: expected 'eval TASK' or "
+                f"'transfer TASK' with a registered TASK: {', '.join(known)}"
+            )

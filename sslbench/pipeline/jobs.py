@@ -32,8 +32,12 @@ from ..tasks import get_task
 
 MARKER = ".sslbench-job.json"
 BACKBONE = ("backbone.json", "backbone.safetensors")
-PRODUCTS = {"pretrain": BACKBONE, "import": BACKBONE, "task": ("*.json",),
-            "leaderboard": ("leaderboard.md", "leaderboard.csv", "leaderboard.html")}
+PRODUCTS = {
+    "pretrain": BACKBONE,
+    "import": BACKBONE,
+    "task": ("*.json",),
+    "leaderboard": ("leaderboard.md", "leaderboard.csv", "leaderboard.html"),
+}
 
 
 @dataclass
@@ -44,7 +48,7 @@ class Job:
     spec: dict[str, Any]  # what decides its output, without paths
     out_dir: Path
     log: Path
-    deps: list["Job"] = field(default_factory=list)
+    deps: list[Job] = field(default_factory=list)
     processes: int = 1  # per node
     resources: dict[str, Any] = field(default_factory=dict)
     requires: list[str] = field(default_factory=list)  # modules it imports beyond the core
@@ -55,8 +59,10 @@ class Job:
         return self.out_dir / MARKER
 
     def has_products(self) -> bool:
-        return all(any(not p.name.startswith(".") for p in self.out_dir.glob(pattern))
-                   for pattern in PRODUCTS[self.kind])
+        return all(
+            any(not p.name.startswith(".") for p in self.out_dir.glob(pattern))
+            for pattern in PRODUCTS[self.kind]
+        )
 
     def result_id(self, key: str) -> str:
         """What dependants are keyed by: a backbone by its weights, anything else by its key."""
@@ -69,11 +75,24 @@ class Job:
         a multi-node job the launcher that starts torchrun with a c10d rendezvous."""
         launcher = [sys.executable, "-m", "sslbench.cli"]
         if self.nodes > 1:
-            launcher = [sys.executable, "-m", "sslbench.pipeline.launch",
-                        f"--nnodes={self.nodes}", f"--nproc-per-node={self.processes}", "--"]
+            launcher = [
+                sys.executable,
+                "-m",
+                "sslbench.pipeline.launch",
+                f"--nnodes={self.nodes}",
+                f"--nproc-per-node={self.processes}",
+                "--",
+            ]
         elif self.processes > 1:
-            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        f"--nproc_per_node={self.processes}", "-m", "sslbench.cli"]
+            launcher = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={self.processes}",
+                "-m",
+                "sslbench.cli",
+            ]
         return [*launcher, *self.argv, *(["--resume"] if resume else [])]
 
 
@@ -86,16 +105,34 @@ def task_jobs(cfg: DictConfig, name: str, backbone: Job, seed: int, out: Path) -
         overrides = [*dotted(_container(task.overrides)), f"run.seed={seed}"]
         config = ["--config", task.config] if task.config else []
         results = out / "results" / f"seed{seed}" / name / task_name
-        jobs.append(Job(
-            f"{task_name}/{name}/seed{seed}", "task",
-            [*task.command.split(), "--backbone", str(backbone.out_dir), *config,
-             "--out", str(results), *overrides],
-            {"command": task.command, "overrides": overrides, "sslbench": __version__,
-             "config": _content(task.config) if task.config else None},
-            results, out / "logs" / f"{task_name}-{name}-seed{seed}.log", [backbone],
-            task.processes, _container(task.resources),
-            list(dict.fromkeys([*get_task(task.command.split()[1]).requires, *task.requires])),
-            task.nodes))
+        jobs.append(
+            Job(
+                f"{task_name}/{name}/seed{seed}",
+                "task",
+                [
+                    *task.command.split(),
+                    "--backbone",
+                    str(backbone.out_dir),
+                    *config,
+                    "--out",
+                    str(results),
+                    *overrides,
+                ],
+                {
+                    "command": task.command,
+                    "overrides": overrides,
+                    "sslbench": __version__,
+                    "config": _content(task.config) if task.config else None,
+                },
+                results,
+                out / "logs" / f"{task_name}-{name}-seed{seed}.log",
+                [backbone],
+                task.processes,
+                _container(task.resources),
+                list(dict.fromkeys([*get_task(task.command.split()[1]).requires, *task.requires])),
+                task.nodes,
+            )
+        )
     return jobs
 
 
@@ -109,11 +146,20 @@ def import_job(name: str, entry: DictConfig, out: Path) -> Job:
     for flag in ("mean", "std"):
         if entry[flag] is not None:
             options += [f"--{flag}", *(str(v) for v in entry[flag])]
-    return Job(f"import/{name}", "import",
-               ["import", entry.format, entry.checkpoint, *options, "--out", str(run_dir)],
-               {"command": "import", "checkpoint": _content(entry.checkpoint),
-                "format": entry.format, "options": options, "sslbench": __version__},
-               run_dir, out / "logs" / f"import-{name}.log")
+    return Job(
+        f"import/{name}",
+        "import",
+        ["import", entry.format, entry.checkpoint, *options, "--out", str(run_dir)],
+        {
+            "command": "import",
+            "checkpoint": _content(entry.checkpoint),
+            "format": entry.format,
+            "options": options,
+            "sslbench": __version__,
+        },
+        run_dir,
+        out / "logs" / f"import-{name}.log",
+    )
 
 
 def dotted(overrides: Mapping) -> list[str]:
@@ -152,27 +198,54 @@ def build_jobs(cfg: DictConfig, out: Path) -> list[Job]:
             tasks += task_jobs(cfg, name, imported, seed, out)
     for seed in cfg.seeds:
         for name, recipe in cfg.pretrain.recipes.items():
-            overrides = [*dotted(_container(OmegaConf.merge(common, recipe.overrides))),
-                         f"run.seed={seed}", f"run.name={name}"]
+            overrides = [
+                *dotted(_container(OmegaConf.merge(common, recipe.overrides))),
+                f"run.seed={seed}",
+                f"run.name={name}",
+            ]
             runs = out / "runs" / f"seed{seed}"
-            pre = Job(f"pretrain/{name}/seed{seed}", "pretrain",
-                      ["pretrain", recipe.config, *overrides, f"run.output_dir={runs}"],
-                      {"command": "pretrain", "config": _content(recipe.config),
-                       "overrides": overrides, "sslbench": __version__},
-                      runs / name, out / "logs" / f"pretrain-{name}-seed{seed}.log",
-                      processes=cfg.pretrain.processes,
-                      resources=_container(cfg.pretrain.resources), nodes=cfg.pretrain.nodes)
+            pre = Job(
+                f"pretrain/{name}/seed{seed}",
+                "pretrain",
+                ["pretrain", recipe.config, *overrides, f"run.output_dir={runs}"],
+                {
+                    "command": "pretrain",
+                    "config": _content(recipe.config),
+                    "overrides": overrides,
+                    "sslbench": __version__,
+                },
+                runs / name,
+                out / "logs" / f"pretrain-{name}-seed{seed}.log",
+                processes=cfg.pretrain.processes,
+                resources=_container(cfg.pretrain.resources),
+                nodes=cfg.pretrain.nodes,
+            )
             jobs.append(pre)
             tasks += task_jobs(cfg, name, pre, seed, out)
     jobs += tasks
     if tasks:
         reference = cfg.leaderboard.reference
-        jobs.append(Job("leaderboard", "leaderboard",
-                        ["leaderboard", str(out / "results"), "--out", str(out),
-                         *(["--reference", reference] if reference else [])],
-                        {"command": "leaderboard", "sslbench": __version__,
-                         "reference": _content(reference) if reference else None},
-                        out, out / "logs" / "leaderboard.log", tasks))
+        jobs.append(
+            Job(
+                "leaderboard",
+                "leaderboard",
+                [
+                    "leaderboard",
+                    str(out / "results"),
+                    "--out",
+                    str(out),
+                    *(["--reference", reference] if reference else []),
+                ],
+                {
+                    "command": "leaderboard",
+                    "sslbench": __version__,
+                    "reference": _content(reference) if reference else None,
+                },
+                out,
+                out / "logs" / "leaderboard.log",
+                tasks,
+            )
+        )
     return jobs
 
 
@@ -190,8 +263,17 @@ def read_marker(job: Job) -> dict | None:
 
 def write_marker(job: Job, key: str, status: str, seconds: float | None = None) -> None:
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    write_json_atomic(job.marker, {"job": job.id, "key": key, "status": status, "time": now,
-                                   "seconds": seconds, "spec": job.spec})
+    write_json_atomic(
+        job.marker,
+        {
+            "job": job.id,
+            "key": key,
+            "status": status,
+            "time": now,
+            "seconds": seconds,
+            "spec": job.spec,
+        },
+    )
 
 
 class ForeignOutputError(RuntimeError):
@@ -209,10 +291,15 @@ def prepare(job: Job, key: str) -> bool:
     resume = False
     if job.kind != "leaderboard" and job.out_dir.is_dir() and any(job.out_dir.iterdir()):
         if marker is None:
-            raise ForeignOutputError(f"{job.out_dir} holds files this pipeline did not write; "
-                                     f"move them or choose another output_dir")
-        resume = (job.kind == "pretrain" and marker.get("key") == key
-                  and (job.out_dir / "checkpoint.pt").is_file())
+            raise ForeignOutputError(
+                f"{job.out_dir} holds files this pipeline did not write; "
+                f"move them or choose another output_dir"
+            )
+        resume = (
+            job.kind == "pretrain"
+            and marker.get("key") == key
+            and (job.out_dir / "checkpoint.pt").is_file()
+        )
         if not resume:
             shutil.rmtree(job.out_dir)
     write_marker(job, key, "started")
@@ -228,21 +315,23 @@ def run_command(command: list[str], log: str, env: dict[str, str], append: bool 
     with open(log, "a" if append else "w", encoding="utf-8") as f:  # append: a requeued job
         f.write(f"$ {subprocess.list2cmdline(command)}\n")
         f.flush()
-        return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT,
-                              env={**os.environ, **env}).returncode
+        return subprocess.run(
+            command, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **env}
+        ).returncode
 
 
 def missing_modules(modules: list[str]) -> str | None:
     """None when every module imports (in a fresh interpreter, as the jobs will); otherwise the
     import error, e.g. "mmseg: No module named 'mmcv'"."""
-    probe = ("import importlib, sys\n"
-             "for name in sys.argv[1:]:\n"
-             "    try:\n"
-             "        importlib.import_module(name)\n"
-             "    except Exception as err:\n"
-             "        sys.exit(f'{name}: {type(err).__name__}: {err}'.splitlines()[0])\n")
-    proc = subprocess.run([sys.executable, "-c", probe, *modules], capture_output=True,
-                          text=True)
+    probe = (
+        "import importlib, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as err:\n"
+        "        sys.exit(f'{name}: {type(err).__name__}: {err}'.splitlines()[0])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe, *modules], capture_output=True, text=True)
     if proc.returncode == 0:
         return None
     lines = proc.stderr.strip().splitlines()

@@ -18,11 +18,22 @@ import sys
 DEFAULT_PORT = 29400
 
 
-def torchrun_command(argv: list[str], nnodes: int, nproc_per_node: int, endpoint: str,
-                     rdzv_id: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
-            f"--nproc_per_node={nproc_per_node}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}", "-m", "sslbench.cli", *argv]
+def torchrun_command(
+    argv: list[str], nnodes: int, nproc_per_node: int, endpoint: str, rdzv_id: str
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        f"--nproc_per_node={nproc_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={endpoint}",
+        f"--rdzv-id={rdzv_id}",
+        "-m",
+        "sslbench.cli",
+        *argv,
+    ]
 
 
 def _from_scheduler(port: int) -> tuple[str, str]:
@@ -34,15 +45,21 @@ def _from_scheduler(port: int) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sslbench.pipeline.launch",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m sslbench.pipeline.launch", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--nnodes", type=int, required=True)
     parser.add_argument("--nproc-per-node", type=int, default=1)
-    parser.add_argument("--endpoint", help="HOST:PORT of the rendezvous (default: the job's "
-                        f"first host, port {DEFAULT_PORT})")
+    parser.add_argument(
+        "--endpoint",
+        help=f"HOST:PORT of the rendezvous (default: the job's first host, port {DEFAULT_PORT})",
+    )
     parser.add_argument("--rdzv-id", help="the rendezvous id (default: the job's id)")
-    parser.add_argument("command", nargs=argparse.REMAINDER,
-                        help="-- then the sslbench sub-command and its arguments")
+    parser.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="-- then the sslbench sub-command and its arguments",
+    )
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command or args.nnodes < 1 or args.nproc_per_node < 1:

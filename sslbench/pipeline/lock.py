@@ -50,7 +50,8 @@ def output_dir_lock(out: Path) -> Iterator[Path]:
             os.close(fd)
             raise PipelineLockedError(
                 f"{out} is in use by another `sslbench run` (pid {owner}, lock {path}); wait for "
-                "it to finish or choose another output_dir") from None
+                "it to finish or choose another output_dir"
+            ) from None
         if _same_file(fd, path):
             break
         os.close(fd)  # locked a file its owner removed on exit: lock the current one

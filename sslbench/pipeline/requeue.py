@@ -20,8 +20,14 @@ from .jobs import Job, run_command
 class RequeueableCommand(Checkpointable):
     """Runs `command`; after a requeue (`attempt` > 0) runs `continuation` instead."""
 
-    def __init__(self, command: list[str], continuation: list[str], log: str,
-                 env: dict[str, str], attempt: int = 0) -> None:
+    def __init__(
+        self,
+        command: list[str],
+        continuation: list[str],
+        log: str,
+        env: dict[str, str],
+        attempt: int = 0,
+    ) -> None:
         self.command, self.continuation, self.log, self.env = command, continuation, log, env
         self.attempt = attempt
 
@@ -36,5 +42,8 @@ class RequeueableCommand(Checkpointable):
 
     def checkpoint(self) -> DelayedSubmission:
         """The job to requeue: this one again, continuing from what the run saved."""
-        return DelayedSubmission(RequeueableCommand(self.command, self.continuation, self.log,
-                                                    self.env, self.attempt + 1))
+        return DelayedSubmission(
+            RequeueableCommand(
+                self.command, self.continuation, self.log, self.env, self.attempt + 1
+            )
+        )

@@ -18,8 +18,19 @@ from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from .jobs import (PRODUCTS, ForeignOutputError, Job, error_line, job_key, missing_modules,
-                   prepare, read_marker, run_command, tail, write_marker)
+from .jobs import (
+    PRODUCTS,
+    ForeignOutputError,
+    Job,
+    error_line,
+    job_key,
+    missing_modules,
+    prepare,
+    read_marker,
+    run_command,
+    tail,
+    write_marker,
+)
 
 # unavailable: a module the task requires does not import here; failed: it ran and did not
 # finish; blocked: an upstream job failed (or none of the leaderboard's tasks finished).
@@ -63,9 +74,14 @@ class SubmititExecutor:
 
         self.executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cfg.cluster)
         extra = OmegaConf.to_container(cfg.parameters, resolve=True)
-        self.parameters = {"timeout_min": cfg.timeout_min, "gpus_per_node": cfg.gpus_per_node,
-                           "cpus_per_task": cfg.cpus_per_task, "mem_gb": cfg.mem_gb,
-                           "slurm_partition": cfg.partition, **extra}  # type: ignore[dict-item]
+        self.parameters = {
+            "timeout_min": cfg.timeout_min,
+            "gpus_per_node": cfg.gpus_per_node,
+            "cpus_per_task": cfg.cpus_per_task,
+            "mem_gb": cfg.mem_gb,
+            "slurm_partition": cfg.partition,
+            **extra,
+        }  # type: ignore[dict-item]
         self.env = thread_env(threads or cfg.cpus_per_task)
         self.lock = threading.Lock()  # update_parameters + submit must not interleave
 
@@ -76,18 +92,27 @@ class SubmititExecutor:
         from .requeue import RequeueableCommand  # imports submitit, as this executor alone does
 
         with self.lock:
-            self.executor.update_parameters(**{**self.parameters, **job.resources,
-                                               "nodes": job.nodes, "tasks_per_node": 1,
-                                               "name": job.id})
-            submitted = self.executor.submit(RequeueableCommand.of(job, command,
-                                                                   {**env, **self.env}))
+            self.executor.update_parameters(
+                **{
+                    **self.parameters,
+                    **job.resources,
+                    "nodes": job.nodes,
+                    "tasks_per_node": 1,
+                    "name": job.id,
+                }
+            )
+            submitted = self.executor.submit(
+                RequeueableCommand.of(job, command, {**env, **self.env})
+            )
         print(f"          {job.id}: submitit job {submitted.job_id}", flush=True)
         try:
             return submitted.result(), ""
         except Exception as err:  # the scheduler killed it, it timed out, it could not start
-            return -1, (f"submitit job {submitted.job_id} did not complete: "
-                        f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}; "
-                        f"see {submitted.paths.stderr}")
+            return -1, (
+                f"submitit job {submitted.job_id} did not complete: "
+                f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}; "
+                f"see {submitted.paths.stderr}"
+            )
 
 
 def make_executor(cfg: DictConfig, out: Path) -> LocalExecutor | SubmititExecutor:
@@ -105,9 +130,15 @@ def _fmt_seconds(seconds: float | None) -> str:
 
 
 class Scheduler:
-    def __init__(self, jobs: list[Job], executor: LocalExecutor | SubmititExecutor,
-                 workers: int, env: dict[str, str], echo: Callable[[str], None] = print,
-                 first_job_alone: bool = True) -> None:
+    def __init__(
+        self,
+        jobs: list[Job],
+        executor: LocalExecutor | SubmititExecutor,
+        workers: int,
+        env: dict[str, str],
+        echo: Callable[[str], None] = print,
+        first_job_alone: bool = True,
+    ) -> None:
         self.jobs, self.executor, self.workers, self.env = jobs, executor, workers, env
         self.echo = echo
         self.outcomes: dict[str, Outcome] = {}
@@ -122,10 +153,12 @@ class Scheduler:
         shown = _fmt_seconds(outcome.seconds)
         if outcome.status == "skipped (done)":
             shown = f"done earlier in {shown}"
-        self.echo(f"[{len(self.outcomes):>{len(str(len(self.jobs)))}}/{len(self.jobs)}] "
-                  f"{outcome.status:<8} {outcome.job.id}  {shown}"
-                  + (f"  ({outcome.message})" if outcome.message else "")
-                  + (f"  log: {outcome.job.log}" if outcome.status == "failed" else ""))
+        self.echo(
+            f"[{len(self.outcomes):>{len(str(len(self.jobs)))}}/{len(self.jobs)}] "
+            f"{outcome.status:<8} {outcome.job.id}  {shown}"
+            + (f"  ({outcome.message})" if outcome.message else "")
+            + (f"  log: {outcome.job.log}" if outcome.status == "failed" else "")
+        )
 
     def _upstream(self, job: Job) -> tuple[str, list[Outcome]] | None:
         """(state, finished deps): "wait" until every dep finished, then "run" or "blocked"."""
@@ -141,16 +174,21 @@ class Scheduler:
         """Skip a done job; otherwise prepare its directory and return (key, resume)."""
         key = job_key(job, [self.inputs[d.job.id] for d in ok])
         marker = read_marker(job)
-        if marker and marker.get("key") == key and marker.get("status") == "done" \
-                and job.has_products():
+        if (
+            marker
+            and marker.get("key") == key
+            and marker.get("status") == "done"
+            and job.has_products()
+        ):
             return Outcome(job, "skipped (done)", marker.get("seconds"), key=key)
         if job.requires:
             requires = tuple(job.requires)
             if requires not in self.missing:
                 self.missing[requires] = missing_modules(job.requires)
             if self.missing[requires]:
-                return Outcome(job, "unavailable", message=f"cannot import "
-                               f"{self.missing[requires]}", key=key)
+                return Outcome(
+                    job, "unavailable", message=f"cannot import {self.missing[requires]}", key=key
+                )
         try:
             return key, prepare(job, key)
         except (ForeignOutputError, OSError) as err:
@@ -187,19 +225,32 @@ class Scheduler:
                         progressed = True
                         state, ok = upstream
                         if state == "blocked":
-                            failed = [d.id for d in job.deps
-                                      if self.outcomes[d.id].status in ("failed", "blocked")]
-                            self._report(Outcome(job, "blocked", message=(
-                                f"upstream failed: {', '.join(failed)}" if failed else
-                                "no upstream job finished")))
+                            failed = [
+                                d.id
+                                for d in job.deps
+                                if self.outcomes[d.id].status in ("failed", "blocked")
+                            ]
+                            self._report(
+                                Outcome(
+                                    job,
+                                    "blocked",
+                                    message=(
+                                        f"upstream failed: {', '.join(failed)}"
+                                        if failed
+                                        else "no upstream job finished"
+                                    ),
+                                )
+                            )
                             continue
                         started = self._start(job, ok)
                         if isinstance(started, Outcome):
                             self._finish(started)
                             continue
                         key, resume = started
-                        self.echo(f"{'':>{2 * len(str(len(self.jobs))) + 3}} start    {job.id}"
-                                  + ("  (resuming)" if resume else ""))
+                        self.echo(
+                            f"{'':>{2 * len(str(len(self.jobs))) + 3}} start    {job.id}"
+                            + ("  (resuming)" if resume else "")
+                        )
                         running[pool.submit(self._run, job, key, resume)] = job
                 if running:
                     done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -220,16 +271,25 @@ def summary(outcomes: list[Outcome], wall: float) -> str:
     width = max(len(o.job.id) for o in outcomes)
     lines = [f"{'job':<{width}}  {'status':<14}  time", f"{'-' * width}  {'-' * 14}  ----"]
     for o in outcomes:
-        shown = _fmt_seconds(o.seconds) + (" (earlier run)" if o.status == "skipped (done)" and
-                                           o.seconds is not None else "")
-        lines.append(f"{o.job.id:<{width}}  {o.status:<14}  {shown}"
-                     + (f"  {o.message}" if o.status in ("blocked", "unavailable") else ""))
+        shown = _fmt_seconds(o.seconds) + (
+            " (earlier run)" if o.status == "skipped (done)" and o.seconds is not None else ""
+        )
+        lines.append(
+            f"{o.job.id:<{width}}  {o.status:<14}  {shown}"
+            + (f"  {o.message}" if o.status in ("blocked", "unavailable") else "")
+        )
     counts = {status: sum(o.status == status for o in outcomes) for status in STATUSES}
-    lines.append(f"{len(outcomes)} jobs: " + ", ".join(f"{n} {s}" for s, n in counts.items())
-                 + f"; {_fmt_seconds(wall)} wall time")
+    lines.append(
+        f"{len(outcomes)} jobs: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items())
+        + f"; {_fmt_seconds(wall)} wall time"
+    )
     for o in outcomes:
         if o.status == "failed":
-            lines += ["", f"FAILED {o.job.id}: {o.message}", f"  log: {o.job.log}",
-                      *(f"  | {line}" for line in tail(o.job.log))]
+            lines += [
+                "",
+                f"FAILED {o.job.id}: {o.message}",
+                f"  log: {o.job.log}",
+                *(f"  | {line}" for line in tail(o.job.log)),
+            ]
     return "\n".join(lines)
-

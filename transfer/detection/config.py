@@ -137,9 +137,12 @@ class VocData:
     name: str = "voc"
     root: Optional[str] = None
     classes: List[str] = field(default_factory=lambda: list(VOC_CLASSES))
-    train: List[VocSource] = field(default_factory=lambda: [
-        VocSource("VOCdevkit/VOC2007", "trainval", 2007),
-        VocSource("VOCdevkit/VOC2012", "trainval", 2012)])
+    train: List[VocSource] = field(
+        default_factory=lambda: [
+            VocSource("VOCdevkit/VOC2007", "trainval", 2007),
+            VocSource("VOCdevkit/VOC2012", "trainval", 2012),
+        ]
+    )
     test: VocSource = field(default_factory=lambda: VocSource("VOCdevkit/VOC2007", "test", 2007))
 
 
@@ -167,8 +170,14 @@ class DetectionConfig:
 
 
 DATA = {"coco": CocoData, "voc": VocData, "synthetic-shapes": ShapesData}
-_CHOICES = {"backend": BACKENDS, "model.arch": ARCHS, "model.head": HEADS, "model.norm": NORMS,
-            "model.head_norm": HEAD_NORMS, "model.box_head": BOX_HEADS}
+_CHOICES = {
+    "backend": BACKENDS,
+    "model.arch": ARCHS,
+    "model.head": HEADS,
+    "model.norm": NORMS,
+    "model.head_norm": HEAD_NORMS,
+    "model.box_head": BOX_HEADS,
+}
 
 
 def _data_class(name: str) -> type:
@@ -195,23 +204,31 @@ def check(cfg: DictConfig) -> None:
         if not cfg.data.train:
             raise ConfigError("data.train is empty: give at least one training annotation source")
         fields = ("annotations", "images") if cfg.data.name == "coco" else ("dir", "split", "year")
-        for where, source in [*((f"data.train[{k}]", s) for k, s in enumerate(cfg.data.train)),
-                              ("data.test", cfg.data.test)]:
+        for where, source in [
+            *((f"data.train[{k}]", s) for k, s in enumerate(cfg.data.train)),
+            ("data.test", cfg.data.test),
+        ]:
             unset = [f for f in fields if not source[f]]
             if unset:
                 raise ConfigError(f"{where}: set {', '.join(unset)}")
     s = cfg.solver
     if list(s.steps) != sorted(s.steps) or any(not 0 < x < s.max_iter for x in s.steps):
-        raise ConfigError(f"solver.steps={list(s.steps)}: expected increasing iterations inside "
-                          f"(0, solver.max_iter={s.max_iter})")
+        raise ConfigError(
+            f"solver.steps={list(s.steps)}: expected increasing iterations inside "
+            f"(0, solver.max_iter={s.max_iter})"
+        )
     if s.reference_world_size and s.ims_per_batch % s.reference_world_size:
-        raise ConfigError(f"solver.ims_per_batch={s.ims_per_batch} is not divisible by "
-                          f"solver.reference_world_size={s.reference_world_size}")
+        raise ConfigError(
+            f"solver.ims_per_batch={s.ims_per_batch} is not divisible by "
+            f"solver.reference_world_size={s.reference_world_size}"
+        )
     if not cfg.input.min_size_train:
         raise ConfigError("input.min_size_train is empty")
     if cfg.model.head == "c4" and cfg.model.head_norm:
-        raise ConfigError(f"model.head_norm={cfg.model.head_norm!r} applies to FPN and its heads; "
-                          "the C4 head is res5, normalised by model.norm (set model.head_norm='')")
+        raise ConfigError(
+            f"model.head_norm={cfg.model.head_norm!r} applies to FPN and its heads; "
+            "the C4 head is res5, normalised by model.norm (set model.head_norm='')"
+        )
     if not 0 <= cfg.model.freeze_at <= 5:
         raise ConfigError(f"model.freeze_at={cfg.model.freeze_at}: expected 0..5")
 
@@ -233,15 +250,27 @@ class Schedule:
 def scale_to_world(solver: DictConfig, world_size: int) -> Schedule:
     reference = solver.reference_world_size
     if reference == 0 or reference == world_size:
-        schedule = Schedule(solver.ims_per_batch, solver.base_lr, solver.max_iter,
-                            tuple(solver.steps), solver.warmup_iters, world_size)
+        schedule = Schedule(
+            solver.ims_per_batch,
+            solver.base_lr,
+            solver.max_iter,
+            tuple(solver.steps),
+            solver.warmup_iters,
+            world_size,
+        )
     else:
         scale = world_size / reference
-        schedule = Schedule(int(round(solver.ims_per_batch * scale)), solver.base_lr * scale,
-                            int(round(solver.max_iter / scale)),
-                            tuple(int(round(s / scale)) for s in solver.steps),
-                            int(round(solver.warmup_iters / scale)), world_size)
+        schedule = Schedule(
+            int(round(solver.ims_per_batch * scale)),
+            solver.base_lr * scale,
+            int(round(solver.max_iter / scale)),
+            tuple(int(round(s / scale)) for s in solver.steps),
+            int(round(solver.warmup_iters / scale)),
+            world_size,
+        )
     if schedule.ims_per_batch % world_size:
-        raise ConfigError(f"solver.ims_per_batch={schedule.ims_per_batch} cannot be split over "
-                          f"{world_size} processes")
+        raise ConfigError(
+            f"solver.ims_per_batch={schedule.ims_per_batch} cannot be split over "
+            f"{world_size} processes"
+        )
     return schedule

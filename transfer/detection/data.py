@@ -48,12 +48,16 @@ class AnnotationSet:
         return {label: cat for cat, label in self.label_of.items()}
 
     def describe(self) -> dict:
-        return {"source": self.source, "images": len(self.coco.imgs),
-                "annotations": len(self.coco.anns)}
+        return {
+            "source": self.source,
+            "images": len(self.coco.imgs),
+            "annotations": len(self.coco.anns),
+        }
 
 
-def index_coco(dataset: dict, image_root: Path, source: str,
-               classes: Sequence[str]) -> AnnotationSet:
+def index_coco(
+    dataset: dict, image_root: Path, source: str, classes: Sequence[str]
+) -> AnnotationSet:
     """Check a COCO instances dict against the recipe and index it with pycocotools.
 
     Fills the optional fields COCOeval reads (iscrowd 0, area from the box) where absent.
@@ -67,26 +71,37 @@ def index_coco(dataset: dict, image_root: Path, source: str,
         if name not in classes:
             raise DetectionDataError(
                 f"{source}: category {name!r} (id {category.get('id')}) is not in the recipe's "
-                f"data.classes {list(classes)}; add it there or remove it from the file")
+                f"data.classes {list(classes)}; add it there or remove it from the file"
+            )
         label_of[category["id"]] = list(classes).index(name) + 1
     image_ids = {image["id"] for image in dataset["images"]}
     for ann in dataset["annotations"]:
         if ann.get("category_id") not in label_of:
-            raise DetectionDataError(f"{source}: annotation {ann.get('id')} has category_id "
-                                     f"{ann.get('category_id')}, which no category in the file has")
+            raise DetectionDataError(
+                f"{source}: annotation {ann.get('id')} has category_id "
+                f"{ann.get('category_id')}, which no category in the file has"
+            )
         if not (isinstance(ann.get("bbox"), list) and len(ann["bbox"]) == 4):
-            raise DetectionDataError(f"{source}: annotation {ann.get('id')} has no bbox "
-                                     "[x, y, width, height]")
+            raise DetectionDataError(
+                f"{source}: annotation {ann.get('id')} has no bbox [x, y, width, height]"
+            )
         if ann.get("image_id") not in image_ids:
-            raise DetectionDataError(f"{source}: annotation {ann.get('id')} refers to image_id "
-                                     f"{ann.get('image_id')}, which the file does not list")
+            raise DetectionDataError(
+                f"{source}: annotation {ann.get('id')} refers to image_id "
+                f"{ann.get('image_id')}, which the file does not list"
+            )
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
-    missing = [image["file_name"] for image in dataset["images"]
-               if not (image_root / image["file_name"]).is_file()]
+    missing = [
+        image["file_name"]
+        for image in dataset["images"]
+        if not (image_root / image["file_name"]).is_file()
+    ]
     if missing:
-        raise DetectionDataError(f"{source}: {len(missing)} image(s) listed but missing under "
-                                 f"{image_root}, e.g. {image_root / missing[0]}")
+        raise DetectionDataError(
+            f"{source}: {len(missing)} image(s) listed but missing under "
+            f"{image_root}, e.g. {image_root / missing[0]}"
+        )
     coco = COCO()
     coco.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -106,12 +121,17 @@ def load_coco_json(annotations: Path, images: Path, classes: Sequence[str]) -> A
     return index_coco(dataset, images, str(annotations), classes)
 
 
-def load_voc(directory: Path, split: str, year: int, classes: Sequence[str],
-             for_eval: bool) -> AnnotationSet:
+def load_voc(
+    directory: Path, split: str, year: int, classes: Sequence[str], for_eval: bool
+) -> AnnotationSet:
     """A VOCdevkit split; for_eval turns "difficult" objects into crowd regions (see voc.py)."""
     dataset = voc_to_coco(directory, split, classes, difficult_as_crowd=for_eval)
-    return dataclasses.replace(index_coco(dataset, directory, f"{directory}:{split}", classes),
-                               kind="voc", voc_split=split, voc_year=year)
+    return dataclasses.replace(
+        index_coco(dataset, directory, f"{directory}:{split}", classes),
+        kind="voc",
+        voc_split=split,
+        voc_year=year,
+    )
 
 
 @dataclass
@@ -122,9 +142,11 @@ class DetectionData:
 
     def identity(self) -> dict:
         """Which data (not where it lies): for the result record's protocol."""
-        return {"classes": list(self.classes),
-                "train": [Path(s.source).name for s in self.train],
-                "test": Path(self.test.source).name}
+        return {
+            "classes": list(self.classes),
+            "train": [Path(s.source).name for s in self.train],
+            "test": Path(self.test.source).name,
+        }
 
 
 def load_data(cfg: DictConfig, progress: bool = True) -> DetectionData:
@@ -132,21 +154,32 @@ def load_data(cfg: DictConfig, progress: bool = True) -> DetectionData:
     classes = tuple(cfg.classes)
     if cfg.name == "synthetic-shapes":
         root = default_data_root() / cfg.name if cfg.root is None else Path(cfg.root)
-        call_with_options(prepare_synthetic_shapes, "dataset 'synthetic-shapes'", root,
-                          **{"progress": progress, **cfg.options})
-        train = [load_coco_json(root / "annotations" / f"instances_{cfg.train_split}.json",
-                                root, classes)]
-        test = load_coco_json(root / "annotations" / f"instances_{cfg.test_split}.json", root,
-                              classes)
+        call_with_options(
+            prepare_synthetic_shapes,
+            "dataset 'synthetic-shapes'",
+            root,
+            **{"progress": progress, **cfg.options},
+        )
+        train = [
+            load_coco_json(
+                root / "annotations" / f"instances_{cfg.train_split}.json", root, classes
+            )
+        ]
+        test = load_coco_json(
+            root / "annotations" / f"instances_{cfg.test_split}.json", root, classes
+        )
         return DetectionData(train, test, classes)
     root = default_data_root() if cfg.root is None else Path(cfg.root)
     if cfg.name == "coco":
+
         def coco(source):
             return load_coco_json(root / source.annotations, root / source.images, classes)
+
         return DetectionData([coco(s) for s in cfg.train], coco(cfg.test), classes)
 
     def voc(source, for_eval):
         return load_voc(root / source.dir, source.split, source.year, classes, for_eval)
+
     return DetectionData([voc(s, False) for s in cfg.train], voc(cfg.test, True), classes)
 
 
@@ -160,29 +193,43 @@ class DetectionDataset(Dataset):
     train=False: every image, with a target holding only its image id (for evaluation).
     """
 
-    def __init__(self, sets: Sequence[AnnotationSet], train: bool, masks: bool = False,
-                 flip: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        sets: Sequence[AnnotationSet],
+        train: bool,
+        masks: bool = False,
+        flip: bool = False,
+        seed: int = 0,
+    ):
         self.sets, self.train, self.masks = list(sets), train, masks
         self.flip, self.seed = flip, seed
         self.epoch = 0
-        self.items = [(k, image_id) for k, s in enumerate(self.sets)
-                      for image_id in sorted(s.coco.imgs)
-                      if not train or self._objects(s, image_id)]
+        self.items = [
+            (k, image_id)
+            for k, s in enumerate(self.sets)
+            for image_id in sorted(s.coco.imgs)
+            if not train or self._objects(s, image_id)
+        ]
         if train and not self.items:
-            raise DetectionDataError(f"no training image has an object: "
-                                     f"{', '.join(s.source for s in self.sets)}")
+            raise DetectionDataError(
+                f"no training image has an object: {', '.join(s.source for s in self.sets)}"
+            )
         if train and masks:
             for k, image_id in self.items:
                 for a in self._objects(self.sets[k], image_id):
                     if not a.get("segmentation"):
                         raise DetectionDataError(
                             f"{self.sets[k].source}: annotation {a['id']} has no segmentation; "
-                            "Mask R-CNN needs instance masks (use model.arch=faster_rcnn)")
+                            "Mask R-CNN needs instance masks (use model.arch=faster_rcnn)"
+                        )
 
     @staticmethod
     def _objects(s: AnnotationSet, image_id: int) -> list[dict]:
-        return [a for a in s.coco.imgToAnns[image_id]
-                if not a.get("iscrowd", 0) and a["bbox"][2] > 0 and a["bbox"][3] > 0]
+        return [
+            a
+            for a in s.coco.imgToAnns[image_id]
+            if not a.get("iscrowd", 0) and a["bbox"][2] > 0 and a["bbox"][3] > 0
+        ]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -194,17 +241,21 @@ class DetectionDataset(Dataset):
         path = s.image_root / info["file_name"]
         with Image.open(path) as img:
             if img.size != (info["width"], info["height"]):
-                raise DetectionDataError(f"{path} is {img.size[0]}x{img.size[1]} but {s.source} "
-                                         f"says {info['width']}x{info['height']}")
+                raise DetectionDataError(
+                    f"{path} is {img.size[0]}x{img.size[1]} but {s.source} "
+                    f"says {info['width']}x{info['height']}"
+                )
             image = to_tensor(img.convert("RGB"))
         if not self.train:
             return image, {"image_id": image_id}
         objects = self._objects(s, image_id)
         boxes = torch.tensor([a["bbox"] for a in objects], dtype=torch.float32)
         boxes[:, 2:] += boxes[:, :2]
-        target = {"boxes": boxes, "labels": torch.tensor([s.label_of[a["category_id"]]
-                                                          for a in objects]),
-                  "image_id": image_id}
+        target = {
+            "boxes": boxes,
+            "labels": torch.tensor([s.label_of[a["category_id"]] for a in objects]),
+            "image_id": image_id,
+        }
         if self.masks:
             target["masks"] = torch.from_numpy(np.stack([s.coco.annToMask(a) for a in objects]))
         if self.flip and self._coin(i):

@@ -78,8 +78,9 @@ class Trainer(DefaultTrainer):
             metrics = PascalVOCDetectionEvaluator(dataset_name)
         else:  # tasks named: left to itself it infers them from the predictions, none if none
             tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-            metrics = COCOEvaluator(dataset_name, tasks=tasks,
-                                    output_dir=str(Path(cfg.OUTPUT_DIR) / "inference"))
+            metrics = COCOEvaluator(
+                dataset_name, tasks=tasks, output_dir=str(Path(cfg.OUTPUT_DIR) / "inference")
+            )
         return DatasetEvaluators([metrics, DetectionCount()])
 
     def test(self, cfg, model, evaluators=None):
@@ -87,10 +88,14 @@ class Trainer(DefaultTrainer):
         # evaluation hook calls it on the trainer, and nothing here calls it on the class.
         results = super().test(cfg, model, evaluators)
         if comm.is_main_process():
-            finite = {task: {k: (float(v) if math.isfinite(v) else None) for k, v in vals.items()}
-                      for task, vals in results.items() if task != COUNT_TASK}
-            write_json_atomic(self.results_path, {"metrics": finite,
-                                                  "detections": results[COUNT_TASK]["count"]})
+            finite = {
+                task: {k: (float(v) if math.isfinite(v) else None) for k, v in vals.items()}
+                for task, vals in results.items()
+                if task != COUNT_TASK
+            }
+            write_json_atomic(
+                self.results_path, {"metrics": finite, "detections": results[COUNT_TASK]["count"]}
+            )
         return results
 
 
@@ -118,8 +123,9 @@ def build_config(base_config: str, options: dict[str, Any]):
     return cfg
 
 
-def main(base_config: str, options: dict[str, Any], datasets: list[tuple],
-         results_path: str) -> None:
+def main(
+    base_config: str, options: dict[str, Any], datasets: list[tuple], results_path: str
+) -> None:
     """One process of a detectron2 run: build the config, train, test; the main process writes
     the final metrics and detection count to `results_path`."""
     register(datasets)

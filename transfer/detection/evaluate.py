@@ -28,12 +28,15 @@ from .data import DetectionDataset, collate
 
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 MASK_THRESHOLD = 0.5  # torchvision's and detectron2's mask binarisation
-NO_DETECTIONS = ("no detection on the test split: every AP is 0 where the split has objects "
-                 "(COCOeval of an empty result set); too short or diverged training ends so")
+NO_DETECTIONS = (
+    "no detection on the test split: every AP is 0 where the split has objects "
+    "(COCOeval of an empty result set); too short or diverged training ends so"
+)
 
 
-def to_coco_results(image_id: int, output: dict[str, torch.Tensor],
-                    category_of: dict[int, int]) -> list[dict]:
+def to_coco_results(
+    image_id: int, output: dict[str, torch.Tensor], category_of: dict[int, int]
+) -> list[dict]:
     """One image's detections as COCO result entries: xywh boxes and, when the output has masks,
     RLE masks; labels become the test file's category ids (labels it lacks are dropped)."""
     boxes = output["boxes"].detach().cpu().numpy().astype(np.float64)
@@ -48,11 +51,17 @@ def to_coco_results(image_id: int, output: dict[str, torch.Tensor],
         if label not in category_of:
             continue
         x0, y0, x1, y1 = boxes[k].tolist()
-        entry = {"image_id": image_id, "category_id": category_of[label],
-                 "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)}
+        entry = {
+            "image_id": image_id,
+            "category_id": category_of[label],
+            "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "score": float(score),
+        }
         if rles is not None:
-            entry["segmentation"] = {"size": [int(v) for v in rles[k]["size"]],
-                                     "counts": rles[k]["counts"].decode("ascii")}
+            entry["segmentation"] = {
+                "size": [int(v) for v in rles[k]["size"]],
+                "counts": rles[k]["counts"].decode("ascii"),
+            }
         results.append(entry)
     return results
 
@@ -65,19 +74,26 @@ def coco_metrics(gt: COCO, results: list[dict], iou_type: str) -> dict[str, floa
             dt = gt.loadRes(results)
         else:  # loadRes cannot take an empty list; no detection scores 0 wherever GT exists
             dt = COCO()
-            dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"],
-                          "annotations": []}
+            dt.dataset = {
+                "images": gt.dataset["images"],
+                "categories": gt.dataset["categories"],
+                "annotations": [],
+            }
             dt.createIndex()
         evaluator = COCOeval(gt, dt, iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {f"{iou_type}_{name}": float(100 * value)
-            for name, value in zip(STATS, evaluator.stats[:len(STATS)]) if value >= 0}
+    return {
+        f"{iou_type}_{name}": float(100 * value)
+        for name, value in zip(STATS, evaluator.stats[: len(STATS)])
+        if value >= 0
+    }
 
 
-def score(gt: COCO, results: list[dict],
-          iou_types: Sequence[str]) -> tuple[dict[str, float], list[str]]:
+def score(
+    gt: COCO, results: list[dict], iou_types: Sequence[str]
+) -> tuple[dict[str, float], list[str]]:
     """The metrics of `results` for each IoU type and the warnings for the record: none, or
     NO_DETECTIONS when `results` is empty (its metrics are then 0, not an error)."""
     metrics = {}
@@ -87,16 +103,24 @@ def score(gt: COCO, results: list[dict],
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, dataset: DetectionDataset, category_of: dict[int, int],
-            device: torch.device, *, num_workers: int = 0, progress: bool = True) -> list[dict]:
+def predict(
+    model: nn.Module,
+    dataset: DetectionDataset,
+    category_of: dict[int, int],
+    device: torch.device,
+    *,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> list[dict]:
     """COCO result entries for every image of `dataset`; under torchrun each process predicts
     every world_size-th image and all processes return the gathered list."""
     model.eval()
     shard = Subset(dataset, range(D.rank(), len(dataset), D.world_size()))
     loader = DataLoader(shard, batch_size=1, collate_fn=collate, num_workers=num_workers)
     results = []
-    for images, targets in tqdm(loader, desc="evaluate", unit="batch", leave=False,
-                                disable=not (progress and D.rank() == 0)):
+    for images, targets in tqdm(
+        loader, desc="evaluate", unit="batch", leave=False, disable=not (progress and D.rank() == 0)
+    ):
         outputs = model([x.to(device) for x in images])
         for target, output in zip(targets, outputs):
             results += to_coco_results(target["image_id"], output, category_of)

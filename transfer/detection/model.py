@@ -18,8 +18,11 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import (FastRCNNConvFCHead, FastRCNNPredictor,
-                                                      TwoMLPHead)
+from torchvision.models.detection.faster_rcnn import (
+    FastRCNNConvFCHead,
+    FastRCNNPredictor,
+    TwoMLPHead,
+)
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -62,62 +65,97 @@ def freeze_stages(backbone: ResNetBackbone, freeze_at: int) -> None:
 def require_resnet(facts: BackboneFacts, what: str) -> None:
     """Detection transfer builds on ResNets only; anything else is an ArtifactError saying so."""
     if facts.family != "resnet":
-        raise ArtifactError(f"detection transfer with a {facts.family} backbone ({what}) is not "
-                            "supported: both backends build ResNet-FPN / C4 detectors")
+        raise ArtifactError(
+            f"detection transfer with a {facts.family} backbone ({what}) is not "
+            "supported: both backends build ResNet-FPN / C4 detectors"
+        )
 
 
-def build_detector(backbone: nn.Module, model_cfg: DictConfig, input_cfg: DictConfig,
-                   test_cfg: DictConfig, num_classes: int, device: torch.device, *,
-                   mean: Sequence[float] = IMAGENET_MEAN,
-                   std: Sequence[float] = IMAGENET_STD) -> nn.Module:
+def build_detector(
+    backbone: nn.Module,
+    model_cfg: DictConfig,
+    input_cfg: DictConfig,
+    test_cfg: DictConfig,
+    num_classes: int,
+    device: torch.device,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> nn.Module:
     """The detector for `num_classes` object classes (plus background), on `device`; mean/std:
     the backbone's input normalisation (of [0, 1] RGB; torchvision's transform takes it so)."""
     m = model_cfg
     require_resnet(backbone.facts, type(backbone).__name__)
     if m.head != "fpn":
-        raise ConfigError(f"model.head={m.head!r} needs the detectron2 backend (backend="
-                          "detectron2); the torchvision backend builds ResNet-FPN")
-    for key, value, allowed in (("model.norm", m.norm, TORCHVISION_NORMS),
-                                ("model.head_norm", m.head_norm, ("", "BN", "SyncBN"))):
+        raise ConfigError(
+            f"model.head={m.head!r} needs the detectron2 backend (backend="
+            "detectron2); the torchvision backend builds ResNet-FPN"
+        )
+    for key, value, allowed in (
+        ("model.norm", m.norm, TORCHVISION_NORMS),
+        ("model.head_norm", m.head_norm, ("", "BN", "SyncBN")),
+    ):
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is detectron2-only; the torchvision backend takes "
-                              f"{', '.join(map(repr, allowed))} (its SyncBN already weighs "
-                              "processes by their sample count, as naiveSyncBN_N does)")
+            raise ConfigError(
+                f"{key}={value!r} is detectron2-only; the torchvision backend takes "
+                f"{', '.join(map(repr, allowed))} (its SyncBN already weighs "
+                "processes by their sample count, as naiveSyncBN_N does)"
+            )
     stages = backbone.facts.stages
     if len(m.anchor_sizes) != len(stages) + 1:
-        raise ConfigError(f"model.anchor_sizes needs one size per FPN level (P2..P6): 5 values, "
-                          f"got {list(m.anchor_sizes)}")
+        raise ConfigError(
+            f"model.anchor_sizes needs one size per FPN level (P2..P6): 5 values, "
+            f"got {list(m.anchor_sizes)}"
+        )
     if m.norm == "FrozenBN":
         freeze_batchnorm(backbone)
     freeze_stages(backbone, m.freeze_at)
     head_norm = nn.BatchNorm2d if m.head_norm else None
-    body = BackboneWithFPN(backbone, {s.module: str(k) for k, s in enumerate(stages)},
-                           [s.channels for s in stages], m.fpn_channels, norm_layer=head_norm)
-    anchors = AnchorGenerator(tuple((int(s),) for s in m.anchor_sizes),
-                              (tuple(float(r) for r in m.aspect_ratios),) * len(m.anchor_sizes))
+    body = BackboneWithFPN(
+        backbone,
+        {s.module: str(k) for k, s in enumerate(stages)},
+        [s.channels for s in stages],
+        m.fpn_channels,
+        norm_layer=head_norm,
+    )
+    anchors = AnchorGenerator(
+        tuple((int(s),) for s in m.anchor_sizes),
+        (tuple(float(r) for r in m.aspect_ratios),) * len(m.anchor_sizes),
+    )
     roi = 7  # torchvision's and detectron2's box pooler resolution
     if m.box_head == "4conv1fc":
-        box_head = FastRCNNConvFCHead((m.fpn_channels, roi, roi), [m.head_conv_dim] * 4,
-                                      [m.box_head_dim], norm_layer=head_norm)
+        box_head = FastRCNNConvFCHead(
+            (m.fpn_channels, roi, roi),
+            [m.head_conv_dim] * 4,
+            [m.box_head_dim],
+            norm_layer=head_norm,
+        )
     else:
         box_head = TwoMLPHead(m.fpn_channels * roi * roi, m.box_head_dim)
     kwargs = dict(
-        min_size=tuple(input_cfg.min_size_train), max_size=input_cfg.max_size_train,
-        image_mean=list(mean), image_std=list(std),
+        min_size=tuple(input_cfg.min_size_train),
+        max_size=input_cfg.max_size_train,
+        image_mean=list(mean),
+        image_std=list(std),
         rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=m.rpn_pre_nms_topk_train,
         rpn_pre_nms_top_n_test=m.rpn_pre_nms_topk_test,
         rpn_post_nms_top_n_train=m.rpn_post_nms_topk_train,
         rpn_post_nms_top_n_test=m.rpn_post_nms_topk_test,
-        box_head=box_head, box_predictor=FastRCNNPredictor(m.box_head_dim, num_classes + 1),
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(m.box_head_dim, num_classes + 1),
         box_batch_size_per_image=m.roi_batch_size_per_image,
         box_positive_fraction=m.roi_positive_fraction,
-        box_detections_per_img=test_cfg.detections_per_image)
+        box_detections_per_img=test_cfg.detections_per_image,
+    )
     if m.arch == "mask_rcnn":
         mask_head = MaskRCNNHeads(m.fpn_channels, [m.head_conv_dim] * 4, 1, norm_layer=head_norm)
-        model = MaskRCNN(body, mask_head=mask_head,
-                         mask_predictor=MaskRCNNPredictor(m.head_conv_dim, m.head_conv_dim,
-                                                          num_classes + 1), **kwargs)
+        model = MaskRCNN(
+            body,
+            mask_head=mask_head,
+            mask_predictor=MaskRCNNPredictor(m.head_conv_dim, m.head_conv_dim, num_classes + 1),
+            **kwargs,
+        )
     else:
         model = FasterRCNN(body, **kwargs)
     if m.norm == "SyncBN":

@@ -16,8 +16,13 @@ from omegaconf import DictConfig
 
 from sslbench.artifact import read_manifest
 from sslbench.config import to_dict
-from sslbench.results import (DatasetInfo, TaskOutput, build_record, distribution_version,
-                              write_record)
+from sslbench.results import (
+    DatasetInfo,
+    TaskOutput,
+    build_record,
+    distribution_version,
+    write_record,
+)
 
 from ..common import default_work_dir
 from . import detectron2_backend, torchvision_backend
@@ -37,16 +42,30 @@ def transfer(cfg: DictConfig, backbone_dir: str | Path, out_dir: str | Path) -> 
     if outcome is None:
         return None
     output = TaskOutput(
-        metrics=outcome.metrics, protocol=protocol(cfg, outcome),
-        dataset=DatasetInfo(cfg.data.name, len(outcome.data.classes),
-                            {"train": outcome.train_images, "test": len(outcome.data.test.coco.imgs)},
-                            {"train": [s.describe() for s in outcome.data.train],
-                             "test": outcome.data.test.describe()}),
+        metrics=outcome.metrics,
+        protocol=protocol(cfg, outcome),
+        dataset=DatasetInfo(
+            cfg.data.name,
+            len(outcome.data.classes),
+            {"train": outcome.train_images, "test": len(outcome.data.test.coco.imgs)},
+            {
+                "train": [s.describe() for s in outcome.data.train],
+                "test": outcome.data.test.describe(),
+            },
+        ),
         details={**outcome.details, "backbone_dir": str(backbone_dir), "work_dir": str(work_dir)},
-        versions={"pycocotools": distribution_version("pycocotools"), **outcome.versions})
-    record = build_record("detection", output, manifest, seed=cfg.run.seed, started=started,
-                          device=outcome.device, world_size=outcome.schedule.world_size,
-                          cuda=outcome.cuda)
+        versions={"pycocotools": distribution_version("pycocotools"), **outcome.versions},
+    )
+    record = build_record(
+        "detection",
+        output,
+        manifest,
+        seed=cfg.run.seed,
+        started=started,
+        device=outcome.device,
+        world_size=outcome.schedule.world_size,
+        cuda=outcome.cuda,
+    )
     path = write_record(out_dir, record)
     (work_dir / RESUME_FILE).unlink(missing_ok=True)  # recorded: nothing left to resume
     return path
@@ -58,7 +77,12 @@ def protocol(cfg: DictConfig, outcome: Outcome) -> dict:
         data["options"] = to_dict(cfg.data.options)
     schedule = {k: v for k, v in dataclasses.asdict(outcome.schedule).items() if k != "world_size"}
     solver = {k: v for k, v in to_dict(cfg.solver).items() if k != "checkpoint_period"}
-    return {"backend": cfg.backend, "backbone_arch": cfg.backbone.arch, "data": data,
-            "model": to_dict(cfg.model), "input": to_dict(cfg.input),
-            "solver": {**solver, "as_run": {**schedule, "steps": list(schedule["steps"])}},
-            "test": to_dict(cfg.test)}
+    return {
+        "backend": cfg.backend,
+        "backbone_arch": cfg.backbone.arch,
+        "data": data,
+        "model": to_dict(cfg.model),
+        "input": to_dict(cfg.input),
+        "solver": {**solver, "as_run": {**schedule, "steps": list(schedule["steps"])}},
+        "test": to_dict(cfg.test),
+    }

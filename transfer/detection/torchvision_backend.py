@@ -29,8 +29,14 @@ from .outcome import Outcome
 from .train import RESUME_FILE, precise_bn, train
 
 # Keys that change neither the run nor its number: a killed run may continue with other values.
-RESUMABLE_CHANGES = ("run.progress", "run.threads", "run.num_workers", "run.work_dir",
-                     "solver.checkpoint_period", "detectron2")
+RESUMABLE_CHANGES = (
+    "run.progress",
+    "run.threads",
+    "run.num_workers",
+    "run.work_dir",
+    "solver.checkpoint_period",
+    "detectron2",
+)
 
 
 def run(cfg: DictConfig, backbone_dir: Path, work_dir: Path) -> Outcome | None:
@@ -55,24 +61,48 @@ def _run(cfg: DictConfig, backbone_dir: Path, work_dir: Path, env: D.DistEnv) ->
     torch.manual_seed(cfg.run.seed)  # new layers start alike on every process
     masks = cfg.model.arch == "mask_rcnn"
     mean, std = input_normalization(manifest)
-    model = build_detector(backbone, cfg.model, cfg.input, cfg.test, len(data.classes), env.device,
-                           mean=mean, std=std)
+    model = build_detector(
+        backbone, cfg.model, cfg.input, cfg.test, len(data.classes), env.device, mean=mean, std=std
+    )
     torch.manual_seed(cfg.run.seed * 1000 + env.rank)  # per-process draws (multi-scale sizes)
-    train_set = DetectionDataset(data.train, train=True, masks=masks, flip=cfg.input.flip,
-                                 seed=cfg.run.seed)
-    log, resumed = train(model, train_set, schedule, cfg.solver, env.device, seed=cfg.run.seed,
-                         num_workers=cfg.run.num_workers, progress=cfg.run.progress,
-                         log_every=cfg.run.log_every, checkpoint=work_dir / RESUME_FILE,
-                         key=config_hash(cfg, RESUMABLE_CHANGES))
+    train_set = DetectionDataset(
+        data.train, train=True, masks=masks, flip=cfg.input.flip, seed=cfg.run.seed
+    )
+    log, resumed = train(
+        model,
+        train_set,
+        schedule,
+        cfg.solver,
+        env.device,
+        seed=cfg.run.seed,
+        num_workers=cfg.run.num_workers,
+        progress=cfg.run.progress,
+        log_every=cfg.run.log_every,
+        checkpoint=work_dir / RESUME_FILE,
+        key=config_hash(cfg, RESUMABLE_CHANGES),
+    )
     bn_layers = 0
     if cfg.test.precise_bn:
-        bn_layers = precise_bn(model, train_set, schedule.ims_per_batch // env.world_size,
-                               cfg.test.precise_bn_iters, env.device, seed=cfg.run.seed,
-                               num_workers=cfg.run.num_workers, progress=cfg.run.progress)
+        bn_layers = precise_bn(
+            model,
+            train_set,
+            schedule.ims_per_batch // env.world_size,
+            cfg.test.precise_bn_iters,
+            env.device,
+            seed=cfg.run.seed,
+            num_workers=cfg.run.num_workers,
+            progress=cfg.run.progress,
+        )
     use_test_sizes(model, cfg.input)
     test_set = DetectionDataset([data.test], train=False)
-    results = predict(model, test_set, data.test.category_of, env.device,
-                      num_workers=cfg.run.num_workers, progress=cfg.run.progress)
+    results = predict(
+        model,
+        test_set,
+        data.test.category_of,
+        env.device,
+        num_workers=cfg.run.num_workers,
+        progress=cfg.run.progress,
+    )
     if not env.is_main:
         return None
     metrics, warnings = score(data.test.coco, results, ("bbox", "segm") if masks else ("bbox",))
@@ -80,11 +110,21 @@ def _run(cfg: DictConfig, backbone_dir: Path, work_dir: Path, env: D.DistEnv) ->
     with atomic_path(work_dir / "model_final.pth") as tmp:
         torch.save(model.state_dict(), tmp)
     write_json_atomic(work_dir / "predictions.json", results)
-    return Outcome(metrics=metrics, schedule=schedule, data=data, train_images=len(train_set),
-                   device=D.device_name(env.device, env.world_size), cuda=env.device.type == "cuda",
-                   details={"precise_bn_layers": bn_layers, "detections": len(results),
-                            "warnings": warnings, "final_losses": _last_row(log),
-                            **({} if resumed is None else {"resumed_from_iteration": resumed})})
+    return Outcome(
+        metrics=metrics,
+        schedule=schedule,
+        data=data,
+        train_images=len(train_set),
+        device=D.device_name(env.device, env.world_size),
+        cuda=env.device.type == "cuda",
+        details={
+            "precise_bn_layers": bn_layers,
+            "detections": len(results),
+            "warnings": warnings,
+            "final_losses": _last_row(log),
+            **({} if resumed is None else {"resumed_from_iteration": resumed}),
+        },
+    )
 
 
 def _last_row(log: str) -> dict[str, float]:

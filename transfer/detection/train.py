@@ -50,60 +50,100 @@ def lr_at(iteration: int, schedule: Schedule, gamma: float, warmup_factor: float
 def param_groups(model: nn.Module, weight_decay: float, weight_decay_norm: float) -> list[dict]:
     """Trainable parameters in two groups: those of norm layers, and the rest."""
     norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
-    norm_ids = {id(p) for m in model.modules() if isinstance(m, norm_types)
-                for p in m.parameters(recurse=False)}
+    norm_ids = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, norm_types)
+        for p in m.parameters(recurse=False)
+    }
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) not in norm_ids], "weight_decay": weight_decay},
-              {"params": [p for p in params if id(p) in norm_ids],
-               "weight_decay": weight_decay_norm}]
+    groups = [
+        {"params": [p for p in params if id(p) not in norm_ids], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) in norm_ids], "weight_decay": weight_decay_norm},
+    ]
     return [g for g in groups if g["params"]]
 
 
-def batches(dataset: DetectionDataset, per_process: int, seed: int, num_workers: int,
-            pin_memory: bool, start: int = 0) -> Iterator[tuple[list, list]]:
+def batches(
+    dataset: DetectionDataset,
+    per_process: int,
+    seed: int,
+    num_workers: int,
+    pin_memory: bool,
+    start: int = 0,
+) -> Iterator[tuple[list, list]]:
     """Endless training batches from the `start`-th on: epoch after epoch, this process's share
     of each global batch. The loaders draw their worker seeds from their own generator, so the
     global RNG is the model's alone (its multi-scale sizes and sampled proposals)."""
-    sampler = DistributedSampler(dataset, num_replicas=D.world_size(), rank=D.rank(),
-                                 shuffle=True, seed=seed, drop_last=True)
+    sampler = DistributedSampler(
+        dataset, num_replicas=D.world_size(), rank=D.rank(), shuffle=True, seed=seed, drop_last=True
+    )
     batch_sampler = BatchSampler(sampler, per_process, drop_last=True)
     if len(batch_sampler) == 0:
-        raise ValueError(f"{len(dataset)} training images make no batch of {per_process} per "
-                         f"process; lower solver.ims_per_batch")
+        raise ValueError(
+            f"{len(dataset)} training images make no batch of {per_process} per "
+            f"process; lower solver.ims_per_batch"
+        )
     first, skip = divmod(start, len(batch_sampler))
     for epoch in itertools.count(first):
         sampler.set_epoch(epoch)
         dataset.epoch = epoch
-        chosen = list(batch_sampler)[skip if epoch == first else 0:]
-        loader = DataLoader(dataset, batch_sampler=chosen, collate_fn=collate,
-                            num_workers=num_workers, pin_memory=pin_memory,
-                            generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        chosen = list(batch_sampler)[skip if epoch == first else 0 :]
+        loader = DataLoader(
+            dataset,
+            batch_sampler=chosen,
+            collate_fn=collate,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            generator=torch.Generator().manual_seed(seed * 100_003 + epoch),
+        )
         yield from loader
 
 
-def _save_state(path: Path, key: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-                iterations: int, log: str, device: torch.device) -> None:
+def _save_state(
+    path: Path,
+    key: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    iterations: int,
+    log: str,
+    device: torch.device,
+) -> None:
     """Every process calls this (each one's RNG state is gathered); the main one writes."""
     rng = {"cpu": D.gather_no_grad(torch.get_rng_state().to(device)[None]).cpu()}
     if device.type == "cuda":
         rng["cuda"] = D.gather_no_grad(torch.cuda.get_rng_state(device).to(device)[None]).cpu()
     if D.rank() == 0:
-        save_checkpoint(path, {"step": iterations, "key": key, "model": model.state_dict(),
-                               "optimizer": optimizer.state_dict(), "log": log, "rng": rng})
+        save_checkpoint(
+            path,
+            {
+                "step": iterations,
+                "key": key,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "log": log,
+                "rng": rng,
+            },
+        )
 
 
-def _load_state(path: Path, key: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-                device: torch.device) -> tuple[int, str]:
+def _load_state(
+    path: Path, key: str, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+) -> tuple[int, str]:
     """Restore a saved state; returns its iteration count and loss log."""
     state = load_checkpoint(path)
     if state["key"] != key:
-        raise CheckpointError(f"{path} holds an unfinished run of another recipe (config hash "
-                              f"{state['key'][:12]}... vs {key[:12]}...); delete it, or give "
-                              "this run another run.work_dir")
+        raise CheckpointError(
+            f"{path} holds an unfinished run of another recipe (config hash "
+            f"{state['key'][:12]}... vs {key[:12]}...); delete it, or give "
+            "this run another run.work_dir"
+        )
     rng = state["rng"]
     if len(rng["cpu"]) != D.world_size():
-        raise CheckpointError(f"{path} was saved by {len(rng['cpu'])} processes; continue it "
-                              f"with as many, not {D.world_size()}")
+        raise CheckpointError(
+            f"{path} was saved by {len(rng['cpu'])} processes; continue it "
+            f"with as many, not {D.world_size()}"
+        )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     # clone: this process's row as a tensor of its own (set_rng_state crashes on a row view)
@@ -113,9 +153,20 @@ def _load_state(path: Path, key: str, model: nn.Module, optimizer: torch.optim.O
     return int(state["step"]), state["log"]
 
 
-def train(model: nn.Module, dataset: DetectionDataset, schedule: Schedule, solver: DictConfig,
-          device: torch.device, *, seed: int, num_workers: int, progress: bool, log_every: int,
-          checkpoint: Path | None = None, key: str = "") -> tuple[str, int | None]:
+def train(
+    model: nn.Module,
+    dataset: DetectionDataset,
+    schedule: Schedule,
+    solver: DictConfig,
+    device: torch.device,
+    *,
+    seed: int,
+    num_workers: int,
+    progress: bool,
+    log_every: int,
+    checkpoint: Path | None = None,
+    key: str = "",
+) -> tuple[str, int | None]:
     """Train in place for schedule.max_iter iterations; returns the loss log as CSV text and the
     iteration training resumed at (None when it started from scratch).
 
@@ -124,46 +175,70 @@ def train(model: nn.Module, dataset: DetectionDataset, schedule: Schedule, solve
     end.
     """
     per_process = schedule.ims_per_batch // schedule.world_size
-    optimizer = torch.optim.SGD(param_groups(model, solver.weight_decay, solver.weight_decay_norm),
-                                lr=schedule.base_lr, momentum=solver.momentum)
+    optimizer = torch.optim.SGD(
+        param_groups(model, solver.weight_decay, solver.weight_decay_norm),
+        lr=schedule.base_lr,
+        momentum=solver.momentum,
+    )
     start, log_so_far, resumed = 0, "", None
     if checkpoint is not None and checkpoint.is_file():
         start, log_so_far = _load_state(checkpoint, key, model, optimizer, device)
         resumed = start
         if D.rank() == 0:
-            print(f"detection: resuming at iteration {start} of {schedule.max_iter} from "
-                  f"{checkpoint}", flush=True)
-    net = model if schedule.world_size == 1 else DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+            print(
+                f"detection: resuming at iteration {start} of {schedule.max_iter} from "
+                f"{checkpoint}",
+                flush=True,
+            )
+    net = (
+        model
+        if schedule.world_size == 1
+        else DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    )
     net.train()
     log = io.StringIO()
     log.write(log_so_far)
     writer = None
     data = batches(dataset, per_process, seed, num_workers, device.type == "cuda", start)
-    bar = tqdm(range(start, schedule.max_iter), desc="detection", unit="it", dynamic_ncols=True,
-               initial=start, total=schedule.max_iter, disable=not (progress and D.rank() == 0))
+    bar = tqdm(
+        range(start, schedule.max_iter),
+        desc="detection",
+        unit="it",
+        dynamic_ncols=True,
+        initial=start,
+        total=schedule.max_iter,
+        disable=not (progress and D.rank() == 0),
+    )
     for iteration in bar:
         lr = lr_at(iteration, schedule, solver.gamma, solver.warmup_factor)
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, targets = next(data)
         images = [x.to(device, non_blocking=True) for x in images]
-        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
-                   for t in targets]
+        targets = [
+            {k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets
+        ]
         losses = net(images, targets)
         loss = sum(losses.values())
         if not math.isfinite(loss.item()):
             parts = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise RuntimeError(f"detection training: loss is {loss.item()} at iteration "
-                               f"{iteration} ({parts}); lower solver.base_lr or lengthen "
-                               "solver.warmup_iters")
+            raise RuntimeError(
+                f"detection training: loss is {loss.item()} at iteration "
+                f"{iteration} ({parts}); lower solver.base_lr or lengthen "
+                "solver.warmup_iters"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if (iteration + 1) % log_every == 0 or iteration + 1 == schedule.max_iter:
-            row = {"iteration": iteration + 1, "lr": lr,
-                   "loss": D.all_reduce_mean(loss.detach()).item(),
-                   **{k: D.all_reduce_mean(v.detach()).item() for k, v in losses.items()}}
+            row = {
+                "iteration": iteration + 1,
+                "lr": lr,
+                "loss": D.all_reduce_mean(loss.detach()).item(),
+                **{k: D.all_reduce_mean(v.detach()).item() for k, v in losses.items()},
+            }
             if writer is None:
                 writer = csv.DictWriter(log, fieldnames=list(row))
                 if not log_so_far:
@@ -171,20 +246,35 @@ def train(model: nn.Module, dataset: DetectionDataset, schedule: Schedule, solve
             writer.writerow(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2g}")
         done = iteration + 1
-        if checkpoint is not None and solver.checkpoint_period and (
-                done % solver.checkpoint_period == 0 or done == schedule.max_iter):
+        if (
+            checkpoint is not None
+            and solver.checkpoint_period
+            and (done % solver.checkpoint_period == 0 or done == schedule.max_iter)
+        ):
             _save_state(checkpoint, key, model, optimizer, done, log.getvalue(), device)
     bar.close()
     return log.getvalue(), resumed
 
 
 @torch.no_grad()
-def precise_bn(model: nn.Module, dataset: DetectionDataset, per_process: int, iters: int,
-               device: torch.device, *, seed: int, num_workers: int, progress: bool) -> int:
+def precise_bn(
+    model: nn.Module,
+    dataset: DetectionDataset,
+    per_process: int,
+    iters: int,
+    device: torch.device,
+    *,
+    seed: int,
+    num_workers: int,
+    progress: bool,
+) -> int:
     """Set every trainable BatchNorm's running statistics to the mean of its batch statistics
     over `iters` training batches; returns how many layers were updated."""
-    layers = [m for m in model.modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if not layers or iters <= 0:
         return 0
     momenta = [m.momentum for m in layers]
@@ -193,12 +283,18 @@ def precise_bn(model: nn.Module, dataset: DetectionDataset, per_process: int, it
         m.momentum = None  # cumulative average: the running stats become the mean over batches
     model.train()
     data = batches(dataset, per_process, seed + 1, num_workers, device.type == "cuda")
-    for _ in tqdm(range(iters), desc="precise BN", unit="it", leave=False,
-                  disable=not (progress and D.rank() == 0)):
+    for _ in tqdm(
+        range(iters),
+        desc="precise BN",
+        unit="it",
+        leave=False,
+        disable=not (progress and D.rank() == 0),
+    ):
         images, targets = next(data)
-        model([x.to(device) for x in images],
-              [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
-               for t in targets])
+        model(
+            [x.to(device) for x in images],
+            [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets],
+        )
     for m, momentum in zip(layers, momenta):
         m.momentum = momentum
         # plain BN saw only this process's batches: average over processes (SyncBN agrees already)

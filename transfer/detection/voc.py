@@ -15,19 +15,41 @@ from typing import Sequence
 
 from .errors import DetectionDataError
 
-VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-               "sheep", "sofa", "train", "tvmonitor")
+VOC_CLASSES = (
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
 
 
-def voc_to_coco(directory: Path, split: str, classes: Sequence[str],
-                difficult_as_crowd: bool) -> dict:
+def voc_to_coco(
+    directory: Path, split: str, classes: Sequence[str], difficult_as_crowd: bool
+) -> dict:
     """The images of ImageSets/Main/<split>.txt and their objects as a COCO instances dict;
     file names are relative to `directory`."""
     listing = directory / "ImageSets" / "Main" / f"{split}.txt"
     if not listing.is_file():
-        raise DetectionDataError(f"VOC split list {listing} not found (expected the VOCdevkit "
-                                 "layout: ImageSets/Main, Annotations, JPEGImages)")
+        raise DetectionDataError(
+            f"VOC split list {listing} not found (expected the VOCdevkit "
+            "layout: ImageSets/Main, Annotations, JPEGImages)"
+        )
     ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
     categories = [{"id": k + 1, "name": name} for k, name in enumerate(classes)]
     category_id = {name: k + 1 for k, name in enumerate(classes)}
@@ -35,22 +57,36 @@ def voc_to_coco(directory: Path, split: str, classes: Sequence[str],
     for image_id, stem in enumerate(ids, start=1):
         xml = directory / "Annotations" / f"{stem}.xml"
         root = _parse(xml)
-        images.append({"id": image_id, "file_name": f"JPEGImages/{stem}.jpg",
-                       "width": int(_text(root, "size/width", xml)),
-                       "height": int(_text(root, "size/height", xml))})
+        images.append(
+            {
+                "id": image_id,
+                "file_name": f"JPEGImages/{stem}.jpg",
+                "width": int(_text(root, "size/width", xml)),
+                "height": int(_text(root, "size/height", xml)),
+            }
+        )
         for obj in root.findall("object"):
             name = _text(obj, "name", xml).strip()
             if name not in category_id:
-                raise DetectionDataError(f"{xml}: object class {name!r} is not in the recipe's "
-                                         f"data.classes {list(classes)}")
-            x0, y0, x1, y1 = (float(_text(obj, f"bndbox/{k}", xml))
-                              for k in ("xmin", "ymin", "xmax", "ymax"))
+                raise DetectionDataError(
+                    f"{xml}: object class {name!r} is not in the recipe's "
+                    f"data.classes {list(classes)}"
+                )
+            x0, y0, x1, y1 = (
+                float(_text(obj, f"bndbox/{k}", xml)) for k in ("xmin", "ymin", "xmax", "ymax")
+            )
             x0, y0 = x0 - 1.0, y0 - 1.0
             difficult = obj.find("difficult") is not None and _text(obj, "difficult", xml) == "1"
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "category_id": category_id[name],
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
-                                "iscrowd": int(difficult and difficult_as_crowd)})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category_id[name],
+                    "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": (x1 - x0) * (y1 - y0),
+                    "iscrowd": int(difficult and difficult_as_crowd),
+                }
+            )
     return {"images": images, "annotations": annotations, "categories": categories}
 
 

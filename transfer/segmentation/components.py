@@ -17,8 +17,17 @@ from sslbench.data import SHAPE_CLASSES
 
 # Label k of synthetic-shapes' label maps is SEG_CLASSES[k]: 0 background, then the shapes.
 SEG_CLASSES = ("background", *SHAPE_CLASSES)
-SEG_PALETTE = [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
-               [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230]]
+SEG_PALETTE = [
+    [0, 0, 0],
+    [230, 25, 75],
+    [60, 180, 75],
+    [255, 225, 25],
+    [0, 130, 200],
+    [245, 130, 48],
+    [145, 30, 180],
+    [70, 240, 240],
+    [240, 50, 230],
+]
 
 
 @MODELS.register_module()
@@ -28,8 +37,15 @@ class SmallStemResNet(ResNet):
 
     def _make_stem_layer(self, in_channels: int, stem_channels: int) -> None:
         super()._make_stem_layer(in_channels, stem_channels)
-        self.conv1 = build_conv_layer(self.conv_cfg, in_channels, stem_channels, kernel_size=3,
-                                      stride=1, padding=1, bias=False)
+        self.conv1 = build_conv_layer(
+            self.conv_cfg,
+            in_channels,
+            stem_channels,
+            kernel_size=3,
+            stride=1,
+            padding=1,
+            bias=False,
+        )
         self.maxpool = nn.Identity()
 
 
@@ -41,8 +57,9 @@ class SyntheticShapesDataset(BaseSegDataset):
     METAINFO = {"classes": SEG_CLASSES, "palette": SEG_PALETTE}
 
     def __init__(self, **kwargs: Any):
-        super().__init__(img_suffix=".png", seg_map_suffix=".png", reduce_zero_label=False,
-                         **kwargs)
+        super().__init__(
+            img_suffix=".png", seg_map_suffix=".png", reduce_zero_label=False, **kwargs
+        )
 
 
 @METRICS.register_module()

@@ -31,15 +31,18 @@ _CHECKPOINT = re.compile(r"iter_(\d+)\.pth")  # mmengine's CheckpointHook names,
 @CheckpointLoader.register_scheme(prefixes=SCHEME)
 def _load_own_checkpoint(filename: str, map_location=None) -> dict:
     # Full unpickling: the file is one this run wrote into its own work directory.
-    return torch.load(filename[len(SCHEME):], map_location=map_location, weights_only=False)
+    return torch.load(filename[len(SCHEME) :], map_location=map_location, weights_only=False)
 
 
 def latest_checkpoint(work_dir: Path) -> str | None:
     """The newest complete mmengine checkpoint in `work_dir` as Runner's load_from (with
     resume=True), or None. mmengine writes in place, so a kill while saving leaves a partial
     file (no zip directory yet) beside the complete one before it (two are kept)."""
-    found = [(int(match[1]), path) for path in work_dir.glob("iter_*.pth")
-             if (match := _CHECKPOINT.fullmatch(path.name)) and zipfile.is_zipfile(path)]
+    found = [
+        (int(match[1]), path)
+        for path in work_dir.glob("iter_*.pth")
+        if (match := _CHECKPOINT.fullmatch(path.name)) and zipfile.is_zipfile(path)
+    ]
     return SCHEME + str(max(found)[1]) if found else None
 
 
@@ -74,7 +77,8 @@ class ExactResume(Hook):
             raise CheckpointError(
                 f"{runner.work_dir} holds checkpoints of another recipe (config hash "
                 f"{str(saved.get('key'))[:12]}... vs {self.key[:12]}...); delete its iter_*.pth, "
-                "or give this run another run.work_dir")
+                "or give this run another run.work_dir"
+            )
         self._rng = saved["rng"]
         self.resumed_from = int(checkpoint["meta"]["iter"])
 

@@ -42,8 +42,13 @@ from .model import build_segmentor, require_mmseg
 
 METRICS = ("mIoU", "mAcc", "aAcc")  # the record's metrics (percent); per-class IoU goes to details
 # Keys that change neither the run nor its number: a killed run may continue with other values.
-RESUMABLE_CHANGES = ("run.progress", "run.threads", "run.work_dir", "run.checkpoint_every",
-                     "run.log_every")
+RESUMABLE_CHANGES = (
+    "run.progress",
+    "run.threads",
+    "run.work_dir",
+    "run.checkpoint_every",
+    "run.log_every",
+)
 
 
 class SegmentationDataError(ValueError):
@@ -71,11 +76,20 @@ def transfer(cfg: DictConfig, backbone_dir: str | Path, out_dir: str | Path) -> 
     if output is None:
         return None
     output = dataclasses.replace(
-        output, versions=versions,
-        details={**output.details, "backbone_dir": str(backbone_dir), "work_dir": str(work_dir)})
-    record = build_record("segmentation", output, manifest, seed=cfg.run.seed, started=started,
-                          device=D.device_name(env.device, env.world_size),
-                          world_size=env.world_size, cuda=env.device.type == "cuda")
+        output,
+        versions=versions,
+        details={**output.details, "backbone_dir": str(backbone_dir), "work_dir": str(work_dir)},
+    )
+    record = build_record(
+        "segmentation",
+        output,
+        manifest,
+        seed=cfg.run.seed,
+        started=started,
+        device=D.device_name(env.device, env.world_size),
+        world_size=env.world_size,
+        cuda=env.device.type == "cuda",
+    )
     path = write_record(out_dir, record)
     from .resume import remove_checkpoints  # imports mmengine, known importable by now
 
@@ -92,13 +106,17 @@ def _init_processes(device: str) -> D.DistEnv:
     if device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         if torch.cuda.is_available():
-            raise RuntimeError("run.device=cpu, but CUDA was initialised before the GPUs could "
-                               "be hidden; set CUDA_VISIBLE_DEVICES='' before starting")
+            raise RuntimeError(
+                "run.device=cpu, but CUDA was initialised before the GPUs could "
+                "be hidden; set CUDA_VISIBLE_DEVICES='' before starting"
+            )
     env = D.init_distributed(device)
     if env.world_size > 1 and env.device.type != "cuda":
         D.shutdown()
-        raise RuntimeError("several processes need one GPU each: mmengine's data-parallel "
-                           "training does not run on CPU processes; run one process")
+        raise RuntimeError(
+            "several processes need one GPU each: mmengine's data-parallel "
+            "training does not run on CPU processes; run one process"
+        )
     return env
 
 
@@ -106,23 +124,33 @@ def prepare_data(data: DictConfig, progress: bool) -> Path:
     """The dataset root, after generating synthetic-shapes or checking a real layout is there."""
     root = default_data_root() / DEFAULT_DIRS[data.name] if data.root is None else Path(data.root)
     if data.name == "synthetic-shapes":
-        return call_with_options(prepare_synthetic_shapes, "dataset 'synthetic-shapes'", root,
-                                 **{"progress": progress, **data.options})
+        return call_with_options(
+            prepare_synthetic_shapes,
+            "dataset 'synthetic-shapes'",
+            root,
+            **{"progress": progress, **data.options},
+        )
     missing = [str(p) for p in required_paths(data, root) if not p.exists()]
     if missing:
-        raise SegmentationDataError(f"{data.name} at {root}: missing {', '.join(missing)} "
-                                    f"(mmseg's {DATASET_TYPES[data.name]} layout; set data.root "
-                                    "or $SSLBENCH_DATA)")
+        raise SegmentationDataError(
+            f"{data.name} at {root}: missing {', '.join(missing)} "
+            f"(mmseg's {DATASET_TYPES[data.name]} layout; set data.root "
+            "or $SSLBENCH_DATA)"
+        )
     if data.name == "cityscapes" and not any(
-            (root / "gtFine" / data.train_split).rglob("*_gtFine_labelTrainIds.png")):
-        raise SegmentationDataError(f"{root / 'gtFine' / data.train_split} holds no "
-                                    "*_gtFine_labelTrainIds.png: convert the labels with mmseg's "
-                                    "tools/dataset_converters/cityscapes.py first")
+        (root / "gtFine" / data.train_split).rglob("*_gtFine_labelTrainIds.png")
+    ):
+        raise SegmentationDataError(
+            f"{root / 'gtFine' / data.train_split} holds no "
+            "*_gtFine_labelTrainIds.png: convert the labels with mmseg's "
+            "tools/dataset_converters/cityscapes.py first"
+        )
     return root
 
 
-def _train(cfg: DictConfig, state: dict, manifest: dict, root: Path, work_dir: Path,
-           env: D.DistEnv) -> TaskOutput | None:
+def _train(
+    cfg: DictConfig, state: dict, manifest: dict, root: Path, work_dir: Path, env: D.DistEnv
+) -> TaskOutput | None:
     from mmengine.config import Config
     from mmengine.model import is_model_wrapper
     from mmengine.runner import Runner
@@ -133,14 +161,23 @@ def _train(cfg: DictConfig, state: dict, manifest: dict, root: Path, work_dir: P
 
     classes = DATASETS.get(DATASET_TYPES[cfg.data.name]).METAINFO["classes"]
     norm = "SyncBN" if cfg.model.norm == "SyncBN" and env.device.type == "cuda" else "BN"
-    settings = runner_config(cfg, manifest, num_classes=len(classes), root=root,
-                             work_dir=work_dir, norm=norm, world_size=env.world_size,
-                             resume_from=latest_checkpoint(work_dir))
-    model, report = build_segmentor(settings["model"], state,
-                                    f"backbone {describe_arch(manifest)}", cfg.run.seed)
+    settings = runner_config(
+        cfg,
+        manifest,
+        num_classes=len(classes),
+        root=root,
+        work_dir=work_dir,
+        norm=norm,
+        world_size=env.world_size,
+        resume_from=latest_checkpoint(work_dir),
+    )
+    model, report = build_segmentor(
+        settings["model"], state, f"backbone {describe_arch(manifest)}", cfg.run.seed
+    )
     last, resume = LastMetrics(), ExactResume(config_hash(cfg, RESUMABLE_CHANGES))
-    runner = Runner(**{**settings, "model": model, "cfg": Config(settings),
-                       "custom_hooks": [last, resume]})
+    runner = Runner(
+        **{**settings, "model": model, "cfg": Config(settings), "custom_hooks": [last, resume]}
+    )
     trained = runner.train()
     trained = trained.module if is_model_wrapper(trained) else trained
     if not env.is_main:
@@ -156,18 +193,28 @@ def _train(cfg: DictConfig, state: dict, manifest: dict, root: Path, work_dir: P
     with atomic_path(work_dir / "model_final.pth") as tmp:
         torch.save({k: v.detach().cpu() for k, v in trained.state_dict().items()}, tmp)
     per_class = {name: _finite_or_none(last.metrics[f"IoU.{name}"]) for name in classes}
-    sizes = {"train": len(runner.train_dataloader.dataset),
-             "test": len(runner.val_dataloader.dataset)}
+    sizes = {
+        "train": len(runner.train_dataloader.dataset),
+        "test": len(runner.val_dataloader.dataset),
+    }
     # per_class: IoU per class, None where a class is absent from labels and predictions
     return TaskOutput(
         metrics={k: round(float(last.metrics[k]), 2) for k in METRICS},  # float32 percent
         protocol=protocol(cfg),
-        dataset=DatasetInfo(cfg.data.name, len(per_class), sizes,
-                            {"root": str(root), **_data_options(cfg)}),
-        details={"per_class_IoU": per_class, "backbone_loaded": dataclasses.asdict(report),
-                 "norm_layer": norm,
-                 **({} if resume.resumed_from is None
-                    else {"resumed_from_iteration": resume.resumed_from})})
+        dataset=DatasetInfo(
+            cfg.data.name, len(per_class), sizes, {"root": str(root), **_data_options(cfg)}
+        ),
+        details={
+            "per_class_IoU": per_class,
+            "backbone_loaded": dataclasses.asdict(report),
+            "norm_layer": norm,
+            **(
+                {}
+                if resume.resumed_from is None
+                else {"resumed_from_iteration": resume.resumed_from}
+            ),
+        },
+    )
 
 
 def training_curves(*scalars: Path) -> str:
@@ -183,7 +230,7 @@ def training_curves(*scalars: Path) -> str:
         runs.append([{k: v for k, v in r.items() if k != "iter"} for r in lines if "loss" in r])
     rows = []
     for i, run in enumerate(runs):
-        until = min((later[0]["step"] for later in runs[i + 1:] if later), default=math.inf)
+        until = min((later[0]["step"] for later in runs[i + 1 :] if later), default=math.inf)
         rows += [r for r in run if r["step"] < until]
     common = set.intersection(*(set(r) for r in rows)) if rows else {"step"}
     columns = ["step", *sorted(common - {"step"})]
@@ -205,5 +252,10 @@ def _data_options(cfg: DictConfig) -> dict:
 def protocol(cfg: DictConfig) -> dict:
     data = {k: v for k, v in to_dict(cfg.data).items() if k != "root"}
     solver = {k: v for k, v in to_dict(cfg.solver).items() if k != "val_interval"}
-    return {"backbone_arch": cfg.backbone.arch, "data": data, "model": to_dict(cfg.model),
-            "input": to_dict(cfg.input), "solver": solver}
+    return {
+        "backbone_arch": cfg.backbone.arch,
+        "data": data,
+        "model": to_dict(cfg.model),
+        "input": to_dict(cfg.input),
+        "solver": solver,
+    }
