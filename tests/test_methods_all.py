@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 from distributed import assert_steps_match, one_and_two_processes
+from helpers import ROOT
 from method_checks import (
     SMALL,
     UNIGRAD_RECIPE,
@@ -22,6 +24,7 @@ from method_checks import (
 
 from pretrain.methods import METHODS
 from pretrain.unified import UNIFIED_FORMS
+from sslbench.pipeline.jobs import dotted
 
 NAMES = METHODS.names()
 # Methods whose unigrad form is the same function (the paper's MoCo and SimCLR rows are equal,
@@ -106,13 +109,24 @@ def test_short_pretraining_beats_random_init_without_collapse(name, shapes_root,
     assert_learns_without_collapse(name, shapes_root, knn_shapes_root, tmp_path)
 
 
+def table_overrides(name: str, momentum: bool) -> list[str]:
+    """The recipe overrides of configs/pipeline/unigrad_table.yaml's entry METHOD.unigrad[_mm]:
+    method.name, the momentum switch and any CPU-scale constant of the method's form."""
+    pipeline = yaml.safe_load((ROOT / "configs" / "pipeline" / "unigrad_table.yaml").read_text())
+    entry = pipeline["pretrain"]["recipes"][f"{name}.unigrad{'_mm' if momentum else ''}"]
+    assert ROOT / entry["config"] == UNIGRAD_RECIPE
+    return dotted(entry["overrides"])
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize("momentum", ["false", "true"])
+@pytest.mark.parametrize("momentum", [False, True])
 @pytest.mark.parametrize("name", REPRESENTATIVES)
 def test_unigrad_form_beats_random_init_without_collapse(name, momentum, shapes_root,
                                                          knn_shapes_root, tmp_path):
+    """As the unigrad_table pipeline trains it: the family's CPU recipe and the table's
+    overrides for the method."""
     assert_learns_without_collapse(name, shapes_root, knn_shapes_root, tmp_path,
-                                   f"method.momentum_encoder={momentum}", recipe=UNIGRAD_RECIPE)
+                                   *table_overrides(name, momentum), recipe=UNIGRAD_RECIPE)
 
 
 @pytest.mark.integration
