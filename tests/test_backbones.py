@@ -118,13 +118,19 @@ def test_any_timm_model_by_name():
 
 def test_dense_tasks_read_the_facts():
     """Depth, widths and stage channels come from the manifest's facts, for any ResNet; a ViT
-    is refused by detection with a clear error, not a crash."""
+    is refused by detection with a clear error, not a crash; segmentation refuses a family it
+    has no mmseg backbone for, and a ViT mmseg's VisionTransformer cannot hold."""
     from omegaconf import OmegaConf
 
     from sslbench.artifact import ArtifactError
     from transfer.detection.detectron2_backend import resnet_options
     from transfer.detection.model import build_detector
-    from transfer.segmentation.mmseg_config import backbone_config, stage_channels
+    from transfer.segmentation.mmseg_config import (
+        backbone_config,
+        resnet_config,
+        stage_channels,
+        vit_config,
+    )
 
     wide = {"arch": "wide_resnet50_2", "arch_kwargs": {}}
     assert resnet_options(wide, "c4") == {
@@ -133,15 +139,20 @@ def test_dense_tasks_read_the_facts():
         "MODEL.RESNETS.STEM_OUT_CHANNELS": 64, "MODEL.RESNETS.RES2_OUT_CHANNELS": 256}
     r34 = {"arch": "resnet34", "arch_kwargs": {"stem": "small", "width": 16}}
     assert stage_channels(r34) == [16, 32, 64, 128]
-    config = backbone_config(r34, dilated=False, norm_cfg={"type": "BN"})
+    config = resnet_config(r34, dilated=False, norm_cfg={"type": "BN"})
     assert (config["type"], config["depth"], config["stem_channels"]) == ("SmallStemResNet", 34,
                                                                           16)
     vit = {"arch": "vit_tiny_patch16_224", "arch_kwargs": {"img_size": 32}}
     with pytest.raises(ArtifactError, match="detection transfer with a vit backbone .* is not "
                                             "supported"):
         resnet_options(vit, "fpn")
-    with pytest.raises(ArtifactError, match="segmentation transfer takes ResNets; this is a vit"):
-        backbone_config(vit, dilated=False, norm_cfg={})
+    convnext = {"arch": "timm:convnext_atto", "arch_kwargs": {}}
+    with pytest.raises(ArtifactError, match="takes ResNets and ViTs; this is a timm"):
+        backbone_config(convnext, OmegaConf.create({}), (32, 32), norm_cfg={})
+    no_cls = {**vit["arch_kwargs"], "class_token": False, "pool": "avg", "no_embed_class": True}
+    with pytest.raises(ArtifactError, match="VisionTransformer needs one CLS token .* position "
+                                            "embedding that includes the CLS token"):
+        vit_config({"arch": vit["arch"], "arch_kwargs": no_cls}, None, (32, 32))
     model_cfg = OmegaConf.create({"head": "fpn"})
     with pytest.raises(ArtifactError, match="is not supported"):
         build_detector(build_backbone("vit_tiny_patch16_224", img_size=32), model_cfg, None, None,

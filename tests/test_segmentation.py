@@ -338,7 +338,8 @@ def test_wrong_architecture_artifact_is_refused_by_the_command(shapes_root, tmp_
 @pytest.fixture(scope="module")
 def pretrained(shapes_root, tmp_path_factory):
     """A SimSiam backbone pretrained on the tiny set's images by the real CLI (~25 s)."""
-    return pretrain_simsiam(shapes_root, TINY_SHAPES, tmp_path_factory.mktemp("pretrain"), epochs=10)
+    return pretrain_simsiam(shapes_root, TINY_SHAPES, tmp_path_factory.mktemp("pretrain"),
+                            epochs=10)
 
 
 def _segment(run_dir: Path, shapes_root, out: Path, cwd: Path) -> tuple:
@@ -383,3 +384,253 @@ def test_tiny_recipe_from_a_pretrained_backbone_beats_random_init(pretrained, sh
     assert weights["decode_head.conv_seg.weight"].shape == (9, 64, 1, 1)
     assert loaded["tensors"] == sum(k.startswith("backbone.") for k in weights)
     assert list(work_dir.glob("*/*.log")) and list(work_dir.glob("*/vis_data/*.py"))
+
+
+# --- a ViT backbone ------------------------------------------------------------------------------
+
+VIT_RECIPE = RECIPES / "segmentation_synthetic_vit_tiny_upernet.yaml"
+VIT_ADE = RECIPES / "segmentation_ade20k_upernet_vit_b16_512x512_160k.yaml"
+TINY_VIT = {"img_size": 16, "patch_size": 4, "depth": 4, "embed_dim": 96, "num_heads": 3}
+
+
+def _vit_artifact(path, **kwargs):
+    """A tiny timm ViT with every tensor drawn at random (LayerNorms and biases too, so a
+    swapped pair of names changes the output)."""
+    torch.manual_seed(0)
+    kwargs = {**TINY_VIT, **kwargs}
+    net = build_backbone("vit_tiny_patch16_224", **kwargs)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_backbone(path, net, arch="vit_tiny_patch16_224", arch_kwargs=kwargs,
+                  method="random-init", run_name=path.name)
+    return load_backbone(path)
+
+
+def _vit_segmentor(manifest, state, crop=(16, 16)):
+    """The tiny ViT recipe's segmentor at `crop`, the artifact loaded."""
+    from transfer.segmentation.model import build_segmentor
+
+    cfg = load_config([VIT_RECIPE], [f"input.crop_size=[{crop[0]}, {crop[1]}]"])
+    return build_segmentor(model_config(cfg, manifest, 9, "BN"), state, "test ViT", seed=0)
+
+
+@needs_mmseg
+def test_vit_blocks_in_mmseg_compute_timms_features(tmp_path):
+    """Renamed into mmseg's VisionTransformer, the artifact's ViT gives timm's own intermediate
+    block outputs (timm's forward_intermediates) and, after the last block, its final-normed
+    tokens (forward_features), as maps, on the same input."""
+    from transfer.segmentation.vit_weights import mmseg_name
+
+    backbone, manifest = _vit_artifact(tmp_path / "vit")
+    state = backbone.state_dict()
+    model, report = _vit_segmentor(manifest, state)
+    own = model.backbone.state_dict()
+    assert set(own) == {mmseg_name(k) for k in state}  # every tensor has its place, one each
+    assert report.tensors == len(state) == len(own) and report.resized == ()
+    assert report.parameters == sum(p.numel() for p in backbone.parameters())
+    model.init_weights()  # the Runner's call: leaves the loaded weights alone
+    for key, value in state.items():
+        assert torch.equal(model.backbone.state_dict()[mmseg_name(key)], value), key
+    model.eval()
+    backbone.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        maps = model.backbone(x)
+        blocks = backbone.forward_intermediates(x, indices=[0, 1, 2], norm=False,
+                                                output_fmt="NCHW", intermediates_only=True)
+        last = backbone.forward_features(x)[:, 1:].transpose(1, 2).reshape(2, 96, 4, 4)
+    assert len(maps) == 4
+    for ours, theirs in zip(maps, [*blocks, last]):
+        assert ours.shape == theirs.shape == (2, 96, 4, 4)
+        assert (ours - theirs).abs().max() <= 1e-5
+
+
+@needs_mmseg
+def test_vit_position_embedding_is_resampled_as_mmseg_resamples_a_pretrained_one(tmp_path):
+    """A 4x4-patch position table read at a 32x48 crop (8x12 patches) equals what mmseg's own
+    pretrained-checkpoint path (init_cfg=Pretrained) makes of the same tensors; at the
+    artifact's own grid it is not touched."""
+    from mmseg.models.backbones import VisionTransformer
+
+    from transfer.segmentation.vit_weights import mmseg_name
+
+    backbone, manifest = _vit_artifact(tmp_path / "vit")
+    state = backbone.state_dict()
+    model, report = _vit_segmentor(manifest, state, crop=(32, 48))
+    assert report.resized == ("pos_embed: 4x4 -> 8x12 patches (bicubic)",)
+    checkpoint = tmp_path / "renamed.pth"
+    torch.save({mmseg_name(k): v for k, v in state.items()}, checkpoint)
+    args = {k: v for k, v in model_config(load_config([VIT_RECIPE], [
+        "input.crop_size=[32, 48]"]), manifest, 9, "BN")["backbone"].items() if k != "type"}
+    reference = VisionTransformer(**args, init_cfg={"type": "Pretrained",
+                                                    "checkpoint": str(checkpoint)})
+    reference.init_weights()
+    ours = model.backbone.pos_embed
+    assert ours.shape == reference.pos_embed.shape == (1, 1 + 8 * 12, 96)
+    assert torch.equal(ours, reference.pos_embed)
+    assert torch.equal(ours[:, 0], state["pos_embed"][:, 0])  # the CLS entry is kept
+    same, _ = _vit_segmentor(manifest, state)
+    assert torch.equal(same.backbone.pos_embed, state["pos_embed"])
+
+
+@needs_mmseg
+def test_vit_strict_load_refuses_missing_extra_and_misshaped_tensors(tmp_path):
+    from transfer.segmentation.model import load_into_backbone
+
+    backbone, manifest = _vit_artifact(tmp_path / "vit")
+    state = backbone.state_dict()
+    model, _ = _vit_segmentor(manifest, state)
+
+    def load(weights):
+        return load_into_backbone(model.backbone, weights, "test ViT")
+
+    missing = {k: v for k, v in state.items() if k != "blocks.3.mlp.fc2.weight"}
+    with pytest.raises(ArtifactError, match="missing: layers.3.ffn.layers.1.weight"):
+        load(missing)
+    for extra in ("blocks.0.ls1.gamma", "reg_token", "fc_norm.weight"):
+        with pytest.raises(ArtifactError, match=f"no counterpart in mmseg's VisionTransformer: "
+                                                f"{extra}"):
+            load({**state, extra: torch.ones(96)})
+    deeper = {**state, "blocks.4.norm1.weight": torch.ones(96)}
+    with pytest.raises(ArtifactError, match="unexpected: layers.4.ln1.weight"):
+        load(deeper)
+    narrow = {**state, "blocks.1.attn.qkv.weight": state["blocks.1.attn.qkv.weight"][:-3]}
+    with pytest.raises(ArtifactError, match="shape mismatch: layers.1.attn.attn.in_proj_weight"):
+        load(narrow)
+    oblong = {**state, "pos_embed": torch.zeros(1, 1 + 2 * 6, 96)}  # no square grid to resample
+    with pytest.raises(ArtifactError, match=r"pos_embed \(1, 13, 96\) is not one CLS entry and a "
+                                            "square grid"):
+        load(oblong)
+
+
+def test_vit_recipe_values_are_checked():
+    for overrides, message in [
+        (["model.vit.out_indices=[3, 1]"], "model.vit.out_indices=[3, 1]: expected increasing"),
+        (["model.vit.neck_scales=[1, 2]"], "one positive scale per entry"),
+        (["solver.optimizer=lamb"], "solver.optimizer='lamb': expected one of"),
+        (["solver.warmup_iters=300"], "solver.warmup_iters=300"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_config([VIT_RECIPE], overrides)
+        assert message in str(err.value)
+    manifest = {"arch": "vit_tiny_patch16_224", "arch_kwargs": TINY_VIT}
+    deep = load_config([VIT_RECIPE], ["model.vit.out_indices=[1, 2, 3, 4]"])
+    with pytest.raises(ConfigError, match=r"out_indices=\[1, 2, 3, 4\]: backbone .* has "
+                                          "blocks 0..3"):
+        model_config(deep, manifest, 9, "BN")
+    aux = load_config([VIT_RECIPE], ["model.vit.out_indices=[1, 3]",
+                                     "model.vit.neck_scales=[1, 0.5]"])
+    with pytest.raises(ConfigError, match="model.auxiliary_index=3: the backbone gives maps 0..1"):
+        model_config(aux, manifest, 9, "BN")
+
+
+def _upstream_vit_config():
+    """mmseg's own ViT-B UPerNet ADE20K config (final LayerNorm + MultiLevelNeck), from the
+    configs mmseg installs with itself."""
+    from mmengine.config import Config
+
+    path = (Path(mmseg.__file__).parent / ".mim" / "configs" / "vit"
+            / "vit_vit-b16-ln_mln_upernet_8xb2-160k_ade20k-512x512.py")
+    if not path.is_file():
+        pytest.skip(f"{path} is not installed with mmseg")
+    return Config.fromfile(path)
+
+
+def _plain(value):
+    """Config values compared as JSON would hold them (tuples as lists)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _differences(ours: dict, theirs: dict, module_type) -> dict:
+    """Keys whose values differ, a key one side leaves out compared with the constructor's
+    default of `module_type`."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(module_type).parameters.items()}
+    return {k: (ours.get(k, defaults.get(k)), theirs.get(k, defaults.get(k)))
+            for k in set(ours) | set(theirs)
+            if _plain(ours.get(k, defaults.get(k))) != _plain(theirs.get(k, defaults.get(k)))}
+
+
+@needs_mmseg
+def test_vit_b_ade20k_recipe_is_mmsegs_vit_b_recipe(tmp_path):
+    """The ViT-B ADE20K recipe, translated for a ViT-B artifact on 8 processes, against mmseg's
+    own config key by key. Two differences, on purpose: no `pretrained` path (the artifact is
+    loaded strictly instead), and the patch projection keeps its bias (timm's ViT has one;
+    mmseg's recipe builds none and its non-strict load drops the pretrained bias unnoticed)."""
+    from mmseg.models.backbones import VisionTransformer
+    from mmseg.models.decode_heads import FCNHead, UPerHead
+    from mmseg.models.necks import MultiLevelNeck
+
+    upstream = _upstream_vit_config()
+    manifest = {"arch": "vit_base_patch16_224", "arch_kwargs": {}}
+    ours = runner_config(load_config([VIT_ADE]), manifest, num_classes=150,
+                         root=tmp_path / "data", work_dir=tmp_path / "work", norm="SyncBN",
+                         world_size=8)
+    model, theirs = ours["model"], upstream.model
+    assert _differences(model["backbone"], theirs.backbone, VisionTransformer) == {
+        "patch_bias": (True, False)}
+    assert theirs.pretrained and "pretrained" not in model
+    assert _differences(model["neck"], theirs.neck, MultiLevelNeck) == {}
+    assert _differences(model["decode_head"], theirs.decode_head, UPerHead) == {}
+    assert _differences(model["auxiliary_head"], theirs.auxiliary_head, FCNHead) == {}
+    assert _plain(model["test_cfg"]) == _plain(theirs.test_cfg)
+    preprocess = {k: v for k, v in theirs.data_preprocessor.items() if k != "size"}
+    assert _plain({k: model["data_preprocessor"][k] for k in preprocess}) == _plain(preprocess)
+    assert _plain(model["data_preprocessor"]["size"]) == _plain(upstream.crop_size)
+    assert _plain(ours["optim_wrapper"]) == _plain({"clip_grad": None, **upstream.optim_wrapper})
+    assert _plain(ours["param_scheduler"]) == _plain(upstream.param_scheduler)
+    assert ours["train_cfg"]["max_iters"] == upstream.train_cfg.max_iters
+    assert ours["train_cfg"]["val_interval"] == upstream.train_cfg.val_interval
+    assert ours["train_dataloader"]["batch_size"] == upstream.train_dataloader.batch_size
+    assert [t["type"] for t in ours["train_dataloader"]["dataset"]["pipeline"]] == [
+        t["type"] for t in upstream.train_pipeline]
+
+
+@needs_mmseg
+def test_vit_recipe_decays_what_mmsegs_vit_recipe_decays(tmp_path):
+    """solver.no_decay as mmengine applies it: of the ViT recipes' keys (mmseg's pos_embed,
+    cls_token, norm) only the first two match a parameter name, as in mmseg's own run (its
+    ViT's LayerNorms are named ln1/ln2): every other parameter keeps the weight decay."""
+    from mmengine.optim import build_optim_wrapper
+
+    from transfer.segmentation.mmseg_config import optim_wrapper
+
+    backbone, manifest = _vit_artifact(tmp_path / "vit")
+    model, _ = _vit_segmentor(manifest, backbone.state_dict())
+    solver = load_config([VIT_ADE]).solver
+    assert list(solver.no_decay) == ["pos_embed", "cls_token", "norm"]
+    wrapper = build_optim_wrapper(model, optim_wrapper(solver))
+    names = {id(p): n for n, p in model.named_parameters()}
+    undecayed = {names[id(p)] for group in wrapper.optimizer.param_groups
+                 for p in group["params"] if group["weight_decay"] == 0}
+    assert undecayed == {"backbone.pos_embed", "backbone.cls_token"}
+    assert {g["weight_decay"] for g in wrapper.optimizer.param_groups} == {0.0, 0.01}
+
+
+@needs_mmseg
+@pytest.mark.integration
+def test_tiny_vit_recipe_runs_through_the_cli_and_writes_a_record(shapes_root, tmp_path):
+    _vit_artifact(tmp_path / "vit", freeze_patch_embed=True, sincos_pos_embed=True)
+    proc = sslbench("transfer", "segmentation", "--backbone", str(tmp_path / "vit"), "--config",
+                    str(VIT_RECIPE), "--out", str(tmp_path / "results"),
+                    *shapes_overrides(shapes_root), "solver.max_iters=20",
+                    "solver.warmup_iters=5", cwd=tmp_path)
+    (path,) = (tmp_path / "results").glob("segmentation-*.json")
+    assert str(path) in proc.stdout
+    record = read_record(path)
+    assert record.task == "segmentation" and record.backbone.arch == "vit_tiny_patch16_224"
+    assert set(record.metrics) == {"mIoU", "mAcc", "aAcc"}
+    assert all(0 <= v <= 100 for v in record.metrics.values())
+    loaded = record.details["backbone_loaded"]
+    assert loaded["tensors"] == len(load_backbone(tmp_path / "vit")[0].state_dict())
+    assert loaded["resized"] == ["pos_embed: 4x4 -> 8x8 patches (bicubic)"]
+    assert record.protocol["model"]["vit"]["out_indices"] == [0, 1, 2, 3]
+    weights = torch.load(Path(record.details["work_dir"]) / "model_final.pth", weights_only=True)
+    assert weights["backbone.pos_embed"].shape == (1, 65, 96)
+    assert loaded["tensors"] == sum(k.startswith("backbone.") for k in weights)

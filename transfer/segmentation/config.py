@@ -2,7 +2,8 @@
 
 Keys mirror mmsegmentation's config fields (named in the comments), so `mmseg_config.py`
 translates them one to one. Defaults are mmseg's FCN-R50-D8 on VOC12aug 512x512 20k, the
-protocol mmselfsup reports; every shipped recipe sets its protocol values explicitly anyway.
+protocol mmselfsup reports (`model.vit`'s are mmseg's ViT-B UPerNet); every shipped recipe
+sets its protocol values explicitly anyway.
 `data` is a variant section chosen by `data.name`: voc12aug, cityscapes, ade20k (mmseg's
 layouts under a local root) or synthetic-shapes (the embedded generator's PNG label maps).
 """
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from sslbench.config import ConfigError, build_config, check_choices
 
 HEADS = ("fcn", "upernet")
+OPTIMIZERS = ("sgd", "adamw")
 NORMS = ("SyncBN", "BN")
 TEST_MODES = ("whole", "slide")
 
@@ -42,9 +44,20 @@ class BackboneConfig:
 
 
 @dataclass
+class VitConfig:
+    """How a ViT backbone feeds the heads (mmseg's VisionTransformer + MultiLevelNeck): the
+    patch tokens after the listed blocks, as maps, each resized by its neck scale. Read only
+    when the backbone is a ViT."""
+
+    out_indices: List[int] = field(default_factory=lambda: [2, 5, 8, 11])  # blocks, from 0
+    neck_scales: List[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])
+    drop_path: float = 0.1  # drop_path_rate of the fine-tuned blocks
+
+
+@dataclass
 class ModelConfig:
     head: str = "fcn"  # fcn (FCNHead) | upernet (UPerHead)
-    dilated: bool = True  # output stride 8: strides (1,2,1,1), dilations (1,1,2,4) ("D8")
+    dilated: bool = True  # ResNets: output stride 8: strides (1,2,1,1), dilations (1,1,2,4) ("D8")
     norm: str = "SyncBN"  # backbone and heads (norm_cfg); SyncBN runs as BN on one process/CPU
     channels: int = 512  # decode_head.channels
     num_convs: int = 2  # FCNHead.num_convs
@@ -54,10 +67,12 @@ class ModelConfig:
     auxiliary: bool = True  # an FCNHead on the third stage's output (auxiliary_head)
     auxiliary_channels: int = 256
     auxiliary_weight: float = 0.4  # its loss weight
+    auxiliary_index: int = 2  # the backbone map it reads (its in_index): a ResNet's third stage
     align_corners: bool = False
     test_mode: str = "whole"  # test_cfg.mode: whole image | slide (sliding window)
     test_crop: List[int] = field(default_factory=list)  # slide window (h, w); [] = input.crop_size
     test_stride: List[int] = field(default_factory=list)  # slide stride (h, w)
+    vit: VitConfig = field(default_factory=VitConfig)
 
 
 @dataclass
@@ -74,9 +89,16 @@ class InputConfig:
 @dataclass
 class SolverConfig:
     batch_size: int = 16  # global; each of N processes takes batch_size / N (mmseg: 4 GPUs x 4)
-    lr: float = 0.01  # SGD
-    momentum: float = 0.9
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.01
+    momentum: float = 0.9  # SGD
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
     weight_decay: float = 5.0e-4
+    # parameter-name substrings trained without weight decay (paramwise_cfg.custom_keys with
+    # decay_mult 0, matched as mmengine matches them: anywhere in the full name)
+    no_decay: List[str] = field(default_factory=list)
+    warmup_iters: int = 0  # LinearLR from warmup_factor x lr, then PolyLR; 0: PolyLR alone
+    warmup_factor: float = 1.0e-6  # LinearLR start_factor
     max_iters: int = 20000  # IterBasedTrainLoop
     poly_power: float = 0.9  # PolyLR power
     min_lr: float = 1.0e-4  # PolyLR eta_min
@@ -138,8 +160,10 @@ DATA = {"voc12aug": Voc12AugData, "cityscapes": CityscapesData, "ade20k": Ade20k
 # Where each layout lies under $SSLBENCH_DATA when data.root is not set.
 DEFAULT_DIRS = {"voc12aug": "VOCdevkit/VOC2012", "cityscapes": "cityscapes",
                 "ade20k": "ADEChallengeData2016", "synthetic-shapes": "synthetic-shapes"}
-_CHOICES = {"model.head": HEADS, "model.norm": NORMS, "model.test_mode": TEST_MODES}
-_PAIRS = ("input.crop_size", "input.scale", "input.ratio_range", "input.test_scale")
+_CHOICES = {"model.head": HEADS, "model.norm": NORMS, "model.test_mode": TEST_MODES,
+            "solver.optimizer": OPTIMIZERS}
+_PAIRS = ("input.crop_size", "input.scale", "input.ratio_range", "input.test_scale",
+          "solver.betas")
 
 
 def _data_class(name: str) -> type:
@@ -173,7 +197,16 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError("model.test_crop and model.test_stride apply to model.test_mode='slide'")
     if m.head == "upernet" and not m.pool_scales:
         raise ConfigError("model.pool_scales is empty: UPerNet's pyramid pooling needs scales")
+    if m.auxiliary_index < 0:
+        raise ConfigError(f"model.auxiliary_index={m.auxiliary_index}: expected a map index >= 0")
+    _check_vit(m.vit)
     s = cfg.solver
+    if any(not 0 <= b < 1 for b in s.betas):
+        raise ConfigError(f"solver.betas={list(s.betas)}: expected two numbers in [0, 1)")
+    if not 0 <= s.warmup_iters < s.max_iters or not 0 < s.warmup_factor <= 1:
+        raise ConfigError(f"solver.warmup_iters={s.warmup_iters}, solver.warmup_factor="
+                          f"{s.warmup_factor}: expected 0..max_iters-1 iterations from a "
+                          "factor in (0, 1]")
     if s.max_iters <= 0 or s.batch_size <= 0:
         raise ConfigError(f"solver.max_iters={s.max_iters}, solver.batch_size={s.batch_size}: "
                           "expected positive integers")
@@ -181,3 +214,15 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"solver.val_interval={s.val_interval}: expected 0..solver.max_iters")
     if not 0 <= cfg.input.flip <= 1:
         raise ConfigError(f"input.flip={cfg.input.flip}: expected a probability")
+
+
+def _check_vit(vit: DictConfig) -> None:
+    indices, scales = list(vit.out_indices), list(vit.neck_scales)
+    if not indices or indices != sorted(set(indices)) or indices[0] < 0:
+        raise ConfigError(f"model.vit.out_indices={indices}: expected increasing block indices "
+                          ">= 0")
+    if len(scales) != len(indices) or any(v <= 0 for v in scales):
+        raise ConfigError(f"model.vit.neck_scales={scales}: expected one positive scale per "
+                          f"entry of model.vit.out_indices={indices}")
+    if not 0 <= vit.drop_path < 1:
+        raise ConfigError(f"model.vit.drop_path={vit.drop_path}: expected a rate in [0, 1)")

@@ -1,11 +1,12 @@
-"""mmseg's EncoderDecoder built from a recipe, with the artifact's weights in its ResNet.
+"""mmseg's EncoderDecoder built from a recipe, with the artifact's weights in its backbone.
 
-No key is renamed: mmseg's `ResNet` (style 'pytorch') names its tensors exactly as torchvision
-does (conv1, bn1, layerN.M.convK / bnK / downsample.0/1), which is how artifacts store them. The
-weights are loaded strictly here, after `init_weights()` has drawn the heads, so nothing depends
-on mmengine's `init_cfg=Pretrained` (which loads non-strictly, logs what it skipped and runs only
-inside `init_weights()`); the Runner's own later `init_weights()` call leaves initialised modules
-alone.
+A ResNet's keys are not renamed: mmseg's `ResNet` (style 'pytorch') names its tensors exactly as
+torchvision does (conv1, bn1, layerN.M.convK / bnK / downsample.0/1), which is how artifacts
+store them. A ViT's go through vit_weights.py's table into mmseg's `VisionTransformer`, its
+position embedding resampled to the crop's grid. Either way the weights are loaded strictly
+here, after `init_weights()` has drawn the heads, so nothing depends on mmengine's
+`init_cfg=Pretrained` (which loads non-strictly, logs what it skipped and runs only inside
+`init_weights()`); the Runner's own later `init_weights()` call leaves initialised modules alone.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from torch import nn
 
 from sslbench.artifact import ArtifactError, load_state_strict
 from sslbench.results import distribution_version
+
+from .vit_weights import to_mmseg
 
 INSTALL_HINT = (
     "segmentation transfer needs the 'segmentation' extra (mmsegmentation 1.2.2, mmcv 2.1.0 with "
@@ -46,12 +49,14 @@ class LoadReport:
 
     tensors: int  # state-dict entries loaded: every one the backbone has
     parameters: int  # elements of the backbone's learnable parameters, all of them loaded
+    resized: tuple[str, ...] = ()  # tensors resampled to the input size (a ViT's pos_embed)
 
 
 def load_into_backbone(backbone: nn.Module, state: dict[str, torch.Tensor],
                        what: str) -> LoadReport:
-    """Copy `state` into mmseg's backbone, refusing any missing, unexpected or mis-shaped key,
-    then check every tensor arrived bit for bit."""
+    """Copy `state` (the artifact's names) into mmseg's backbone, refusing any missing,
+    unexpected or mis-shaped key, then check every tensor arrived bit for bit."""
+    state, resized = _mmseg_state(backbone, state, what)
     load_state_strict(backbone, state, what)
     own = backbone.state_dict()
     differ = [k for k, v in state.items() if not torch.equal(own[k].cpu(), v.cpu())]
@@ -59,7 +64,17 @@ def load_into_backbone(backbone: nn.Module, state: dict[str, torch.Tensor],
         raise ArtifactError(f"cannot load {what}: {len(differ)} tensors differ after loading, "
                             f"e.g. {differ[0]}")
     return LoadReport(tensors=len(state),
-                      parameters=sum(p.numel() for p in backbone.parameters()))
+                      parameters=sum(p.numel() for p in backbone.parameters()), resized=resized)
+
+
+def _mmseg_state(backbone: nn.Module, state: dict[str, torch.Tensor], what: str
+                 ) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """`state` as mmseg's `backbone` names and sizes it, and what was resampled."""
+    from mmseg.models.backbones import VisionTransformer
+
+    if isinstance(backbone, VisionTransformer):
+        return to_mmseg(state, backbone, what)
+    return state, ()
 
 
 def build_segmentor(model_cfg: dict, state: dict[str, torch.Tensor], what: str, seed: int
