@@ -12,8 +12,11 @@ from sslbench.backbones import build_backbone
 def test_default_width_is_torchvision_resnet(arch):
     """Same parameter names and shapes as torchvision's model, so its weights load as they are."""
     ours = build_backbone(arch).state_dict()
-    ref = {k: v for k, v in getattr(torchvision.models, arch)().state_dict().items()
-           if not k.startswith("fc.")}
+    ref = {
+        k: v
+        for k, v in getattr(torchvision.models, arch)().state_dict().items()
+        if not k.startswith("fc.")
+    }
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
 
 
@@ -30,8 +33,9 @@ def test_narrow_resnet_scales_every_stage(stem, size, spatial):
 
 def test_width_travels_through_the_artifact(tmp_path):
     net = build_backbone("resnet50", stem="small", width=8)
-    save_backbone(tmp_path, net, arch="resnet50", arch_kwargs={"stem": "small", "width": 8},
-                  method="none")
+    save_backbone(
+        tmp_path, net, arch="resnet50", arch_kwargs={"stem": "small", "width": 8}, method="none"
+    )
     loaded, manifest = load_backbone(tmp_path)
     assert manifest["feature_dim"] == loaded.feature_dim == 8 * 8 * 4
     x = torch.randn(2, 3, 16, 16)
@@ -49,14 +53,22 @@ def test_bad_width_and_stem_are_errors():
 @pytest.mark.parametrize("arch", ["resnet34", "resnet101", "resnet152", "wide_resnet50_2"])
 def test_every_torchvision_resnet_keeps_torchvision_names_and_shapes(arch):
     ours = build_backbone(arch).state_dict()
-    ref = {k: v for k, v in getattr(torchvision.models, arch)().state_dict().items()
-           if not k.startswith("fc.")}
+    ref = {
+        k: v
+        for k, v in getattr(torchvision.models, arch)().state_dict().items()
+        if not k.startswith("fc.")
+    }
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in ref.items()}
 
 
-@pytest.mark.parametrize("arch,kwargs,size", [
-    ("resnet18", {"stem": "small", "width": 16}, 16), ("resnet50", {}, 64),
-    ("wide_resnet50_2", {"width": 8}, 32)])
+@pytest.mark.parametrize(
+    "arch,kwargs,size",
+    [
+        ("resnet18", {"stem": "small", "width": 16}, 16),
+        ("resnet50", {}, 64),
+        ("wide_resnet50_2", {"width": 8}, 32),
+    ],
+)
 def test_resnet_facts_are_what_its_stages_output(arch, kwargs, size):
     """Stage channels and strides as reported equal the shapes the stages produce."""
     net = build_backbone(arch, **kwargs).eval()
@@ -65,10 +77,14 @@ def test_resnet_facts_are_what_its_stages_output(arch, kwargs, size):
     facts = net.facts
     assert [s.module for s in facts.stages] == list(maps)
     assert [(s.channels, size // s.stride) for s in facts.stages] == [
-        (m.shape[1], m.shape[-1]) for m in maps.values()]
+        (m.shape[1], m.shape[-1]) for m in maps.values()
+    ]
     assert facts.feature_dim == net.feature_dim == maps["layer4"].shape[1]
-    assert facts.family == "resnet" and facts.structure["depth"] == {
-        "resnet18": 18, "resnet50": 50, "wide_resnet50_2": 50}[arch]
+    assert (
+        facts.family == "resnet"
+        and facts.structure["depth"]
+        == {"resnet18": 18, "resnet50": 50, "wide_resnet50_2": 50}[arch]
+    )
 
 
 @pytest.mark.parametrize("pool", ["token", "avg"])
@@ -78,7 +94,8 @@ def test_vit_is_timms_vit_read_out_as_asked(pool):
     net = build_backbone("vit_small_patch16_224", pool=pool, img_size=32).eval()
     ref = timm.create_model("vit_small_patch16_224", img_size=32, num_classes=0).eval()
     assert {k: v.shape for k, v in net.state_dict().items()} == {
-        k: v.shape for k, v in ref.state_dict().items()}
+        k: v.shape for k, v in ref.state_dict().items()
+    }
     ref.load_state_dict(net.state_dict())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -88,7 +105,8 @@ def test_vit_is_timms_vit_read_out_as_asked(pool):
     facts = net.facts
     assert facts.family == "vit" and facts.feature_dim == 384 and facts.structure["pool"] == pool
     assert [(s.module, s.channels, s.stride) for s in facts.stages] == [
-        (f"blocks.{i}", 384, 16) for i in range(12)]
+        (f"blocks.{i}", 384, 16) for i in range(12)
+    ]
     assert facts.structure["num_heads"] == 6 and facts.structure["classifier"] == "head"
 
 
@@ -98,15 +116,17 @@ def test_tiny_vit_reads_small_images_of_any_size():
     net = build_backbone("vit_tiny_patch16_224", img_size=32, patch_size=4).eval()
     assert net.facts.stages[0].stride == 4 and net.state_dict()["pos_embed"].shape == (1, 65, 192)
     with torch.no_grad():
-        assert net(torch.randn(2, 3, 32, 32)).shape == net(torch.randn(2, 3, 16, 16)).shape == (
-            2, 192)
+        assert (
+            net(torch.randn(2, 3, 32, 32)).shape == net(torch.randn(2, 3, 16, 16)).shape == (2, 192)
+        )
 
 
 def test_any_timm_model_by_name():
     net = build_backbone("timm:convnext_atto")
     assert net.facts.family == "timm" and net.feature_dim == 320
     assert [(s.module, s.channels, s.stride) for s in net.facts.stages] == [
-        (info["module"], info["num_chs"], info["reduction"]) for info in net.feature_info]
+        (info["module"], info["num_chs"], info["reduction"]) for info in net.feature_info
+    ]
     assert net(torch.randn(1, 3, 32, 32)).shape == (1, 320)
     with pytest.raises(KeyError, match="unknown timm model 'convnext_atoo' .*'convnext_atto'"):
         build_backbone("timm:convnext_atoo")
@@ -134,29 +154,42 @@ def test_dense_tasks_read_the_facts():
 
     wide = {"arch": "wide_resnet50_2", "arch_kwargs": {}}
     assert resnet_options(wide, "c4") == {
-        "MODEL.RESNETS.DEPTH": 50, "MODEL.RESNETS.STRIDE_IN_1X1": False,
-        "MODEL.RESNETS.NUM_GROUPS": 1, "MODEL.RESNETS.WIDTH_PER_GROUP": 128,
-        "MODEL.RESNETS.STEM_OUT_CHANNELS": 64, "MODEL.RESNETS.RES2_OUT_CHANNELS": 256}
+        "MODEL.RESNETS.DEPTH": 50,
+        "MODEL.RESNETS.STRIDE_IN_1X1": False,
+        "MODEL.RESNETS.NUM_GROUPS": 1,
+        "MODEL.RESNETS.WIDTH_PER_GROUP": 128,
+        "MODEL.RESNETS.STEM_OUT_CHANNELS": 64,
+        "MODEL.RESNETS.RES2_OUT_CHANNELS": 256,
+    }
     r34 = {"arch": "resnet34", "arch_kwargs": {"stem": "small", "width": 16}}
     assert stage_channels(r34) == [16, 32, 64, 128]
     config = resnet_config(r34, dilated=False, norm_cfg={"type": "BN"})
-    assert (config["type"], config["depth"], config["stem_channels"]) == ("SmallStemResNet", 34,
-                                                                          16)
+    assert (config["type"], config["depth"], config["stem_channels"]) == ("SmallStemResNet", 34, 16)
     vit = {"arch": "vit_tiny_patch16_224", "arch_kwargs": {"img_size": 32}}
-    with pytest.raises(ArtifactError, match="detection transfer with a vit backbone .* is not "
-                                            "supported"):
+    with pytest.raises(
+        ArtifactError, match="detection transfer with a vit backbone .* is not supported"
+    ):
         resnet_options(vit, "fpn")
     convnext = {"arch": "timm:convnext_atto", "arch_kwargs": {}}
     with pytest.raises(ArtifactError, match="takes ResNets and ViTs; this is a timm"):
         backbone_config(convnext, OmegaConf.create({}), (32, 32), norm_cfg={})
     no_cls = {**vit["arch_kwargs"], "class_token": False, "pool": "avg", "no_embed_class": True}
-    with pytest.raises(ArtifactError, match="VisionTransformer needs one CLS token .* position "
-                                            "embedding that includes the CLS token"):
+    with pytest.raises(
+        ArtifactError,
+        match="VisionTransformer needs one CLS token .* position "
+        "embedding that includes the CLS token",
+    ):
         vit_config({"arch": vit["arch"], "arch_kwargs": no_cls}, None, (32, 32))
     model_cfg = OmegaConf.create({"head": "fpn"})
     with pytest.raises(ArtifactError, match="is not supported"):
-        build_detector(build_backbone("vit_tiny_patch16_224", img_size=32), model_cfg, None, None,
-                       2, torch.device("cpu"))
+        build_detector(
+            build_backbone("vit_tiny_patch16_224", img_size=32),
+            model_cfg,
+            None,
+            None,
+            2,
+            torch.device("cpu"),
+        )
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -167,9 +200,16 @@ def test_every_pretraining_method_trains_a_vit(name):
     from pretrain.methods import build_method, method_config_class
 
     torch.manual_seed(0)
-    backbone = build_backbone("vit_tiny_patch16_224", img_size=8, patch_size=4, depth=2,
-                              embed_dim=32, num_heads=2, freeze_patch_embed=True,
-                              sincos_pos_embed=True)
+    backbone = build_backbone(
+        "vit_tiny_patch16_224",
+        img_size=8,
+        patch_size=4,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        freeze_patch_embed=True,
+        sincos_pos_embed=True,
+    )
     method = build_method(backbone, method_config_class(name)(**SMALL[name])).train()
     out = method([torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)])
     out["loss"].backward()
@@ -187,13 +227,27 @@ def test_tiny_vit_recipe_pretrains_through_the_cli(shapes_root, tmp_path):
     from helpers import ROOT, sslbench, tiny_data_overrides
 
     recipe = ROOT / "configs" / "pretrain" / "mocov3_synthetic_vit_tiny.yaml"
-    sslbench("pretrain", str(recipe), *tiny_data_overrides(shapes_root), "train.epochs=1",
-             "optim.warmup_epochs=0", f"run.output_dir={tmp_path}", "run.name=vit", cwd=tmp_path)
+    sslbench(
+        "pretrain",
+        str(recipe),
+        *tiny_data_overrides(shapes_root),
+        "train.epochs=1",
+        "optim.warmup_epochs=0",
+        f"run.output_dir={tmp_path}",
+        "run.name=vit",
+        cwd=tmp_path,
+    )
     backbone, manifest = load_backbone(tmp_path / "vit")
     assert manifest["arch"] == "vit_tiny_patch16_224" and manifest["method"] == "mocov3"
-    assert manifest["arch_kwargs"] == {"img_size": 16, "patch_size": 4, "depth": 4,
-                                       "embed_dim": 96, "num_heads": 3,
-                                       "freeze_patch_embed": True, "sincos_pos_embed": True}
+    assert manifest["arch_kwargs"] == {
+        "img_size": 16,
+        "patch_size": 4,
+        "depth": 4,
+        "embed_dim": 96,
+        "num_heads": 3,
+        "freeze_patch_embed": True,
+        "sincos_pos_embed": True,
+    }
     assert manifest["structure"]["family"] == "vit" and manifest["feature_dim"] == 96
     assert not backbone.patch_embed.proj.weight.requires_grad
 
@@ -201,11 +255,13 @@ def test_tiny_vit_recipe_pretrains_through_the_cli(shapes_root, tmp_path):
 def test_sincos_position_embedding_is_moco_v3s_table():
     """Written the way moco-v3's build_2d_sincos_position_embedding computes it (einsum over a
     meshgrid of (w, h) coordinates), for a non-square grid; the CLS entry is zero and fixed."""
-    net = build_backbone("vit_tiny_patch16_224", img_size=(8, 12), patch_size=4,
-                         sincos_pos_embed=True)
+    net = build_backbone(
+        "vit_tiny_patch16_224", img_size=(8, 12), patch_size=4, sincos_pos_embed=True
+    )
     h, w, dim = 2, 3, 192
-    grid_w, grid_h = torch.meshgrid(torch.arange(w, dtype=torch.float32),
-                                    torch.arange(h, dtype=torch.float32), indexing="ij")
+    grid_w, grid_h = torch.meshgrid(
+        torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32), indexing="ij"
+    )
     omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
     out_w = torch.einsum("m,d->md", grid_w.flatten(), omega)
     out_h = torch.einsum("m,d->md", grid_h.flatten(), omega)

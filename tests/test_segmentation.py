@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import ROOT, TINY_SHAPES, pretrain_simsiam, sslbench, subprocess_env
+
 from sslbench.artifact import ArtifactError, load_backbone, save_backbone
 from sslbench.backbones import build_backbone
 from sslbench.config import ConfigError
@@ -51,12 +51,19 @@ def shapes_overrides(root) -> list[str]:
 
 def _artifact(path, arch="resnet18", method="random-init", **kwargs):
     torch.manual_seed(0)
-    save_backbone(path, build_backbone(arch, **kwargs), arch=arch, arch_kwargs=kwargs,
-                  method=method, run_name=path.name)
+    save_backbone(
+        path,
+        build_backbone(arch, **kwargs),
+        arch=arch,
+        arch_kwargs=kwargs,
+        method=method,
+        run_name=path.name,
+    )
     return path
 
 
 # --- mIoU --------------------------------------------------------------------------------------
+
 
 def _confusion_metrics(preds, labels, num_classes, ignore=255) -> dict:
     """mIoU, mAcc, aAcc and per-class IoU (percent) from one confusion matrix, in plain numpy;
@@ -64,14 +71,19 @@ def _confusion_metrics(preds, labels, num_classes, ignore=255) -> dict:
     conf = np.zeros((num_classes, num_classes), np.int64)
     for pred, label in zip(preds, labels):
         keep = label != ignore
-        conf += np.bincount(num_classes * label[keep] + pred[keep],
-                            minlength=num_classes**2).reshape(num_classes, num_classes)
+        conf += np.bincount(
+            num_classes * label[keep] + pred[keep], minlength=num_classes**2
+        ).reshape(num_classes, num_classes)
     hits = np.diag(conf).astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = hits / (conf.sum(0) + conf.sum(1) - hits)
         acc = hits / conf.sum(1)
-    return {"mIoU": 100 * np.nanmean(iou), "mAcc": 100 * np.nanmean(acc),
-            "aAcc": 100 * hits.sum() / conf.sum(), "IoU": 100 * iou}
+    return {
+        "mIoU": 100 * np.nanmean(iou),
+        "mAcc": 100 * np.nanmean(acc),
+        "aAcc": 100 * hits.sum() / conf.sum(),
+        "IoU": 100 * iou,
+    }
 
 
 @needs_mmseg
@@ -93,8 +105,15 @@ def test_miou_matches_a_numpy_confusion_matrix_with_ignored_pixels():
     metric = PerClassIoUMetric(ignore_index=255)
     metric.dataset_meta = {"classes": classes}
     for pred, label in zip(preds, labels):
-        metric.process({}, [{"pred_sem_seg": {"data": torch.from_numpy(pred)[None]},
-                             "gt_sem_seg": {"data": torch.from_numpy(label)[None]}}])
+        metric.process(
+            {},
+            [
+                {
+                    "pred_sem_seg": {"data": torch.from_numpy(pred)[None]},
+                    "gt_sem_seg": {"data": torch.from_numpy(label)[None]},
+                }
+            ],
+        )
     ours = metric.evaluate(len(preds))
     expected = _confusion_metrics(preds, labels, len(classes))
     for key in ("mIoU", "mAcc", "aAcc"):  # mmseg reports percent rounded to 2 decimals
@@ -108,6 +127,7 @@ def test_miou_matches_a_numpy_confusion_matrix_with_ignored_pixels():
 
 # --- loading the artifact ------------------------------------------------------------------------
 
+
 def _segmentor(manifest, state, overrides=()):
     from transfer.segmentation.model import build_segmentor
 
@@ -116,11 +136,14 @@ def _segmentor(manifest, state, overrides=()):
 
 
 @needs_mmseg
-@pytest.mark.parametrize("arch,kwargs,dilated,stride", [
-    ("resnet18", {"stem": "small", "width": 16}, False, 8),  # the tiny recipe's network
-    ("resnet18", {"stem": "imagenet"}, False, 32),
-    ("resnet50", {"stem": "imagenet", "width": 16}, True, 8),  # the protocol's D8, narrower
-])
+@pytest.mark.parametrize(
+    "arch,kwargs,dilated,stride",
+    [
+        ("resnet18", {"stem": "small", "width": 16}, False, 8),  # the tiny recipe's network
+        ("resnet18", {"stem": "imagenet"}, False, 32),
+        ("resnet50", {"stem": "imagenet", "width": 16}, True, 8),  # the protocol's D8, narrower
+    ],
+)
 def test_every_backbone_tensor_is_loaded_and_counted(tmp_path, arch, kwargs, dilated, stride):
     run_dir = _artifact(tmp_path / "a", arch, **kwargs)
     backbone, manifest = load_backbone(run_dir)
@@ -142,8 +165,12 @@ def test_every_backbone_tensor_is_loaded_and_counted(tmp_path, arch, kwargs, dil
     assert maps[3].shape[-1] == 64 // stride
     if dilated:  # D8: the last two stages dilate instead of striding, first block at half
         b = model.backbone
-        assert [b.layer3[0].conv2.dilation, b.layer3[1].conv2.dilation, b.layer4[0].conv2.dilation,
-                b.layer4[1].conv2.dilation] == [(1, 1), (2, 2), (2, 2), (4, 4)]
+        assert [
+            b.layer3[0].conv2.dilation,
+            b.layer3[1].conv2.dilation,
+            b.layer4[0].conv2.dilation,
+            b.layer4[1].conv2.dilation,
+        ] == [(1, 1), (2, 2), (2, 2), (4, 4)]
     else:  # the same network as the artifact's: the same maps
         for ours, name in zip(maps, ("layer1", "layer2", "layer3", "layer4")):
             torch.testing.assert_close(ours, expected[name])
@@ -164,14 +191,19 @@ def test_wrong_architecture_or_missing_keys_are_clear_errors(tmp_path):
         load_into_backbone(model.backbone, partial, "partial weights")
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model.head=deeplab"], "model.head='deeplab': expected one of"),
-    (["model.test_mode=slide"], "needs model.test_stride"),
-    (["input.crop_size=[32]"], "input.crop_size=[32]: expected two positive numbers"),
-    (["solver.max_iter=5"], "unknown config key 'solver.max_iter' (did you mean "
-                            "'solver.max_iters'?)"),
-    (["data.name=coco"], "unknown segmentation data format 'coco'"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.head=deeplab"], "model.head='deeplab': expected one of"),
+        (["model.test_mode=slide"], "needs model.test_stride"),
+        (["input.crop_size=[32]"], "input.crop_size=[32]: expected two positive numbers"),
+        (
+            ["solver.max_iter=5"],
+            "unknown config key 'solver.max_iter' (did you mean 'solver.max_iters'?)",
+        ),
+        (["data.name=coco"], "unknown segmentation data format 'coco'"),
+    ],
+)
 def test_bad_recipe_values_are_clear_errors(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config([TINY_RECIPE], overrides)
@@ -181,12 +213,36 @@ def test_bad_recipe_values_are_clear_errors(overrides, message):
 # --- the published recipes -----------------------------------------------------------------------
 
 PROTOCOLS = {  # crop, iterations, global batch, lr, decode head, dilations, classes, test mode
-    "segmentation_voc12aug_fcn_r50_d8_512x512_20k":
-        ((512, 512), 20000, 16, 0.01, "FCNHead", (1, 1, 2, 4), 21, "whole"),
-    "segmentation_cityscapes_fcn_r50_d8_769x769_40k":
-        ((769, 769), 40000, 8, 0.01, "FCNHead", (1, 1, 2, 4), 19, "slide"),
-    "segmentation_ade20k_upernet_r50_512x512_160k":
-        ((512, 512), 160000, 16, 0.01, "UPerHead", (1, 1, 1, 1), 150, "whole"),
+    "segmentation_voc12aug_fcn_r50_d8_512x512_20k": (
+        (512, 512),
+        20000,
+        16,
+        0.01,
+        "FCNHead",
+        (1, 1, 2, 4),
+        21,
+        "whole",
+    ),
+    "segmentation_cityscapes_fcn_r50_d8_769x769_40k": (
+        (769, 769),
+        40000,
+        8,
+        0.01,
+        "FCNHead",
+        (1, 1, 2, 4),
+        19,
+        "slide",
+    ),
+    "segmentation_ade20k_upernet_r50_512x512_160k": (
+        (512, 512),
+        160000,
+        16,
+        0.01,
+        "UPerHead",
+        (1, 1, 1, 1),
+        150,
+        "whole",
+    ),
 }
 
 
@@ -197,8 +253,15 @@ def _published(recipe, tmp_path):
 
     cfg = load_config([recipe])
     num_classes = PROTOCOLS[recipe.stem][6]
-    settings = runner_config(cfg, R50, num_classes=num_classes, root=tmp_path / "data",
-                             work_dir=tmp_path / "work", norm="SyncBN", world_size=4)
+    settings = runner_config(
+        cfg,
+        R50,
+        num_classes=num_classes,
+        root=tmp_path / "data",
+        work_dir=tmp_path / "work",
+        norm="SyncBN",
+        world_size=4,
+    )
     Config(settings).dump(tmp_path / "config.py")
     return Config.fromfile(tmp_path / "config.py")
 
@@ -239,7 +302,9 @@ def test_published_recipes_are_mmengine_configs_with_the_protocol(recipe, tmp_pa
         assert tuple(model.test_cfg.crop_size) == crop
     if recipe.stem.startswith("segmentation_voc12aug"):
         assert [d.data_prefix.seg_map_path for d in mm.train_dataloader.dataset.datasets] == [
-            "SegmentationClass", "SegmentationClassAug"]
+            "SegmentationClass",
+            "SegmentationClassAug",
+        ]
     if head == "UPerHead":
         assert tuple(model.decode_head.pool_scales) == (1, 2, 3, 6)
         assert list(model.decode_head.in_channels) == [256, 512, 1024, 2048]
@@ -273,9 +338,12 @@ def test_protocol_holds_what_changes_the_number_and_not_paths():
     cfg = load_config([TINY_RECIPE], ["data.root=/somewhere", "run.num_workers=3"])
     moved = load_config([TINY_RECIPE], ["data.root=/elsewhere", "solver.val_interval=100"])
     assert protocol(cfg) == protocol(moved)  # where the data lies, how often it is looked at
-    assert protocol(cfg)["data"] == {"name": "synthetic-shapes",
-                                     "options": {"style": "silhouette"},
-                                     "train_split": "train", "test_split": "val"}
+    assert protocol(cfg)["data"] == {
+        "name": "synthetic-shapes",
+        "options": {"style": "silhouette"},
+        "train_split": "train",
+        "test_split": "val",
+    }
     longer = load_config([TINY_RECIPE], ["solver.max_iters=301"])
     assert protocol(longer) != protocol(cfg)
 
@@ -284,9 +352,11 @@ def test_training_curves_come_from_mmengine_scalars(tmp_path):
     from transfer.segmentation.run import training_curves
 
     scalars = tmp_path / "scalars.json"
-    scalars.write_text('{"lr": 0.01, "loss": 2.5, "decode.loss_ce": 2.0, "iter": 20, "step": 20}\n'
-                       '{"lr": 0.005, "loss": 1.5, "decode.loss_ce": 1.2, "iter": 40, "step": 40}\n'
-                       '{"aAcc": 80.0, "mIoU": 30.0, "step": 40}\n')
+    scalars.write_text(
+        '{"lr": 0.01, "loss": 2.5, "decode.loss_ce": 2.0, "iter": 20, "step": 20}\n'
+        '{"lr": 0.005, "loss": 1.5, "decode.loss_ce": 1.2, "iter": 40, "step": 40}\n'
+        '{"aAcc": 80.0, "mIoU": 30.0, "step": 40}\n'
+    )
     rows = training_curves(scalars).splitlines()
     assert rows == ["step,decode.loss_ce,loss,lr", "20,2.0,2.5,0.01", "40,1.2,1.5,0.005"]
 
@@ -294,13 +364,15 @@ def test_training_curves_come_from_mmengine_scalars(tmp_path):
 def test_real_layouts_are_checked_before_training(tmp_path):
     from transfer.segmentation.run import SegmentationDataError, prepare_data
 
-    voc = load_config([RECIPES / "segmentation_voc12aug_fcn_r50_d8_512x512_20k.yaml"],
-                      [f"data.root={tmp_path}"])
+    voc = load_config(
+        [RECIPES / "segmentation_voc12aug_fcn_r50_d8_512x512_20k.yaml"], [f"data.root={tmp_path}"]
+    )
     with pytest.raises(SegmentationDataError, match="SegmentationClassAug") as err:
         prepare_data(voc.data, progress=False)
     assert "PascalVOCDataset layout" in str(err.value)
-    cityscapes = load_config([RECIPES / "segmentation_cityscapes_fcn_r50_d8_769x769_40k.yaml"],
-                             [f"data.root={tmp_path}"])
+    cityscapes = load_config(
+        [RECIPES / "segmentation_cityscapes_fcn_r50_d8_769x769_40k.yaml"], [f"data.root={tmp_path}"]
+    )
     for sub in ("leftImg8bit/train", "leftImg8bit/val", "gtFine/train/aachen", "gtFine/val"):
         (tmp_path / sub).mkdir(parents=True)
     (tmp_path / "gtFine/train/aachen/a_000000_000019_gtFine_labelIds.png").touch()
@@ -312,14 +384,33 @@ def test_real_layouts_are_checked_before_training(tmp_path):
 
 # --- the command line ----------------------------------------------------------------------------
 
+
 def test_without_mmseg_the_command_says_how_to_install_it(tmp_path):
     run_dir = _artifact(tmp_path / "r18", **TINY_R18["arch_kwargs"])
-    code = ("import sys; sys.modules['mmseg'] = None; import transfer.segmentation; "
-            "from sslbench.cli import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", code, "transfer", "segmentation", "--backbone",
-                           str(run_dir), "--config", str(TINY_RECIPE), "--out",
-                           str(tmp_path / "results")], cwd=tmp_path, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
+    code = (
+        "import sys; sys.modules['mmseg'] = None; import transfer.segmentation; "
+        "from sslbench.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "transfer",
+            "segmentation",
+            "--backbone",
+            str(run_dir),
+            "--config",
+            str(TINY_RECIPE),
+            "--out",
+            str(tmp_path / "results"),
+        ],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "needs the 'segmentation' extra" in proc.stderr
     assert "pip install --no-build-isolation -c constraints.txt -e '.[segmentation]'" in proc.stderr
@@ -328,9 +419,19 @@ def test_without_mmseg_the_command_says_how_to_install_it(tmp_path):
 @needs_mmseg
 def test_wrong_architecture_artifact_is_refused_by_the_command(shapes_root, tmp_path):
     run_dir = _artifact(tmp_path / "r50", "resnet50", stem="small", width=16)
-    proc = sslbench("transfer", "segmentation", "--backbone", str(run_dir), "--config",
-                    str(TINY_RECIPE), "--out", str(tmp_path / "results"),
-                    *shapes_overrides(shapes_root), cwd=tmp_path, check=False)
+    proc = sslbench(
+        "transfer",
+        "segmentation",
+        "--backbone",
+        str(run_dir),
+        "--config",
+        str(TINY_RECIPE),
+        "--out",
+        str(tmp_path / "results"),
+        *shapes_overrides(shapes_root),
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "backbone is resnet50, but this task needs resnet18" in proc.stderr
 
@@ -338,17 +439,28 @@ def test_wrong_architecture_artifact_is_refused_by_the_command(shapes_root, tmp_
 @pytest.fixture(scope="module")
 def pretrained(shapes_root, tmp_path_factory):
     """A SimSiam backbone pretrained on the tiny set's images by the real CLI (~25 s)."""
-    return pretrain_simsiam(shapes_root, TINY_SHAPES, tmp_path_factory.mktemp("pretrain"),
-                            epochs=10)
+    return pretrain_simsiam(
+        shapes_root, TINY_SHAPES, tmp_path_factory.mktemp("pretrain"), epochs=10
+    )
 
 
 def _segment(run_dir: Path, shapes_root, out: Path, cwd: Path) -> tuple:
     started = time.perf_counter()
     # Half the recipe's 300 iterations (~30 s a run): measured on this set, seeds 0 and 1, the
     # pretrained backbone leads random init by ~8 mIoU at 150 iterations and by 4-10 at 300.
-    proc = sslbench("transfer", "segmentation", "--backbone", str(run_dir), "--config",
-                    str(TINY_RECIPE), "--out", str(out), *shapes_overrides(shapes_root),
-                    "solver.max_iters=150", cwd=cwd)
+    proc = sslbench(
+        "transfer",
+        "segmentation",
+        "--backbone",
+        str(run_dir),
+        "--config",
+        str(TINY_RECIPE),
+        "--out",
+        str(out),
+        *shapes_overrides(shapes_root),
+        "solver.max_iters=150",
+        cwd=cwd,
+    )
     elapsed = time.perf_counter() - started
     (path,) = out.glob("segmentation-*.json")
     assert str(path) in proc.stdout
@@ -357,13 +469,16 @@ def _segment(run_dir: Path, shapes_root, out: Path, cwd: Path) -> tuple:
 
 @needs_mmseg
 @pytest.mark.integration
-def test_tiny_recipe_from_a_pretrained_backbone_beats_random_init(pretrained, shapes_root,
-                                                                  tmp_path):
+def test_tiny_recipe_from_a_pretrained_backbone_beats_random_init(
+    pretrained, shapes_root, tmp_path
+):
     random_dir = _artifact(tmp_path / "random", **TINY_R18["arch_kwargs"])
     trained, trained_s = _segment(pretrained, shapes_root, tmp_path / "pretrained", tmp_path)
     scratch, scratch_s = _segment(random_dir, shapes_root, tmp_path / "random-init", tmp_path)
-    print(f"tiny segmentation recipe, val mIoU: pretrained (SimSiam) {trained.metrics['mIoU']:.2f} "
-          f"in {trained_s:.0f} s, random init {scratch.metrics['mIoU']:.2f} in {scratch_s:.0f} s")
+    print(
+        f"tiny segmentation recipe, val mIoU: pretrained (SimSiam) {trained.metrics['mIoU']:.2f} "
+        f"in {trained_s:.0f} s, random init {scratch.metrics['mIoU']:.2f} in {scratch_s:.0f} s"
+    )
     assert trained.metrics["mIoU"] > scratch.metrics["mIoU"] + 3
     assert trained.metrics["mIoU"] > 15  # background and several shapes, not background alone
     assert trained.protocol_id == scratch.protocol_id  # one column of the leaderboard
@@ -371,8 +486,17 @@ def test_tiny_recipe_from_a_pretrained_backbone_beats_random_init(pretrained, sh
     assert record.task == "segmentation" and record.backbone.method == "simsiam"
     assert set(record.metrics) == {"mIoU", "mAcc", "aAcc"}
     assert record.dataset.splits == {"train": 512, "test": 64} and record.dataset.num_classes == 9
-    assert set(record.details["per_class_IoU"]) == {"background", "arrow", "circle", "crescent",
-                                                    "cross", "heart", "square", "star", "triangle"}
+    assert set(record.details["per_class_IoU"]) == {
+        "background",
+        "arrow",
+        "circle",
+        "crescent",
+        "cross",
+        "heart",
+        "square",
+        "star",
+        "triangle",
+    }
     loaded = record.details["backbone_loaded"]
     assert loaded["tensors"] == len(load_backbone(pretrained)[0].state_dict())
     assert record.details["norm_layer"] == "BN" and record.device == "cpu"
@@ -402,8 +526,14 @@ def _vit_artifact(path, **kwargs):
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    save_backbone(path, net, arch="vit_tiny_patch16_224", arch_kwargs=kwargs,
-                  method="random-init", run_name=path.name)
+    save_backbone(
+        path,
+        net,
+        arch="vit_tiny_patch16_224",
+        arch_kwargs=kwargs,
+        method="random-init",
+        run_name=path.name,
+    )
     return load_backbone(path)
 
 
@@ -437,8 +567,9 @@ def test_vit_blocks_in_mmseg_compute_timms_features(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         maps = model.backbone(x)
-        blocks = backbone.forward_intermediates(x, indices=[0, 1, 2], norm=False,
-                                                output_fmt="NCHW", intermediates_only=True)
+        blocks = backbone.forward_intermediates(
+            x, indices=[0, 1, 2], norm=False, output_fmt="NCHW", intermediates_only=True
+        )
         last = backbone.forward_features(x)[:, 1:].transpose(1, 2).reshape(2, 96, 4, 4)
     assert len(maps) == 4
     for ours, theirs in zip(maps, [*blocks, last]):
@@ -461,10 +592,16 @@ def test_vit_position_embedding_is_resampled_as_mmseg_resamples_a_pretrained_one
     assert report.resized == ("pos_embed: 4x4 -> 8x12 patches (bicubic)",)
     checkpoint = tmp_path / "renamed.pth"
     torch.save({mmseg_name(k): v for k, v in state.items()}, checkpoint)
-    args = {k: v for k, v in model_config(load_config([VIT_RECIPE], [
-        "input.crop_size=[32, 48]"]), manifest, 9, "BN")["backbone"].items() if k != "type"}
-    reference = VisionTransformer(**args, init_cfg={"type": "Pretrained",
-                                                    "checkpoint": str(checkpoint)})
+    args = {
+        k: v
+        for k, v in model_config(
+            load_config([VIT_RECIPE], ["input.crop_size=[32, 48]"]), manifest, 9, "BN"
+        )["backbone"].items()
+        if k != "type"
+    }
+    reference = VisionTransformer(
+        **args, init_cfg={"type": "Pretrained", "checkpoint": str(checkpoint)}
+    )
     reference.init_weights()
     ours = model.backbone.pos_embed
     assert ours.shape == reference.pos_embed.shape == (1, 1 + 8 * 12, 96)
@@ -489,8 +626,9 @@ def test_vit_strict_load_refuses_missing_extra_and_misshaped_tensors(tmp_path):
     with pytest.raises(ArtifactError, match="missing: layers.3.ffn.layers.1.weight"):
         load(missing)
     for extra in ("blocks.0.ls1.gamma", "reg_token", "fc_norm.weight"):
-        with pytest.raises(ArtifactError, match=f"no counterpart in mmseg's VisionTransformer: "
-                                                f"{extra}"):
+        with pytest.raises(
+            ArtifactError, match=f"no counterpart in mmseg's VisionTransformer: {extra}"
+        ):
             load({**state, extra: torch.ones(96)})
     deeper = {**state, "blocks.4.norm1.weight": torch.ones(96)}
     with pytest.raises(ArtifactError, match="unexpected: layers.4.ln1.weight"):
@@ -499,8 +637,11 @@ def test_vit_strict_load_refuses_missing_extra_and_misshaped_tensors(tmp_path):
     with pytest.raises(ArtifactError, match="shape mismatch: layers.1.attn.attn.in_proj_weight"):
         load(narrow)
     oblong = {**state, "pos_embed": torch.zeros(1, 1 + 2 * 6, 96)}  # no square grid to resample
-    with pytest.raises(ArtifactError, match=r"pos_embed \(1, 13, 96\) is not one CLS entry and a "
-                                            "square grid"):
+    with pytest.raises(
+        ArtifactError,
+        match=r"pos_embed \(1, 13, 96\) is not one CLS entry and a "
+        "square grid",
+    ):
         load(oblong)
 
 
@@ -516,11 +657,15 @@ def test_vit_recipe_values_are_checked():
         assert message in str(err.value)
     manifest = {"arch": "vit_tiny_patch16_224", "arch_kwargs": TINY_VIT}
     deep = load_config([VIT_RECIPE], ["model.vit.out_indices=[1, 2, 3, 4]"])
-    with pytest.raises(ConfigError, match=r"out_indices=\[1, 2, 3, 4\]: backbone .* has "
-                                          "blocks 0..3"):
+    with pytest.raises(
+        ConfigError,
+        match=r"out_indices=\[1, 2, 3, 4\]: backbone .* has "
+        "blocks 0..3",
+    ):
         model_config(deep, manifest, 9, "BN")
-    aux = load_config([VIT_RECIPE], ["model.vit.out_indices=[1, 3]",
-                                     "model.vit.neck_scales=[1, 0.5]"])
+    aux = load_config(
+        [VIT_RECIPE], ["model.vit.out_indices=[1, 3]", "model.vit.neck_scales=[1, 0.5]"]
+    )
     with pytest.raises(ConfigError, match="model.auxiliary_index=3: the backbone gives maps 0..1"):
         model_config(aux, manifest, 9, "BN")
 
@@ -530,8 +675,13 @@ def _upstream_vit_config():
     configs mmseg installs with itself."""
     from mmengine.config import Config
 
-    path = (Path(mmseg.__file__).parent / ".mim" / "configs" / "vit"
-            / "vit_vit-b16-ln_mln_upernet_8xb2-160k_ade20k-512x512.py")
+    path = (
+        Path(mmseg.__file__).parent
+        / ".mim"
+        / "configs"
+        / "vit"
+        / "vit_vit-b16-ln_mln_upernet_8xb2-160k_ade20k-512x512.py"
+    )
     if not path.is_file():
         pytest.skip(f"{path} is not installed with mmseg")
     return Config.fromfile(path)
@@ -552,9 +702,11 @@ def _differences(ours: dict, theirs: dict, module_type) -> dict:
     import inspect
 
     defaults = {k: p.default for k, p in inspect.signature(module_type).parameters.items()}
-    return {k: (ours.get(k, defaults.get(k)), theirs.get(k, defaults.get(k)))
-            for k in set(ours) | set(theirs)
-            if _plain(ours.get(k, defaults.get(k))) != _plain(theirs.get(k, defaults.get(k)))}
+    return {
+        k: (ours.get(k, defaults.get(k)), theirs.get(k, defaults.get(k)))
+        for k in set(ours) | set(theirs)
+        if _plain(ours.get(k, defaults.get(k))) != _plain(theirs.get(k, defaults.get(k)))
+    }
 
 
 @needs_mmseg
@@ -569,12 +721,19 @@ def test_vit_b_ade20k_recipe_is_mmsegs_vit_b_recipe(tmp_path):
 
     upstream = _upstream_vit_config()
     manifest = {"arch": "vit_base_patch16_224", "arch_kwargs": {}}
-    ours = runner_config(load_config([VIT_ADE]), manifest, num_classes=150,
-                         root=tmp_path / "data", work_dir=tmp_path / "work", norm="SyncBN",
-                         world_size=8)
+    ours = runner_config(
+        load_config([VIT_ADE]),
+        manifest,
+        num_classes=150,
+        root=tmp_path / "data",
+        work_dir=tmp_path / "work",
+        norm="SyncBN",
+        world_size=8,
+    )
     model, theirs = ours["model"], upstream.model
     assert _differences(model["backbone"], theirs.backbone, VisionTransformer) == {
-        "patch_bias": (True, False)}
+        "patch_bias": (True, False)
+    }
     assert theirs.pretrained and "pretrained" not in model
     assert _differences(model["neck"], theirs.neck, MultiLevelNeck) == {}
     assert _differences(model["decode_head"], theirs.decode_head, UPerHead) == {}
@@ -589,7 +748,8 @@ def test_vit_b_ade20k_recipe_is_mmsegs_vit_b_recipe(tmp_path):
     assert ours["train_cfg"]["val_interval"] == upstream.train_cfg.val_interval
     assert ours["train_dataloader"]["batch_size"] == upstream.train_dataloader.batch_size
     assert [t["type"] for t in ours["train_dataloader"]["dataset"]["pipeline"]] == [
-        t["type"] for t in upstream.train_pipeline]
+        t["type"] for t in upstream.train_pipeline
+    ]
 
 
 @needs_mmseg
@@ -607,8 +767,12 @@ def test_vit_recipe_decays_what_mmsegs_vit_recipe_decays(tmp_path):
     assert list(solver.no_decay) == ["pos_embed", "cls_token", "norm"]
     wrapper = build_optim_wrapper(model, optim_wrapper(solver))
     names = {id(p): n for n, p in model.named_parameters()}
-    undecayed = {names[id(p)] for group in wrapper.optimizer.param_groups
-                 for p in group["params"] if group["weight_decay"] == 0}
+    undecayed = {
+        names[id(p)]
+        for group in wrapper.optimizer.param_groups
+        for p in group["params"]
+        if group["weight_decay"] == 0
+    }
     assert undecayed == {"backbone.pos_embed", "backbone.cls_token"}
     assert {g["weight_decay"] for g in wrapper.optimizer.param_groups} == {0.0, 0.01}
 
@@ -617,10 +781,20 @@ def test_vit_recipe_decays_what_mmsegs_vit_recipe_decays(tmp_path):
 @pytest.mark.integration
 def test_tiny_vit_recipe_runs_through_the_cli_and_writes_a_record(shapes_root, tmp_path):
     _vit_artifact(tmp_path / "vit", freeze_patch_embed=True, sincos_pos_embed=True)
-    proc = sslbench("transfer", "segmentation", "--backbone", str(tmp_path / "vit"), "--config",
-                    str(VIT_RECIPE), "--out", str(tmp_path / "results"),
-                    *shapes_overrides(shapes_root), "solver.max_iters=20",
-                    "solver.warmup_iters=5", cwd=tmp_path)
+    proc = sslbench(
+        "transfer",
+        "segmentation",
+        "--backbone",
+        str(tmp_path / "vit"),
+        "--config",
+        str(VIT_RECIPE),
+        "--out",
+        str(tmp_path / "results"),
+        *shapes_overrides(shapes_root),
+        "solver.max_iters=20",
+        "solver.warmup_iters=5",
+        cwd=tmp_path,
+    )
     (path,) = (tmp_path / "results").glob("segmentation-*.json")
     assert str(path) in proc.stdout
     record = read_record(path)

@@ -155,15 +155,26 @@ class SegmentationConfig:
     solver: SolverConfig = field(default_factory=SolverConfig)
 
 
-DATA = {"voc12aug": Voc12AugData, "cityscapes": CityscapesData, "ade20k": Ade20kData,
-        "synthetic-shapes": ShapesData}
+DATA = {
+    "voc12aug": Voc12AugData,
+    "cityscapes": CityscapesData,
+    "ade20k": Ade20kData,
+    "synthetic-shapes": ShapesData,
+}
 # Where each layout lies under $SSLBENCH_DATA when data.root is not set.
-DEFAULT_DIRS = {"voc12aug": "VOCdevkit/VOC2012", "cityscapes": "cityscapes",
-                "ade20k": "ADEChallengeData2016", "synthetic-shapes": "synthetic-shapes"}
-_CHOICES = {"model.head": HEADS, "model.norm": NORMS, "model.test_mode": TEST_MODES,
-            "solver.optimizer": OPTIMIZERS}
-_PAIRS = ("input.crop_size", "input.scale", "input.ratio_range", "input.test_scale",
-          "solver.betas")
+DEFAULT_DIRS = {
+    "voc12aug": "VOCdevkit/VOC2012",
+    "cityscapes": "cityscapes",
+    "ade20k": "ADEChallengeData2016",
+    "synthetic-shapes": "synthetic-shapes",
+}
+_CHOICES = {
+    "model.head": HEADS,
+    "model.norm": NORMS,
+    "model.test_mode": TEST_MODES,
+    "solver.optimizer": OPTIMIZERS,
+}
+_PAIRS = ("input.crop_size", "input.scale", "input.ratio_range", "input.test_scale", "solver.betas")
 
 
 def _data_class(name: str) -> type:
@@ -204,12 +215,16 @@ def check(cfg: DictConfig) -> None:
     if any(not 0 <= b < 1 for b in s.betas):
         raise ConfigError(f"solver.betas={list(s.betas)}: expected two numbers in [0, 1)")
     if not 0 <= s.warmup_iters < s.max_iters or not 0 < s.warmup_factor <= 1:
-        raise ConfigError(f"solver.warmup_iters={s.warmup_iters}, solver.warmup_factor="
-                          f"{s.warmup_factor}: expected 0..max_iters-1 iterations from a "
-                          "factor in (0, 1]")
+        raise ConfigError(
+            f"solver.warmup_iters={s.warmup_iters}, solver.warmup_factor="
+            f"{s.warmup_factor}: expected 0..max_iters-1 iterations from a "
+            "factor in (0, 1]"
+        )
     if s.max_iters <= 0 or s.batch_size <= 0:
-        raise ConfigError(f"solver.max_iters={s.max_iters}, solver.batch_size={s.batch_size}: "
-                          "expected positive integers")
+        raise ConfigError(
+            f"solver.max_iters={s.max_iters}, solver.batch_size={s.batch_size}: "
+            "expected positive integers"
+        )
     if not 0 <= s.val_interval <= s.max_iters:
         raise ConfigError(f"solver.val_interval={s.val_interval}: expected 0..solver.max_iters")
     if not 0 <= cfg.input.flip <= 1:
@@ -219,10 +234,13 @@ def check(cfg: DictConfig) -> None:
 def _check_vit(vit: DictConfig) -> None:
     indices, scales = list(vit.out_indices), list(vit.neck_scales)
     if not indices or indices != sorted(set(indices)) or indices[0] < 0:
-        raise ConfigError(f"model.vit.out_indices={indices}: expected increasing block indices "
-                          ">= 0")
+        raise ConfigError(
+            f"model.vit.out_indices={indices}: expected increasing block indices >= 0"
+        )
     if len(scales) != len(indices) or any(v <= 0 for v in scales):
-        raise ConfigError(f"model.vit.neck_scales={scales}: expected one positive scale per "
-                          f"entry of model.vit.out_indices={indices}")
+        raise ConfigError(
+            f"model.vit.neck_scales={scales}: expected one positive scale per "
+            f"entry of model.vit.out_indices={indices}"
+        )
     if not 0 <= vit.drop_path < 1:
         raise ConfigError(f"model.vit.drop_path={vit.drop_path}: expected a rate in [0, 1)")

@@ -27,7 +27,8 @@ INSTALL_HINT = (
     "it into this environment (mmcv compiles from source against the installed torch: half an "
     "hour or more on 2 cores the first time, then pip's cache serves it):\n"
     "  pip install 'setuptools<81' wheel\n"
-    "  pip install --no-build-isolation -c constraints.txt -e '.[segmentation]'")
+    "  pip install --no-build-isolation -c constraints.txt -e '.[segmentation]'"
+)
 DISTRIBUTIONS = ("mmcv", "mmengine", "mmsegmentation")
 
 
@@ -52,8 +53,9 @@ class LoadReport:
     resized: tuple[str, ...] = ()  # tensors resampled to the input size (a ViT's pos_embed)
 
 
-def load_into_backbone(backbone: nn.Module, state: dict[str, torch.Tensor],
-                       what: str) -> LoadReport:
+def load_into_backbone(
+    backbone: nn.Module, state: dict[str, torch.Tensor], what: str
+) -> LoadReport:
     """Copy `state` (the artifact's names) into mmseg's backbone, refusing any missing,
     unexpected or mis-shaped key, then check every tensor arrived bit for bit."""
     state, resized = _mmseg_state(backbone, state, what)
@@ -61,14 +63,19 @@ def load_into_backbone(backbone: nn.Module, state: dict[str, torch.Tensor],
     own = backbone.state_dict()
     differ = [k for k, v in state.items() if not torch.equal(own[k].cpu(), v.cpu())]
     if differ:
-        raise ArtifactError(f"cannot load {what}: {len(differ)} tensors differ after loading, "
-                            f"e.g. {differ[0]}")
-    return LoadReport(tensors=len(state),
-                      parameters=sum(p.numel() for p in backbone.parameters()), resized=resized)
+        raise ArtifactError(
+            f"cannot load {what}: {len(differ)} tensors differ after loading, e.g. {differ[0]}"
+        )
+    return LoadReport(
+        tensors=len(state),
+        parameters=sum(p.numel() for p in backbone.parameters()),
+        resized=resized,
+    )
 
 
-def _mmseg_state(backbone: nn.Module, state: dict[str, torch.Tensor], what: str
-                 ) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+def _mmseg_state(
+    backbone: nn.Module, state: dict[str, torch.Tensor], what: str
+) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
     """`state` as mmseg's `backbone` names and sizes it, and what was resampled."""
     from mmseg.models.backbones import VisionTransformer
 
@@ -77,8 +84,9 @@ def _mmseg_state(backbone: nn.Module, state: dict[str, torch.Tensor], what: str
     return state, ()
 
 
-def build_segmentor(model_cfg: dict, state: dict[str, torch.Tensor], what: str, seed: int
-                    ) -> tuple[nn.Module, LoadReport]:
+def build_segmentor(
+    model_cfg: dict, state: dict[str, torch.Tensor], what: str, seed: int
+) -> tuple[nn.Module, LoadReport]:
     """Build the EncoderDecoder (heads drawn from `seed`), then load the backbone strictly."""
     require_mmseg()
     from mmengine.config import ConfigDict

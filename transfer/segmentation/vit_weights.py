@@ -29,12 +29,21 @@ from torch import nn
 
 from sslbench.artifact import ArtifactError
 
-TOP = {"cls_token": "cls_token", "pos_embed": "pos_embed",
-       "patch_embed.proj.weight": "patch_embed.projection.weight",
-       "patch_embed.proj.bias": "patch_embed.projection.bias",
-       "norm.weight": "ln1.weight", "norm.bias": "ln1.bias"}
-BLOCK = {"norm1": "ln1", "norm2": "ln2", "attn.proj": "attn.attn.out_proj",
-         "mlp.fc1": "ffn.layers.0.0", "mlp.fc2": "ffn.layers.1"}
+TOP = {
+    "cls_token": "cls_token",
+    "pos_embed": "pos_embed",
+    "patch_embed.proj.weight": "patch_embed.projection.weight",
+    "patch_embed.proj.bias": "patch_embed.projection.bias",
+    "norm.weight": "ln1.weight",
+    "norm.bias": "ln1.bias",
+}
+BLOCK = {
+    "norm1": "ln1",
+    "norm2": "ln2",
+    "attn.proj": "attn.attn.out_proj",
+    "mlp.fc1": "ffn.layers.0.0",
+    "mlp.fc2": "ffn.layers.1",
+}
 QKV = {"attn.qkv.weight": "attn.attn.in_proj_weight", "attn.qkv.bias": "attn.attn.in_proj_bias"}
 
 
@@ -53,25 +62,30 @@ def mmseg_name(key: str) -> str | None:
     return None
 
 
-def to_mmseg(state: dict[str, torch.Tensor], backbone: nn.Module, what: str
-             ) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+def to_mmseg(
+    state: dict[str, torch.Tensor], backbone: nn.Module, what: str
+) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
     """(`state` renamed for mmseg's VisionTransformer `backbone` and its position embedding
     resampled to the backbone's grid, what was resampled). Names outside the table are an
     ArtifactError; missing and mis-shaped tensors are left to the strict load that follows."""
     unknown = [k for k in state if mmseg_name(k) is None]
     if unknown:
-        raise ArtifactError(f"cannot load {what}: {len(unknown)} tensors have no counterpart in "
-                            f"mmseg's VisionTransformer: {', '.join(unknown[:5])}")
+        raise ArtifactError(
+            f"cannot load {what}: {len(unknown)} tensors have no counterpart in "
+            f"mmseg's VisionTransformer: {', '.join(unknown[:5])}"
+        )
     out = {mmseg_name(k): v for k, v in state.items()}
     pos, target = out.get("pos_embed"), backbone.pos_embed.shape
     if pos is None or pos.shape == target or pos.ndim != 3 or pos.shape[2] != target[2]:
         return out, ()
     side = math.isqrt(pos.shape[1] - 1)
     if side * side != pos.shape[1] - 1:
-        raise ArtifactError(f"cannot load {what}: pos_embed {tuple(pos.shape)} is not one CLS "
-                            "entry and a square grid, the only layout mmseg resamples")
+        raise ArtifactError(
+            f"cannot load {what}: pos_embed {tuple(pos.shape)} is not one CLS "
+            "entry and a square grid, the only layout mmseg resamples"
+        )
     grid = tuple(size // backbone.patch_size for size in backbone.img_size)
-    out["pos_embed"] = backbone.resize_pos_embed(pos, grid, (side, side),
-                                                 backbone.interpolate_mode)
-    return out, (f"pos_embed: {side}x{side} -> {grid[0]}x{grid[1]} patches "
-                 f"({backbone.interpolate_mode})",)
+    out["pos_embed"] = backbone.resize_pos_embed(pos, grid, (side, side), backbone.interpolate_mode)
+    return out, (
+        f"pos_embed: {side}x{side} -> {grid[0]}x{grid[1]} patches ({backbone.interpolate_mode})",
+    )
