@@ -25,7 +25,7 @@ from sslbench.results import HITS_KEY, TaskOutput, pack_hits
 
 from .accuracy import scored
 from .context import EvalContext
-from .training import Classifier, SeededAugmentation, evaluate, fit, train_transform
+from .training import Classifier, SeededAugmentation, fit, train_transform, val_test_scores
 
 SOLVERS = ("lbfgs", "sgd")
 
@@ -205,24 +205,8 @@ def standard_probe(ctx: EvalContext, protocol: dict) -> tuple[dict[str, float], 
         desc=f"linear standard ({cfg.optimizer})",
         resume=ctx.resume_state(protocol),
     )
-    scores = {
-        split: evaluate(
-            model,
-            ctx.datasets[split],
-            batch_size=ctx.cfg.features.batch_size,
-            device=ctx.device,
-            num_workers=ctx.cfg.data.num_workers,
-            progress=run.progress,
-            desc=f"evaluate {split}",
-        )
-        for split in ("val", "test")
-    }
-    metrics = {
-        **scores["test"][0],
-        "val_top1": scores["val"][0]["top1"],
-        "val_top5": scores["val"][0]["top5"],
-    }
-    return metrics, {"lr": lr, "final_train_loss": loss, HITS_KEY: pack_hits(scores["test"][1])}
+    metrics, test_hits = val_test_scores(model, ctx)
+    return metrics, {"lr": lr, "final_train_loss": loss, HITS_KEY: pack_hits(test_hits)}
 
 
 def run(ctx: EvalContext) -> TaskOutput:

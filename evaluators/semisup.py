@@ -24,7 +24,7 @@ from sslbench.optim import build_optimizer, param_groups, scaled_lr
 from sslbench.results import HITS_KEY, TaskOutput, pack_hits
 
 from .context import EvalContext
-from .training import Classifier, SeededAugmentation, evaluate, fit, train_transform
+from .training import Classifier, SeededAugmentation, fit, train_transform, val_test_scores
 
 
 class SubsetError(DatasetError):
@@ -175,23 +175,7 @@ def run(ctx: EvalContext) -> TaskOutput:
         desc=f"semisup fine-tune ({len(indices)} labels)",
         resume=ctx.resume_state({"semisup": protocol}),
     )
-    scores = {
-        split: evaluate(
-            model,
-            ctx.datasets[split],
-            batch_size=ctx.cfg.features.batch_size,
-            device=ctx.device,
-            num_workers=ctx.cfg.data.num_workers,
-            progress=run_cfg.progress,
-            desc=f"evaluate {split}",
-        )
-        for split in ("val", "test")
-    }
-    metrics = {
-        **scores["test"][0],
-        "val_top1": scores["val"][0]["top1"],
-        "val_top5": scores["val"][0]["top5"],
-    }
+    metrics, test_hits = val_test_scores(model, ctx)
     counts = np.bincount(
         np.asarray(ctx.datasets["train"].targets)[indices], minlength=ctx.num_classes
     )
@@ -199,6 +183,6 @@ def run(ctx: EvalContext) -> TaskOutput:
         "labelled_per_class": dict(zip(ctx.datasets["train"].classes, counts.tolist())),
         "lr": {"head": lr, "backbone": lr * cfg.backbone_lr / cfg.head_lr},
         "final_train_loss": loss,
-        HITS_KEY: pack_hits(scores["test"][1]),
+        HITS_KEY: pack_hits(test_hits),
     }
     return TaskOutput(metrics, {"semisup": protocol}, details, {"labelled": len(indices)})

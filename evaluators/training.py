@@ -320,3 +320,23 @@ def evaluate(
         desc=desc,
     )
     return scored(logits, torch.as_tensor(dataset.targets))
+
+
+def val_test_scores(model: nn.Module, ctx) -> tuple[dict[str, float], torch.Tensor]:
+    """The trained classifier scored on val and test as every training protocol reports it: test
+    top-1/top-5 with val's beside them (val_top1, val_top5), and test's per-image top-1 hits.
+    `ctx` is the task's EvalContext."""
+    val, test = (
+        evaluate(
+            model,
+            ctx.datasets[split],
+            batch_size=ctx.cfg.features.batch_size,
+            device=ctx.device,
+            num_workers=ctx.cfg.data.num_workers,
+            progress=ctx.cfg.run.progress,
+            desc=f"evaluate {split}",
+        )
+        for split in ("val", "test")
+    )
+    metrics = {**test[0], "val_top1": val[0]["top1"], "val_top5": val[0]["top5"]}
+    return metrics, test[1]
