@@ -35,6 +35,7 @@ SAME_FORM = {"mocov2": "simclr", "mocov3": "simclr", "simsiam": "byol"}
 REPRESENTATIVES = [name for name in UNIFIED_FORMS if name not in SAME_FORM]
 # (method, momentum encoder) whose unigrad form's learning this CPU budget cannot show.
 UNDER_BUDGET = {
+    ("byol", False),
     ("byol", True),
     ("barlow_twins", False),
     ("vicreg", False),
