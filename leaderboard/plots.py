@@ -10,7 +10,7 @@ import io
 
 from matplotlib.figure import Figure
 
-from .aggregate import Board
+from .aggregate import Board, Row
 
 
 def _text(label: str, limit: int = 48) -> str:
@@ -21,10 +21,23 @@ def _text(label: str, limit: int = 48) -> str:
     return label.replace("$", r"\$")
 
 
+def _row_label(row: Row) -> str:
+    kind = f"{row.baseline} baseline" if row.baseline else row.key.method
+    return f"{row.label} ({kind})"
+
+
 def bar_chart(board: Board, task: str) -> bytes:
-    """PNG bytes: the task's columns as groups of horizontal bars, rows in board order."""
+    """PNG bytes of `bar_figure`."""
+    buffer = io.BytesIO()
+    bar_figure(board, task).savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def bar_figure(board: Board, task: str) -> Figure:
+    """The task's columns as groups of horizontal bars, ranked rows in board order and
+    then the baselines (a board may hold baselines only, e.g. a random-init smoke run)."""
     columns = [c for c in board.columns if c.task == task]
-    rows = [r for r in board.rows if any(c.key in r.cells for c in columns)]
+    rows = [r for r in board.rows + board.baselines if any(c.key in r.cells for c in columns)]
     height = 0.8 / len(columns)
     fig = Figure(
         figsize=(8, 1.4 + 0.35 * len(rows) * len(columns) + 0.2 * (len(columns) > 1)),
@@ -55,13 +68,11 @@ def bar_chart(board: Board, task: str) -> bytes:
                 va="center",
                 fontsize=8,
             )
-    ax.set_yticks(range(len(rows)), [_text(f"{r.label} ({r.key.method})") for r in rows])
+    ax.set_yticks(range(len(rows)), [_text(_row_label(r)) for r in rows])
     ax.invert_yaxis()  # best first, as in the table
     ax.set_xlabel(_text(f"{columns[0].metric} (mean ± std over n records)"))
     ax.set_title(_text(task))
     ax.margins(x=0.15)
     if len(columns) > 1:
         fig.legend(fontsize=8, loc="outside lower center")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    return fig

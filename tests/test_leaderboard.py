@@ -151,6 +151,25 @@ def test_cli_writes_markdown_csv_html_and_charts(results, tmp_path):
     assert not any(p.name.endswith(".tmp") for p in out.iterdir())
 
 
+def test_charts_draw_baselines_after_the_ranked_rows_even_when_only_baselines_exist():
+    from leaderboard.plots import bar_figure
+
+    floor = record("random-init", "random", "knn", KNN, 0, 12.0, weights="aa")
+    ceiling = record("supervised", "sup", "knn", KNN, 0, 90.0, weights="bb")
+    ssl = record("simsiam", "simsiam_r18", "knn", KNN, 0, 55.0)
+
+    def ticks(records):
+        axes = bar_figure(build_board(records, {"knn": "top1"}), "knn").axes[0]
+        return [t.get_text() for t in axes.get_yticklabels()]
+
+    assert ticks([floor]) == ["random (floor baseline)"]
+    assert ticks([ceiling, ssl, floor]) == [
+        "simsiam_r18 (simsiam)",
+        "random (floor baseline)",
+        "sup (ceiling baseline)",
+    ]
+
+
 def test_user_strings_are_escaped(results, tmp_path):
     assert main(["leaderboard", str(results)]) == 0
     page = (results / "leaderboard.html").read_text()
