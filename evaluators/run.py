@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from sslbench import distributed as D
 from sslbench.artifact import input_normalization, load_backbone
 from sslbench.results import DatasetInfo, build_record, write_record
-from sslbench.tasks import get_task
+from sslbench.tasks import WORK_DIR, get_task
 from sslbench.transforms import build_eval_transform
 
 from .context import EvalContext, load_splits
@@ -66,7 +66,7 @@ def _evaluate(
         datasets,
         cache_dir,
         task=task,
-        work_root=out_dir / ".work",
+        work_root=out_dir / WORK_DIR,
     )
     output = get_task(task).run_function()(ctx)
     if not env.is_main:

@@ -29,6 +29,9 @@ from .registry import Registry
 
 ENTRY_POINT_GROUP = "sslbench.tasks"
 MODULES_ENV = "SSLBENCH_TASK_MODULES"
+# Under a task's results directory, where it keeps resumable state until its record is written:
+# hidden, so the record scan skips it; the pipeline keeps it when it reruns an interrupted job.
+WORK_DIR = ".work"
 # The stage that owns each command group calls a task's `run` with that group's arguments:
 #   eval:     run(ctx: evaluators.context.EvalContext) -> TaskOutput
 #   transfer: run(cfg, backbone_dir, out_dir) -> the written record's path (None off the main rank)

@@ -196,33 +196,32 @@ def test_a_second_holder_of_the_output_directory_is_refused(tmp_path):
         assert lock.read_text() == f"{os.getpid()}\n"
 
 
-def _pipeline(path: Path, root: Path) -> Path:
-    data = {"root": str(root), "options": dict(TINY_SHAPES)}
+def _pipeline(
+    path: Path, root: Path, recipes: dict | None = None, tasks: dict | None = None
+) -> Path:
+    """A pipeline file at `path` on the tiny shapes at `root`: by default two short pretrainings
+    (a, b), each evaluated by kNN."""
+    data = {"root": str(root), "options": dict(TINY_SHAPES), "image_size": 16, "num_workers": 0}
+    recipes = recipes or {
+        "a": {"config": "configs/pretrain/simsiam_synthetic_r18.yaml"},
+        "b": {"config": "configs/pretrain/vicreg_synthetic_r18.yaml"},
+    }
+    tasks = tasks or {"knn": {"command": "eval knn", "config": "configs/eval/knn.yaml"}}
+    for task in tasks.values():
+        task.setdefault("overrides", {}).update(data=data, run={"progress": False})
     path.write_text(
         yaml.safe_dump(
             {
                 "name": "faults",
                 "pretrain": {
                     "overrides": {
-                        "data": {**data, "image_size": 16, "num_workers": 0},
+                        "data": data,
                         "train": {"epochs": 3, "checkpoint_every": 2, "progress": False},
                         "optim": {"batch_size": 64},
                     },
-                    "recipes": {
-                        "a": {"config": "configs/pretrain/simsiam_synthetic_r18.yaml"},
-                        "b": {"config": "configs/pretrain/vicreg_synthetic_r18.yaml"},
-                    },
+                    "recipes": recipes,
                 },
-                "tasks": {
-                    "knn": {
-                        "command": "eval knn",
-                        "config": "configs/eval/knn.yaml",
-                        "overrides": {
-                            "data": {**data, "image_size": 16, "num_workers": 0},
-                            "run": {"progress": False},
-                        },
-                    }
-                },
+                "tasks": tasks,
                 "executor": {"workers": 1, "threads": 1},
             }
         )
@@ -282,4 +281,65 @@ def test_a_killed_pipeline_resumes_its_job_and_builds_the_same_board(shapes_root
         whole / "runs" / "seed0" / "b" / "backbone.safetensors"
     ).read_bytes()
     # leaderboard.csv holds no timing field: the boards are equal byte for byte
+    assert (cut / "leaderboard.csv").read_text() == (whole / "leaderboard.csv").read_text()
+
+
+@pytest.mark.integration
+def test_a_pipeline_killed_inside_a_task_continues_the_task_from_its_checkpoint(
+    shapes_root, tmp_path
+):
+    """The task's hidden work directory survives the rerun: the standard probe (96 steps,
+    a checkpoint every 8) resumes where the killed one saved, and the board equals an
+    uninterrupted pipeline's."""
+    probe = {
+        "probe": {"name": "standard", "batch_size": 32, "epochs": 6},
+        "run": {"checkpoint_every": 8},
+    }
+    pipeline = _pipeline(
+        tmp_path / "p.yaml",
+        shapes_root,
+        recipes={"a": {"config": "configs/pretrain/simsiam_synthetic_r18.yaml"}},
+        tasks={"linear": {"command": "eval linear", "config": "configs/eval/linear_standard.yaml"}},
+    )
+    settings = yaml.safe_load(pipeline.read_text())
+    for key, value in probe.items():
+        settings["tasks"]["linear"]["overrides"].setdefault(key, {}).update(value)
+    pipeline.write_text(yaml.safe_dump(settings))
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    sslbench("run", str(pipeline), f"output_dir={whole}", cwd=ROOT)
+
+    results = cut / "results" / "seed0" / "a" / "linear"
+
+    def resume_step() -> int:
+        found = sorted(results.glob(".work/*/resume.pt"))
+        return saved_step(found[0]) if found else -1
+
+    first = subprocess.Popen(
+        [sys.executable, "-m", "sslbench.cli", "run", str(pipeline), f"output_dir={cut}"],
+        cwd=ROOT,
+        env=subprocess_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while resume_step() < 8:
+            assert first.poll() is None and time.monotonic() < deadline, "never checkpointed"
+            time.sleep(0.05)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    killed_at = resume_step()
+    assert 8 <= killed_at < 96 and not list(results.glob("[!.]*.json")), "a record was written"
+
+    again = sslbench("run", str(pipeline), f"output_dir={cut}", cwd=ROOT)
+    assert re.search(r"start +linear/a/seed0  \(resuming\)", again.stdout)
+    assert _statuses(again.stdout) == {
+        "pretrain/a/seed0": "skipped (done)",
+        "linear/a/seed0": "ran",
+        "leaderboard": "ran",
+    }
+    (record,) = results.glob("[!.]*.json")
+    assert json.loads(record.read_text())["details"]["resumed_from_step"] == killed_at
     assert (cut / "leaderboard.csv").read_text() == (whole / "leaderboard.csv").read_text()

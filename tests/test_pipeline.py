@@ -173,6 +173,26 @@ def test_stale_output_is_removed_and_foreign_output_left_alone(in_root, tmp_path
     assert prepare(pre, "k2") is False and not (pre.out_dir / "checkpoint.pt").exists()
 
 
+def test_an_interrupted_task_keeps_its_work_directory_under_the_same_key(in_root, tmp_path):
+    (tmp_path / "p.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "pretrain": {"recipes": {"r": {"config": str(SYNTHETIC_RECIPES[0])}}},
+                "tasks": {"knn": {"command": "eval knn", "config": "configs/eval/knn.yaml"}},
+            }
+        )
+    )
+    jobs = build_jobs(load_pipeline_config([tmp_path / "p.yaml"]), tmp_path / "out")
+    (task,) = [j for j in jobs if j.kind == "task"]
+    assert prepare(task, "k1") is False
+    saved = task.out_dir / ".work" / "knn-abc-seed0" / "resume.pt"
+    saved.parent.mkdir(parents=True)
+    saved.write_bytes(b"interrupted")
+    assert prepare(task, "k1") is True and saved.exists()  # same key: the task continues
+    assert "--resume" not in task.command(True)  # ...by itself, from its work directory
+    assert prepare(task, "k2") is False and not saved.exists()  # another key: removed
+
+
 class _FakeExecutor:
     """Runs a job by writing its record after `seconds`; fails jobs named in `fail`; records when
     each ran."""

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from .. import __version__
 from ..artifact import read_manifest
 from ..io import sha256_file, write_json_atomic
-from ..tasks import get_task
+from ..tasks import WORK_DIR, get_task
 
 MARKER = ".sslbench-job.json"
 BACKBONE = ("backbone.json", "backbone.safetensors")
@@ -93,7 +93,8 @@ class Job:
                 "-m",
                 "sslbench.cli",
             ]
-        return [*launcher, *self.argv, *(["--resume"] if resume else [])]
+        flag = resume and self.kind == "pretrain"  # a task resumes from its work dir by itself
+        return [*launcher, *self.argv, *(["--resume"] if flag else [])]
 
 
 def task_jobs(cfg: DictConfig, name: str, backbone: Job, seed: int, out: Path) -> list[Job]:
@@ -281,11 +282,13 @@ class ForeignOutputError(RuntimeError):
 
 
 def prepare(job: Job, key: str) -> bool:
-    """Make the job's directory ready for a run under `key`; returns whether to resume.
+    """Make the job's directory ready for a run under `key`; returns whether it resumes.
 
-    A pretraining interrupted under the same key resumes from its checkpoint; any other earlier
-    output of this job (another key, or a failed task) is removed so nothing stale survives.
-    The pipeline's own directory (the leaderboard's) is never removed.
+    A job interrupted under the same key keeps what it saved: a pretraining its checkpoint (the
+    command then gets --resume), a task its hidden work directory (the task's own command finds
+    its checkpoint there and continues, refusing one saved under another recipe). Any other
+    earlier output of this job (another key, a failed task with nothing saved) is removed so
+    nothing stale survives. The pipeline's own directory (the leaderboard's) is never removed.
     """
     marker = read_marker(job)
     resume = False
@@ -295,10 +298,11 @@ def prepare(job: Job, key: str) -> bool:
                 f"{job.out_dir} holds files this pipeline did not write; "
                 f"move them or choose another output_dir"
             )
+        saved = job.out_dir / ("checkpoint.pt" if job.kind == "pretrain" else WORK_DIR)
         resume = (
-            job.kind == "pretrain"
+            job.kind in ("pretrain", "task")
             and marker.get("key") == key
-            and (job.out_dir / "checkpoint.pt").is_file()
+            and (saved.is_file() or (saved.is_dir() and any(saved.iterdir())))
         )
         if not resume:
             shutil.rmtree(job.out_dir)

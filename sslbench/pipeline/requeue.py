@@ -33,7 +33,7 @@ class RequeueableCommand(Checkpointable):
 
     @classmethod
     def of(cls, job: Job, command: list[str], env: dict[str, str]) -> RequeueableCommand:
-        return cls(command, job.command(resume=job.kind == "pretrain"), str(job.log), env)
+        return cls(command, job.command(resume=True), str(job.log), env)
 
     def __call__(self) -> int:
         if self.attempt == 0:
