@@ -1,7 +1,9 @@
 """What an evaluation task is handed: the config, the loaded backbone, the data, the cache, and
 where its training may keep resume state.
 
-An evaluation task is `run(ctx: EvalContext) -> sslbench.results.TaskOutput`.
+An evaluation task is `run(ctx: EvalContext) -> sslbench.results.TaskOutput`. Under torchrun
+only the main process's output is recorded; a task that scores what only the main process holds
+(features, logits: see features.infer) returns None on the others.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ class EvalContext:
         return self.datasets["train"].num_classes
 
     def features(self, split: str) -> Features:
-        """The backbone's features on a split, from the cache when it holds them."""
+        """The backbone's features on a split, from the cache when it holds them; every process
+        calls it, only the main one gets the features (see features.cached_features)."""
         dataset = self.datasets[split]
         feats = cached_features(
             self.backbone,
@@ -55,6 +58,10 @@ class EvalContext:
         )
         self.cache_use[split] = "hit" if feats.from_cache else "miss"
         return feats
+
+    def all_features(self) -> list[Features]:
+        """Features of train, val and test (on processes other than the main one: None)."""
+        return [self.features(split) for split in SPLITS]
 
     def protocol(self, task_protocol: dict) -> dict:
         """The record's protocol: the data, the backbone's readout, then the task's own part."""

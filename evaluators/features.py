@@ -1,11 +1,15 @@
 """Frozen-backbone inference over a dataset, and the feature cache kNN and the fast probe share.
 
 `infer` runs a model over a dataset in eval mode; under torchrun each process takes one
-contiguous shard and the shards are gathered in rank order, so every process ends with exactly
-the single-process result. `cached_features` stores a backbone's features under a key made of
-everything that determines them (weights sha256, how they are read out, dataset description,
-transform), so one extraction serves every evaluator and every protocol that reads the same
-features.
+contiguous shard and the shards are gathered in rank order onto the main process only, which
+ends with exactly the single-process result; the others hold None. A feature bank (1.28M x 2048
+float32 is 10 GB for ImageNet) is then held once, not once per process, and whatever reads it
+(the kNN search, the fast probe) runs on the main process as one process runs it, so the numbers
+do not depend on the process count. (Sharding the bank with a top-k merge would split the search
+too, but the search is seconds against the extraction's minutes, and one GPU holds the bank.)
+`cached_features` stores a backbone's features under a key made of everything that determines
+them (weights sha256, how they are read out, dataset description, transform), so one extraction
+serves every evaluator and every protocol that reads the same features.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -48,8 +53,9 @@ def infer(
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "infer",
-) -> torch.Tensor:
-    """model(x) for every sample, in dataset order, as float32 on the CPU.
+) -> torch.Tensor | None:
+    """model(x) for every sample, in dataset order, as float32 on the CPU of the main process;
+    None on the other processes.
 
     The model runs in eval mode (BatchNorm uses its running statistics). Under torchrun the
     shards are padded to equal length for the gather and the padding is dropped afterwards.
@@ -79,7 +85,9 @@ def infer(
     padded = torch.zeros(per, *shape)
     if outputs:
         padded[: stop - start] = torch.cat(outputs)
-    gathered = D.gather_no_grad(padded.to(device)).cpu()
+    gathered = _gather_to_main(padded.to(device))
+    if gathered is None:
+        return None
     parts = []
     for r in range(world):
         lo, hi = shard_bounds(len(dataset), r, world)
@@ -87,9 +95,18 @@ def infer(
     return torch.cat(parts)
 
 
+@torch.no_grad()
+def _gather_to_main(x: torch.Tensor) -> torch.Tensor | None:
+    """Every process's `x` concatenated in rank order on the CPU of rank 0; None elsewhere.
+    torch.distributed.gather, not all_gather: only rank 0 allocates room for all of them."""
+    parts = [torch.empty_like(x) for _ in range(D.world_size())] if D.rank() == 0 else None
+    dist.gather(x.contiguous(), parts, dst=0)
+    return None if parts is None else torch.cat(parts).cpu()
+
+
 @dataclass(frozen=True)
 class Features:
-    features: torch.Tensor  # (N, D) float32
+    features: torch.Tensor | None  # (N, D) float32 on the main process; None on the others
     labels: torch.Tensor  # (N,) int64
     from_cache: bool = False
 
@@ -134,7 +151,9 @@ def cached_features(
     progress: bool = True,
 ) -> Features:
     """The backbone's features on `dataset`, read from `cache_dir` when present, else extracted
-    (and written there atomically by the main process). cache_dir=None disables the cache."""
+    (and written there atomically by the main process). cache_dir=None disables the cache.
+    Every process must call it (extraction is collective); only the main one gets the
+    features, the others get None in their place and the labels."""
     key = cache_key(weights_sha256, dataset, readout(backbone))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = None if cache_dir is None else Path(cache_dir) / f"{dataset.split}-{digest}.safetensors"
@@ -142,6 +161,8 @@ def cached_features(
     # The main process decides for all: a file appearing between two processes' checks (another
     # evaluator writing it) must not send one process into the collective extraction alone.
     if path is not None and D.broadcast_object(path.is_file()):
+        if D.rank() != 0:
+            return Features(None, labels, from_cache=True)
         try:
             stored = load_file(str(path))
         except (SafetensorError, OSError) as err:

@@ -107,21 +107,26 @@ def build_index(
     nlist: int = 1024,
     nprobe: int = 32,
 ):
-    """faiss on the CPU, torch on a GPU ("auto"); faiss searches on the GPU where faiss-gpu is
-    installed and asked for (backend="faiss"). IVF (approximate) is faiss's only."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown knn.backend {backend!r}; expected one of {BACKENDS}")
-    if backend == "auto":
-        backend = "torch" if device.type == "cuda" and kind == "flat" else "faiss"
-    if backend == "torch":
-        if kind != "flat":
-            raise ValueError(
-                f"knn.index={kind!r} needs knn.backend=faiss (the torch search is exact only)"
-            )
+    """The index `choose_backend` names; faiss's on the GPU only where faiss-gpu is installed."""
+    if choose_backend(device, backend, kind) == "torch":
         return TorchIndex(bank, device)
     on_gpu = device.type == "cuda" and faiss_gpu_available()
     gpu = (device.index or 0) if on_gpu else None
     return NeighbourIndex(bank, kind, nlist, nprobe, gpu)
+
+
+def choose_backend(device: torch.device, backend: str = "auto", kind: str = "flat") -> str:
+    """With "auto": torch on a GPU (whether faiss-gpu is installed or not: it needs none and is
+    as fast), faiss on the CPU and for IVF, which is faiss's only (torch's search is exact)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown knn.backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        return "torch" if device.type == "cuda" and kind == "flat" else "faiss"
+    if backend == "torch" and kind != "flat":
+        raise ValueError(
+            f"knn.index={kind!r} needs knn.backend=faiss (the torch search is exact only)"
+        )
+    return backend
 
 
 def faiss_gpu_available() -> bool:
@@ -314,10 +319,13 @@ def evaluate_knn(
     return KnnResult(metrics, details)
 
 
-def run(ctx: EvalContext) -> TaskOutput:
-    """The kNN evaluator: cached features of train (the bank), val and test."""
+def run(ctx: EvalContext) -> TaskOutput | None:
+    """The kNN evaluator: cached features of train (the bank), val and test. The search runs on
+    the main process, which alone holds the bank; the others return None."""
     cfg = ctx.cfg.knn
-    train, val, test = (ctx.features(split) for split in ("train", "val", "test"))
+    train, val, test = ctx.all_features()
+    if train.features is None:
+        return None
     result = evaluate_knn(
         (train.features, train.labels),
         (val.features, val.labels),

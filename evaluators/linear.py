@@ -173,9 +173,10 @@ def fast_probe(
     return metrics, details
 
 
-def standard_probe(ctx: EvalContext, protocol: dict) -> tuple[dict[str, float], dict]:
+def standard_probe(ctx: EvalContext, protocol: dict) -> tuple[dict[str, float], dict] | None:
     """Train a linear head on the frozen backbone with the recipe in ctx.cfg.probe (whose
-    record's protocol part is `protocol`)."""
+    record's protocol part is `protocol`); the metrics and details on the main process, None on
+    the others."""
     cfg, run = ctx.cfg.probe, ctx.cfg.run
     train = SeededAugmentation(
         ctx.datasets["train"],
@@ -205,17 +206,25 @@ def standard_probe(ctx: EvalContext, protocol: dict) -> tuple[dict[str, float], 
         desc=f"linear standard ({cfg.optimizer})",
         resume=ctx.resume_state(protocol),
     )
-    metrics, test_hits = val_test_scores(model, ctx)
+    scores = val_test_scores(model, ctx)
+    if scores is None:  # not the main process
+        return None
+    metrics, test_hits = scores
     return metrics, {"lr": lr, "final_train_loss": loss, HITS_KEY: pack_hits(test_hits)}
 
 
-def run(ctx: EvalContext) -> TaskOutput:
+def run(ctx: EvalContext) -> TaskOutput | None:
     cfg = ctx.cfg.probe
     if cfg.name == "standard":
         protocol = {"probe": to_dict(cfg)}
-        metrics, details = standard_probe(ctx, protocol)
+        scores = standard_probe(ctx, protocol)
+        if scores is None:  # not the main process
+            return None
+        metrics, details = scores
         return TaskOutput(metrics, protocol, details)
-    train, val, test = (ctx.features(split) for split in ("train", "val", "test"))
+    train, val, test = ctx.all_features()
+    if train.features is None:  # the fast probe runs on the main process, which holds them
+        return None
     metrics, details = fast_probe(
         (train.features, train.labels),
         (val.features, val.labels),

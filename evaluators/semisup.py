@@ -123,7 +123,7 @@ def labelled_indices(
     return balanced_subset(dataset, fraction, seed)
 
 
-def run(ctx: EvalContext) -> TaskOutput:
+def run(ctx: EvalContext) -> TaskOutput | None:
     cfg, run_cfg = ctx.cfg.semisup, ctx.cfg.run
     if cfg.head_lr <= 0 or cfg.backbone_lr < 0:
         raise ValueError(
@@ -175,7 +175,10 @@ def run(ctx: EvalContext) -> TaskOutput:
         desc=f"semisup fine-tune ({len(indices)} labels)",
         resume=ctx.resume_state({"semisup": protocol}),
     )
-    metrics, test_hits = val_test_scores(model, ctx)
+    scores = val_test_scores(model, ctx)
+    if scores is None:  # not the main process
+        return None
+    metrics, test_hits = scores
     counts = np.bincount(
         np.asarray(ctx.datasets["train"].targets)[indices], minlength=ctx.num_classes
     )

@@ -307,9 +307,10 @@ def evaluate(
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "evaluate",
-) -> tuple[dict[str, float], torch.Tensor]:
+) -> tuple[dict[str, float], torch.Tensor] | None:
     """Top-1 / top-5 accuracy (%) of `model`'s logits on `dataset` (eval mode, no augmentation)
-    and the per-sample top-1 hits."""
+    and the per-sample top-1 hits; None on processes other than the main one (infer gathers
+    the logits there only)."""
     logits = infer(
         model,
         dataset,
@@ -319,13 +320,13 @@ def evaluate(
         progress=progress,
         desc=desc,
     )
-    return scored(logits, torch.as_tensor(dataset.targets))
+    return None if logits is None else scored(logits, torch.as_tensor(dataset.targets))
 
 
-def val_test_scores(model: nn.Module, ctx) -> tuple[dict[str, float], torch.Tensor]:
+def val_test_scores(model: nn.Module, ctx) -> tuple[dict[str, float], torch.Tensor] | None:
     """The trained classifier scored on val and test as every training protocol reports it: test
     top-1/top-5 with val's beside them (val_top1, val_top5), and test's per-image top-1 hits.
-    `ctx` is the task's EvalContext."""
+    `ctx` is the task's EvalContext. None on processes other than the main one."""
     val, test = (
         evaluate(
             model,
@@ -338,5 +339,7 @@ def val_test_scores(model: nn.Module, ctx) -> tuple[dict[str, float], torch.Tens
         )
         for split in ("val", "test")
     )
+    if val is None:
+        return None
     metrics = {**test[0], "val_top1": val[0]["top1"], "val_top5": val[0]["top5"]}
     return metrics, test[1]

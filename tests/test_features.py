@@ -82,25 +82,37 @@ def test_cache_with_other_labels_is_refused(shapes_root, tmp_path):
 HARNESS = """
 import sys, torch
 sys.path.insert(0, {tests!r})
-from test_features import toy_data, toy_model
-from evaluators.features import infer
+from test_features import shapes, toy_data, toy_model
+from evaluators.features import cached_features, infer
 from sslbench import distributed as D
 env = D.init_distributed("cpu")
-sizes = [int(n) for n in sys.argv[2:]]
-out = [infer(toy_model(), toy_data(n), batch_size=2, device=env.device, progress=False)
-       for n in sizes]
-if env.is_main:
-    torch.save(dict(zip(map(str, sizes), out)), sys.argv[1])
+out, shapes_root, cache = sys.argv[1], sys.argv[2], sys.argv[3]
+sizes = [int(n) for n in sys.argv[4:]]
+result = {{
+    str(n): infer(toy_model(), toy_data(n), batch_size=2, device=env.device, progress=False)
+    for n in sizes
+}}
+test8 = shapes(shapes_root, "test", 8)
+for use in ("miss", "hit"):
+    feats = cached_features(toy_model(), "a" * 64, test8, cache_dir=cache, batch_size=5,
+                            device=env.device, progress=False)
+    result[use] = feats.features
+    result[use + "_labels"] = feats.labels
+    result[use + "_from_cache"] = torch.tensor(feats.from_cache)
+torch.save(result, f"{{out}}.rank{{env.rank}}")
 D.shutdown()
 """
 
 
 @pytest.mark.distributed
-def test_two_processes_extract_what_one_does(tmp_path):
-    """7 samples: shards of 4 and 3 (padding dropped); 1 sample: the second shard is empty."""
+def test_two_processes_extract_what_one_does_onto_the_main_one(shapes_root, tmp_path):
+    """7 samples: shards of 4 and 3 (padding dropped); 1 sample: the second shard is empty.
+    Rank 0 gets the one-process features, from the extraction and from the cache; rank 1 holds
+    no bank at all (None), only the labels."""
     script = tmp_path / "extract.py"
     script.write_text(HARNESS.format(tests=str(ROOT / "tests")))
     sizes = [7, 1, 8]
+    out, cache = tmp_path / "out.pt", tmp_path / "cache"
     cmd = [
         sys.executable,
         "-m",
@@ -108,13 +120,25 @@ def test_two_processes_extract_what_one_does(tmp_path):
         "--standalone",
         "--nproc_per_node=2",
         str(script),
-        str(tmp_path / "out.pt"),
+        str(out),
+        str(shapes_root),
+        str(cache),
         *map(str, sizes),
     ]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    two = torch.load(tmp_path / "out.pt", weights_only=True)
+    main, other = (torch.load(f"{out}.rank{r}", weights_only=True) for r in (0, 1))
     for n in sizes:
         one = infer(toy_model(), toy_data(n), batch_size=2, device=CPU, progress=False)
-        assert two[str(n)].shape == one.shape
-        torch.testing.assert_close(two[str(n)], one)
+        assert main[str(n)].shape == one.shape
+        torch.testing.assert_close(main[str(n)], one)
+        assert other[str(n)] is None
+    test8 = shapes(shapes_root, "test", 8)
+    one = infer(toy_model(), test8, batch_size=5, device=CPU, progress=False)
+    labels = torch.tensor(test8.targets)
+    for use in ("miss", "hit"):
+        torch.testing.assert_close(main[use], one)
+        assert other[use] is None
+        for got in (main, other):
+            assert torch.equal(got[use + "_labels"], labels)
+            assert got[use + "_from_cache"].item() == (use == "hit")

@@ -190,3 +190,17 @@ def test_backend_choice_and_its_errors():
         build_index(bank, cpu, "torch", kind="ivf")
     with pytest.raises(ValueError, match="unknown knn.backend 'gpu'"):
         build_index(bank, cpu, "gpu")
+
+
+def test_auto_backend_on_cuda_is_torch_without_faiss_gpu(monkeypatch):
+    """The choice for a CUDA device, made without one: auto picks torch (faiss-gpu absent or
+    not), IVF stays with faiss, and backend=faiss without faiss-gpu searches on the CPU."""
+    from evaluators import knn
+
+    cuda = torch.device("cuda", 1)
+    monkeypatch.setattr(knn, "faiss_gpu_available", lambda: False)
+    assert knn.choose_backend(cuda) == "torch"
+    assert knn.choose_backend(cuda, "auto", "ivf") == "faiss"
+    assert knn.choose_backend(torch.device("cpu")) == "faiss"
+    bank, _ = random_split(50)
+    assert knn.build_index(bank, cuda, "faiss").description == "IndexFlatIP(cpu)"
