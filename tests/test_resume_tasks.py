@@ -25,12 +25,14 @@ from helpers import (
 )
 from omegaconf import OmegaConf
 
+from sslbench.checkpoint import CheckpointError, save_checkpoint
 from sslbench.data import prepare_synthetic_shapes
 from sslbench.pipeline.config import SubmititConfig
 from sslbench.pipeline.jobs import Job
 from sslbench.pipeline.requeue import RequeueableCommand
 from sslbench.pipeline.runner import SubmititExecutor
 from sslbench.results import HITS_KEY, ResultRecord, read_record
+from transfer.detection.detectron2_backend import LAST_CHECKPOINT, STATE_KEY, resume_point
 from transfer.segmentation.model import require_mmseg
 from transfer.segmentation.run import training_curves
 
@@ -195,6 +197,98 @@ def test_torchvision_detection_continues_bit_identically(tmp_path, nproc):
     assert weights[0].keys() == weights[1].keys()
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
+
+
+def _detectron2_args(run_dir: Path, root: Path, out: Path, *extra: str) -> list[str]:
+    """12 detectron2 iterations of the tiny recipe (4 images a batch), a checkpoint every 4,
+    metrics.json written every iteration."""
+    return [
+        *_detection_args(run_dir, root, out),
+        "backend=detectron2",
+        "run.device=cpu",
+        "run.log_every=1",
+        "model.norm=BN",
+        "model.anchor_sizes=[16,32,64,128,256]",  # detectron2's ResNet-18: 7x7 stem, max-pool
+        "solver.max_iter=12",
+        "solver.steps=[9]",
+        "solver.warmup_iters=2",
+        *extra,
+    ]
+
+
+def _detectron2_checkpoint(out: Path) -> Path | None:
+    """The checkpoint a detectron2 work directory's last_checkpoint names, None while none."""
+    found = sorted(out.glob(f".work/*/{LAST_CHECKPOINT}"))
+    return found[0].parent / found[0].read_text().strip() if found else None
+
+
+def _metrics_iterations(work_dir: Path) -> list[int]:
+    """The iterations of detectron2's metrics.json lines, in the order written."""
+    lines = (work_dir / "metrics.json").read_text().splitlines()
+    return [json.loads(line)["iteration"] for line in lines if line.strip()]
+
+
+def test_detectron2_detection_continues_bit_identically(tmp_path):
+    """SIGKILLed after its first checkpoint, the same command continues from it (another recipe
+    is refused) and ends with the uninterrupted run's weights and metrics, bit for bit on CPU;
+    detectron2's metrics.json shows no iteration before the checkpoint ran twice."""
+    pytest.importorskip("detectron2")
+    root = prepare_synthetic_shapes(tmp_path / "shapes64", progress=False, **DETECTION_SHAPES)
+    run_dir = random_init_artifact(tmp_path / "r18")
+    sslbench(*_detectron2_args(run_dir, root, tmp_path / "straight"), cwd=tmp_path)
+    out = tmp_path / "killed"
+    args = _detectron2_args(run_dir, root, out)
+    sslbench_killed_when(
+        args, tmp_path, lambda: _detectron2_checkpoint(out) is not None, "a detectron2 checkpoint"
+    )
+    assert not list(out.glob("*.json")), "the killed run wrote a record"
+    checkpoint = _detectron2_checkpoint(out)
+    resumed_at = torch.load(checkpoint, weights_only=True, mmap=True)["iteration"] + 1
+    before = _metrics_iterations(checkpoint.parent)
+    other = sslbench(
+        *_detectron2_args(run_dir, root, out, "solver.base_lr=0.02"), cwd=tmp_path, check=False
+    )
+    assert other.returncode == 1 and "Traceback" not in other.stderr
+    assert f"{checkpoint} holds an unfinished detectron2 run of another recipe" in other.stderr
+    sslbench(*args, cwd=tmp_path)
+
+    straight, resumed = _record(tmp_path / "straight"), _record(out)
+    assert 4 <= resumed_at < 12 and resumed_at % 4 == 0
+    assert resumed.details["resumed_from_iteration"] == resumed_at
+    assert "resumed_from_iteration" not in straight.details
+    assert resumed.file_name == straight.file_name and resumed.metrics == straight.metrics
+    assert resumed.details["detections"] == straight.details["detections"]
+    assert resumed.details["per_category"] == straight.details["per_category"]
+    works = [Path(r.details["work_dir"]) for r in (straight, resumed)]
+    for work in works:  # the fine-tuned model stays, no longer as a run to continue
+        assert (work / "model_final.pth").is_file() and not (work / LAST_CHECKPOINT).exists()
+    weights = [torch.load(w / "model_final.pth", weights_only=True)["model"] for w in works]
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+    # The resumed run logs from the checkpoint on: no iteration up to it runs twice (the killed
+    # run may have logged a few after it, which ran again; a kill between the checkpoint and
+    # its writer may have left the checkpoint's own iteration unlogged). 12: the evaluation.
+    assert _metrics_iterations(works[0]) == [*range(12), 12]
+    assert before == sorted(set(before)) and set(before) <= set(range(12))
+    assert _metrics_iterations(works[1]) == [*before, *range(resumed_at, 12), 12]
+
+
+def test_detectron2_refuses_another_recipes_checkpoint(tmp_path):
+    """The work directory's last detectron2 checkpoint decides where a run continues; one
+    written under another recipe key is refused by name, with both hashes."""
+    assert resume_point(tmp_path, "a" * 64) is None
+    path = tmp_path / "model_0000003.pth"
+    save_checkpoint(path, {"iteration": 3, "trainer": {STATE_KEY: {"key": "a" * 64, "rng": []}}})
+    (tmp_path / LAST_CHECKPOINT).write_text(path.name)
+    assert resume_point(tmp_path, "a" * 64) == 4
+    with pytest.raises(CheckpointError) as err:
+        resume_point(tmp_path, "b" * 64)
+    assert str(err.value).startswith(f"{path} holds an unfinished detectron2 run of another recipe")
+    assert f"(config hash {'a' * 12}... vs {'b' * 12}...)" in str(err.value)
+    save_checkpoint(path, {"iteration": 3, "trainer": {}})  # detectron2's own, without a key
+    with pytest.raises(CheckpointError, match="config hash None... vs"):
+        resume_point(tmp_path, "a" * 64)
 
 
 def _mmseg_missing() -> str:

@@ -7,6 +7,13 @@ backend). `run` exports the backbone to detectron2's format, validates the data 
 checks as the torchvision backend, and hands over to `detectron2_trainer.main` through
 `detectron2.engine.launch` (one process per GPU).
 
+A killed run continues when the same command runs again: detectron2 resumes from the newest
+checkpoint in the work directory (`last_checkpoint`, every solver.checkpoint_period iterations),
+whose recipe key must be this recipe's (`resume_point`; the keys that may change are the
+torchvision backend's RESUMABLE_CHANGES), and ends as an uninterrupted run would (see
+detectron2_trainer). Once the record is written the pointer goes (run.py), so the checkpoints
+stay as the fine-tuned model and the same command run again trains anew, as with torchvision.
+
 Protocol values fixed by the artifact rather than the recipe: RGB input normalised with the
 torchvision mean/std the backbone was pretrained with, and STRIDE_IN_1X1=False (torchvision's
 ResNet strides in the 3x3 conv; detectron2's MSRA default strides in the 1x1).
@@ -29,7 +36,8 @@ from sslbench.artifact import (
     input_normalization,
     read_manifest,
 )
-from sslbench.config import ConfigError
+from sslbench.checkpoint import CheckpointError, load_checkpoint
+from sslbench.config import ConfigError, config_hash
 from sslbench.distributed import device_name, resolve_device
 from sslbench.transforms import pixel_stats
 
@@ -39,6 +47,7 @@ from .data import AnnotationSet, DetectionData, DetectionDataset, load_data
 from .evaluate import STATS, score
 from .model import require_resnet
 from .outcome import Outcome
+from .torchvision_backend import RESUMABLE_CHANGES
 
 INSTALL_HINT = (
     "the detectron2 backend needs detectron2, which is not importable here. detectron2 is not on "
@@ -50,6 +59,8 @@ INSTALL_HINT = (
 )
 BASE_CONFIGS = {"c4": "Base-RCNN-C4.yaml", "fpn": "Base-RCNN-FPN.yaml"}  # detectron2 model zoo
 RESULTS_FILE = "eval_results.json"
+LAST_CHECKPOINT = "last_checkpoint"  # detectron2's name of the newest checkpoint, in OUTPUT_DIR
+STATE_KEY = "sslbench"  # the trainer state's entry for the recipe key and the RNG states
 
 
 def require_detectron2() -> str:
@@ -196,6 +207,28 @@ def metrics_from_detectron2(
     return metrics, per_class, warnings
 
 
+def check_recipe(path: Path, found: str | None, key: str) -> None:
+    """A CheckpointError when the checkpoint `path` was written under another recipe key."""
+    if found != key:
+        raise CheckpointError(
+            f"{path} holds an unfinished detectron2 run of another recipe (config hash "
+            f"{str(found)[:12]}... vs {key[:12]}...); delete {path.parent / LAST_CHECKPOINT}, "
+            "or give this run another run.work_dir"
+        )
+
+
+def resume_point(work_dir: Path, key: str) -> int | None:
+    """The iteration a run continues at from the work directory's last detectron2 checkpoint;
+    None when there is none, a CheckpointError when it is another recipe's."""
+    pointer = work_dir / LAST_CHECKPOINT
+    if not pointer.is_file():
+        return None
+    path = work_dir / pointer.read_text().strip()
+    state = load_checkpoint(path)
+    check_recipe(path, state.get("trainer", {}).get(STATE_KEY, {}).get("key"), key)
+    return int(state["iteration"]) + 1
+
+
 def registrations(data: DetectionData) -> tuple[list[tuple], int]:
     """(name, kind, arguments) of every dataset detectron2 must register, and the class count."""
     if data.test.kind == "coco":
@@ -241,6 +274,8 @@ def run(cfg: DictConfig, backbone_dir: Path, work_dir: Path) -> Outcome | None:
             f"needs {cfg.backbone.arch}"
         )
     resnet_options(manifest, cfg.model.head)  # refuse before exporting or loading data
+    key = config_hash(cfg, RESUMABLE_CHANGES)
+    resumed = resume_point(work_dir, key)  # refuse another recipe's checkpoint before starting
     weights = export_backbone(backbone_dir, "detectron2", work_dir / "backbone.detectron2.pkl")
     data = load_data(cfg.data, cfg.run.progress)
     datasets, num_classes = registrations(data)
@@ -264,7 +299,14 @@ def run(cfg: DictConfig, backbone_dir: Path, work_dir: Path) -> Outcome | None:
         num_machines=launcher.num_machines,
         machine_rank=launcher.machine_rank,
         dist_url=launcher.dist_url,
-        args=(BASE_CONFIGS[cfg.model.head], options, datasets, str(results_path)),
+        args=(
+            BASE_CONFIGS[cfg.model.head],
+            options,
+            datasets,
+            str(results_path),
+            key,
+            cfg.run.log_every,
+        ),
     )
     if launcher.machine_rank != 0:  # global rank 0, on machine 0, wrote the metrics
         return None
@@ -288,6 +330,7 @@ def run(cfg: DictConfig, backbone_dir: Path, work_dir: Path) -> Outcome | None:
             "warnings": warnings,
             "per_category": per_class,
             "detectron2_options": _jsonable(options),
+            **({} if resumed is None else {"resumed_from_iteration": resumed}),
         },
         versions={"detectron2": version},
     )

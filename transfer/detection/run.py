@@ -68,6 +68,8 @@ def transfer(cfg: DictConfig, backbone_dir: str | Path, out_dir: str | Path) -> 
     )
     path = write_record(out_dir, record)
     (work_dir / RESUME_FILE).unlink(missing_ok=True)  # recorded: nothing left to resume
+    # detectron2's checkpoints stay (the fine-tuned model), but no longer as a run to continue
+    (work_dir / detectron2_backend.LAST_CHECKPOINT).unlink(missing_ok=True)
     return path
 
 
