@@ -87,6 +87,7 @@ class Cell:
     interval: tuple[float, float] | None = None  # 95%; None: one run and no per-image scores
     interval_kind: str = ""  # "seeds" (t over n >= 2) | "bootstrap" (test images, n = 1) | ""
     tied_with_best: bool | None = None  # indistinguishable from the column's best; None: untested
+    tied_with_floor: bool | None = None  # indistinguishable from random-init; None: untested
     position: float | None = None  # (mean - floor) / (ceiling - floor) in this column
 
     @property
@@ -248,9 +249,7 @@ def _column_cells(column: Column, found: dict[RowKey, list[ResultRecord]]) -> di
         get_task(column.task).higher_is_better,
     )
     best = min(ranks, key=lambda row: (ranks[row], row), default=None)
-    bounds = {
-        (row.arch, BASELINES[row.method]): means[row] for row in means if row.method in BASELINES
-    }
+    baselines = {(row.arch, BASELINES[row.method]): row for row in means if row.method in BASELINES}
     cells = {}
     for row, vals in values.items():
         if len(vals) >= 2:
@@ -259,18 +258,19 @@ def _column_cells(column: Column, found: dict[RowKey, list[ResultRecord]]) -> di
             interval, kind = stats.bootstrap_interval(per_image[row]), "bootstrap"
         else:
             interval, kind = None, ""
-        tied = None
+        tied = at_floor = position = None
+        floor, ceiling = baselines.get((row.arch, "floor")), baselines.get((row.arch, "ceiling"))
         if row in ranks:
             tied = (
                 True
                 if ranks[row] == ranks[best]
                 else _indistinguishable(values[best], vals, per_image[best], per_image[row])
             )
-        floor, ceiling = bounds.get((row.arch, "floor")), bounds.get((row.arch, "ceiling"))
-        position = None
-        if row in ranks and floor is not None and ceiling is not None and ceiling != floor:
-            position = (means[row] - floor) / (ceiling - floor)
-        cells[row] = Cell(tuple(vals), ranks.get(row), interval, kind, tied, position)
+            if floor is not None:
+                at_floor = _indistinguishable(values[floor], vals, per_image[floor], per_image[row])
+            if floor is not None and ceiling is not None and means[ceiling] != means[floor]:
+                position = (means[row] - means[floor]) / (means[ceiling] - means[floor])
+        cells[row] = Cell(tuple(vals), ranks.get(row), interval, kind, tied, at_floor, position)
     return cells
 
 

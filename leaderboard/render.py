@@ -31,7 +31,8 @@ LEGEND = (
     "≈best: statistically indistinguishable from the column's best row: a paired "
     "bootstrap over the same test images of the difference in per-image top-1 (its 95% "
     "interval holds 0) for classification, Welch's t-test over seeds (p ≥ 0.05) otherwise; "
-    "no mark where neither test is possible. pos: where the cell falls between the "
+    "no mark where neither test is possible. ≈floor: indistinguishable, by the same test, from "
+    "the random-init row of its architecture. pos: where the cell falls between the "
     "baselines of its architecture, random-init (0) and supervised (1)."
 )
 BASELINE_INTRO = (
@@ -60,6 +61,8 @@ def _uncertainty(cell: Cell) -> str:
         parts.append(f"[{cell.interval[0]:.2f}, {cell.interval[1]:.2f}]")
     if cell.tied_with_best and cell.rank != 1:
         parts.append("≈best")
+    if cell.tied_with_floor:
+        parts.append("≈floor")
     if cell.position is not None:
         parts.append(f"pos {cell.position:.2f}")
     return " ".join(parts)
@@ -182,7 +185,18 @@ def csv_text(board: Board) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     names = [f"{c.task}:{c.protocol_id}:{c.metric}" for c in board.columns]
-    stats = ("mean", "std", "n", "rank", "lo", "hi", "interval", "tied_with_best", "position")
+    stats = (
+        "mean",
+        "std",
+        "n",
+        "rank",
+        "lo",
+        "hi",
+        "interval",
+        "tied_with_best",
+        "tied_with_floor",
+        "position",
+    )
     writer.writerow(
         [
             "run",
@@ -229,6 +243,7 @@ def csv_text(board: Board) -> str:
                 blank(hi and repr(hi)),
                 cell.interval_kind,
                 blank(cell.tied_with_best),
+                blank(cell.tied_with_floor),
                 blank(cell.position and repr(cell.position)),
             ]
         writer.writerow(fields)

@@ -181,3 +181,27 @@ def test_cells_carry_intervals_marks_and_their_place_between_the_baselines():
     assert md.index("| vicreg |") < md.index("## Baselines") < md.index("| random-init |")
     rows = csv_text(board).splitlines()
     assert rows[0].count(":lo") == 1 and rows[-1].startswith("supervised,supervised,resnet18")
+
+
+def test_cells_indistinguishable_from_random_init_are_marked():
+    """Paired over the same test images: a row whose hits are the floor's but for a handful,
+    flipped both ways, is ≈floor; one far above it is not; the reference is the paired
+    bootstrap's own interval."""
+    floor_hits = _hits(0.3, 4)
+    near = floor_hits.copy()
+    near[np.flatnonzero(floor_hits)[:6]] = False  # 6 right answers lost, 6 wrong ones gained
+    near[np.flatnonzero(~floor_hits)[:6]] = True
+    records = [
+        record("simclr", "simclr", 0, _hits(0.7, 1)),
+        record("byol", "byol", 0, near, weights="cd"),
+        record("random-init", "random-init", 0, floor_hits, weights="cf"),
+    ]
+    cell = {r.label: next(iter(r.cells.values())) for r in (*build_board(records).rows,)}
+    assert cell["byol"].tied_with_floor is True and cell["simclr"].tied_with_floor is False
+    low, high = stats.paired_difference_interval(floor_hits.astype(float), near.astype(float))
+    assert low <= 0 <= high  # the same decision, from the interval itself
+    assert "≈floor" in markdown(build_board(records), [], "x")
+    # without a floor row there is nothing to test against
+    assert all(
+        c.tied_with_floor is None for r in build_board(records[:2]).rows for c in r.cells.values()
+    )
