@@ -3,7 +3,10 @@
 NT-Xent over the 2N views of the global batch: each view is an anchor whose positive is the
 other view of its image; every other view is a negative, the anchor itself is masked out
 (ℓ(i,j) of the paper, averaged over all 2N anchors). Both views go through the encoder as one
-batch of 2N, as in the official code, so BatchNorm sees both.
+batch of 2N, as in the official code, so BatchNorm sees both. That layout, not the loss, is why
+the step is slower on one CPU thread than lightly's, which forwards each view as its own batch
+(larger activations fall out of cache and are freshly mapped by malloc every step); against lightly
+in this layout the step is even (benchmarks/lightly_step.py).
 
 Across processes the keys are gathered *with* gradient and the loss is averaged over the local
 anchors, so DDP's averaging yields exactly the global-batch gradient.
