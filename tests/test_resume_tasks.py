@@ -32,7 +32,7 @@ from sslbench.pipeline.jobs import Job
 from sslbench.pipeline.requeue import RequeueableCommand
 from sslbench.pipeline.runner import SubmititExecutor
 from sslbench.results import HITS_KEY, ResultRecord, read_record
-from transfer.detection.detectron2_backend import LAST_CHECKPOINT, STATE_KEY, resume_point
+from transfer.detection.detectron2_resume import LAST_CHECKPOINT, STATE_KEY, resume_point
 from transfer.segmentation.model import require_mmseg
 from transfer.segmentation.run import training_curves
 

@@ -36,7 +36,6 @@ from sslbench.artifact import (
     input_normalization,
     read_manifest,
 )
-from sslbench.checkpoint import CheckpointError, load_checkpoint
 from sslbench.config import ConfigError, config_hash
 from sslbench.distributed import device_name, resolve_device
 from sslbench.transforms import pixel_stats
@@ -44,6 +43,7 @@ from sslbench.transforms import pixel_stats
 from ..export import export_backbone
 from .config import scale_to_world
 from .data import AnnotationSet, DetectionData, DetectionDataset, load_data
+from .detectron2_resume import resume_point
 from .evaluate import STATS, score
 from .model import require_resnet
 from .outcome import Outcome
@@ -59,8 +59,6 @@ INSTALL_HINT = (
 )
 BASE_CONFIGS = {"c4": "Base-RCNN-C4.yaml", "fpn": "Base-RCNN-FPN.yaml"}  # detectron2 model zoo
 RESULTS_FILE = "eval_results.json"
-LAST_CHECKPOINT = "last_checkpoint"  # detectron2's name of the newest checkpoint, in OUTPUT_DIR
-STATE_KEY = "sslbench"  # the trainer state's entry for the recipe key and the RNG states
 
 
 def require_detectron2() -> str:
@@ -205,28 +203,6 @@ def metrics_from_detectron2(
     if not metrics:
         raise RuntimeError(f"detectron2 returned no metrics: {json.dumps(results)[:300]}")
     return metrics, per_class, warnings
-
-
-def check_recipe(path: Path, found: str | None, key: str) -> None:
-    """A CheckpointError when the checkpoint `path` was written under another recipe key."""
-    if found != key:
-        raise CheckpointError(
-            f"{path} holds an unfinished detectron2 run of another recipe (config hash "
-            f"{str(found)[:12]}... vs {key[:12]}...); delete {path.parent / LAST_CHECKPOINT}, "
-            "or give this run another run.work_dir"
-        )
-
-
-def resume_point(work_dir: Path, key: str) -> int | None:
-    """The iteration a run continues at from the work directory's last detectron2 checkpoint;
-    None when there is none, a CheckpointError when it is another recipe's."""
-    pointer = work_dir / LAST_CHECKPOINT
-    if not pointer.is_file():
-        return None
-    path = work_dir / pointer.read_text().strip()
-    state = load_checkpoint(path)
-    check_recipe(path, state.get("trainer", {}).get(STATE_KEY, {}).get("key"), key)
-    return int(state["iteration"]) + 1
 
 
 def registrations(data: DetectionData) -> tuple[list[tuple], int]:

@@ -46,7 +46,7 @@ from detectron2.utils import comm
 from sslbench.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from sslbench.io import write_json_atomic, write_text_atomic
 
-from .detectron2_backend import LAST_CHECKPOINT, STATE_KEY, check_recipe
+from .detectron2_resume import LAST_CHECKPOINT, STATE_KEY, check_recipe
 
 
 class Res5ROIHeadsExtraNorm(Res5ROIHeads):

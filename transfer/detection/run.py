@@ -26,6 +26,7 @@ from sslbench.results import (
 
 from ..common import default_work_dir
 from . import detectron2_backend, torchvision_backend
+from .detectron2_resume import LAST_CHECKPOINT
 from .outcome import Outcome
 from .train import RESUME_FILE
 
@@ -69,7 +70,7 @@ def transfer(cfg: DictConfig, backbone_dir: str | Path, out_dir: str | Path) -> 
     path = write_record(out_dir, record)
     (work_dir / RESUME_FILE).unlink(missing_ok=True)  # recorded: nothing left to resume
     # detectron2's checkpoints stay (the fine-tuned model), but no longer as a run to continue
-    (work_dir / detectron2_backend.LAST_CHECKPOINT).unlink(missing_ok=True)
+    (work_dir / LAST_CHECKPOINT).unlink(missing_ok=True)
     return path
 
 
