@@ -7,9 +7,12 @@ one no-grad forward; the last column is the step against that floor (the overhea
 rather than of the method's definition). Each
 method runs its synthetic_r18 recipe (backbone, heads, image size) unless overridden. Data
 loading is excluded (random tensors). Medians of interleaved repeats, one process, fixed threads.
+`--compile` also times the step through torch.compile (train.compile), interleaved with the
+eager one, and prints compiled img/s and eager/compiled time (compilation in the warm-up).
 
     python benchmarks/pretrain_step.py --methods simsiam,simclr --batch 64 --threads 1
     python benchmarks/pretrain_step.py --methods all --batch 32 --repeats 5
+    python benchmarks/pretrain_step.py --methods byol --compile
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time the compiled step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = (
@@ -75,7 +79,7 @@ def main() -> None:
     print(
         f"{'method':<14} {'arch':<16} {'px':>3} {'step img/s':>11} {'backbone img/s':>15} "
         f"{'ratio':>7} "
-        f"{'vs floor':>9}"
+        f"{'vs floor':>9}" + (f" {'compiled img/s':>15} {'speed-up':>9}" if args.compile else "")
     )
     for name in names:
         cfg = load_pretrain_config([recipe_for(name)], overrides)
@@ -94,11 +98,13 @@ def main() -> None:
         opt_m = torch.optim.SGD(method.parameters(), lr=1e-4, momentum=0.9)
         opt_b = torch.optim.SGD(bare.parameters(), lr=1e-4, momentum=0.9)
 
-        def method_step():
+        def method_step(model=method):
             opt_m.zero_grad(set_to_none=True)
-            method(views)["loss"].backward()
+            model(views)["loss"].backward()
             opt_m.step()
             method.after_optimizer_step(0.5)
+
+        compiled = torch.compile(method) if args.compile else None
 
         def backbone_step():
             opt_b.zero_grad(set_to_none=True)
@@ -112,19 +118,26 @@ def main() -> None:
         has_target = getattr(method, "target", None) is not None
         for _ in range(args.warmup):
             method_step(), backbone_step(), target_forward()
-        step_t, bare_t, fwd_t = [], [], []
+            if compiled is not None:
+                method_step(compiled)
+        step_t, bare_t, fwd_t, comp_t = [], [], [], []
         for _ in range(args.repeats):  # interleaved, so machine load hits all alike
             step_t += time_call(method_step, 1)
             bare_t += time_call(backbone_step, 1)
             fwd_t += time_call(target_forward, 1) if has_target else [0.0]
+            comp_t += time_call(lambda: method_step(compiled), 1) if compiled else []
         step, base = statistics.median(step_t), statistics.median(bare_t)
         floor = base + statistics.median(fwd_t)
         n = 2 * args.batch
         arch = f"{cfg.backbone.arch}/w{cfg.backbone.width}"
+        tail = ""
+        if comp_t:
+            comp = statistics.median(comp_t)
+            tail = f" {n / comp:>15.1f} {step / comp:>8.2f}x"
         print(
             f"{name:<14} {arch:<16} {size:>3} {n / step:>11.1f} {n / base:>15.1f} "
             f"{step / base:>6.2f}x "
-            f"{step / floor:>8.2f}x",
+            f"{step / floor:>8.2f}x{tail}",
             flush=True,
         )
 

@@ -78,8 +78,13 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bfloat16 autocast, on CUDA only
     sync_bn: bool = True  # normalise over the global batch when several processes run
-    checkpoint_every: int = 200  # steps
-    log_every: int = 10  # steps
+    # torch.compile the method (with DDP, the wrapped model): faster steps after a compilation
+    # at the first ones; numerics differ from eager by float round-off.
+    compile: bool = False
+    checkpoint_every: int = 200  # steps; the loss's finiteness is also checked before each save
+    # steps between logged losses; a step never waits for the device, the loss's finiteness is
+    # checked at these steps (a non-finite loss stops the run at the next log or checkpoint)
+    log_every: int = 10
     diagnostics_batches: int = 4  # last batches of each epoch used for collapse diagnostics
     progress: bool = True
 

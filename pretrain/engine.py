@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -102,6 +103,9 @@ class Training:
     bar: tqdm
     saved_step: int | None = None  # the step of the checkpoint on disk, None before the first
     spectrum: torch.Tensor | None = None  # singular values of the last diagnostics' embeddings
+    # The detached losses of the steps since the last finiteness check (`check_finite`): a step
+    # only queues its loss, so it never waits for the device.
+    unchecked: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def use_amp(self) -> bool:
@@ -152,8 +156,9 @@ def _pretrain(cfg: DictConfig, resume: bool, env: D.DistEnv) -> Path:
     started = time.perf_counter()
     diagnostics: dict[str, float] = {}
     t.model.train()
+    loader = EpochLoader(views_data, cfg, env)
     while t.step < t.schedule.total_steps:
-        diagnostics = train_one_epoch(t, views_data, augment) or diagnostics
+        diagnostics = train_one_epoch(t, loader, augment) or diagnostics
     t.bar.close()
     save_resume_state(t)
     if env.is_main:
@@ -266,11 +271,9 @@ def build_training(
     )
     chash = config_hash(cfg)
     step = _load_resume_state(run_dir, chash, method, optimizer, env.device) if resume else 0
-    model = method
-    if env.world_size > 1:
-        model = DistributedDataParallel(
-            method, device_ids=[env.device.index] if env.device.type == "cuda" else None
-        )
+    model = wrap_ddp(method, env.device) if env.world_size > 1 else method
+    if cfg.train.compile:
+        model = torch.compile(model)
     log = MetricsLog(run_dir, enabled=env.is_main, resume_step=step if resume else None)
     bar = tqdm(
         total=schedule.total_steps,
@@ -292,6 +295,20 @@ def build_training(
         log,
         bar,
         saved_step=step if resume else None,
+    )
+
+
+def wrap_ddp(method: Method, device: torch.device) -> DistributedDataParallel:
+    """DDP without re-broadcasting buffers at every forward. Every buffer is already equal on
+    every process: the MoCo queue and UniGrad's F are updated from gathered batches, EMA targets
+    and momenta from equal weights, and BatchNorm's running statistics from the global batch under
+    train.sync_bn (the default). Without sync_bn the running statistics of the other processes
+    drift from the main one's, which is the one saved, and which a broadcast (from the main
+    process) would not have changed either; training forwards read none of them."""
+    return DistributedDataParallel(
+        method,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,
     )
 
 
@@ -320,40 +337,52 @@ def _load_resume_state(
     return int(state["step"])
 
 
+class EpochLoader:
+    """Each epoch's batches. An image folder's come from one DataLoader for the whole run, whose
+    workers persist from epoch to epoch (no restart of num_workers processes per epoch): each
+    epoch only re-points its batch sampler. Shards stream in an order of their own."""
+
+    def __init__(self, views_data: MultiViewDataset, cfg: DictConfig, env: D.DistEnv):
+        self.views_data, self.cfg, self.env = views_data, cfg, env
+        self.loader = None
+        if isinstance(views_data.base, ShardDataset):
+            return
+        self.sampler = EpochBatchSampler(
+            len(views_data), cfg.optim.batch_size, cfg.run.seed, 0, env.rank, env.world_size
+        )
+        # The loader draws its workers' base seed from a generator of its own: the global one
+        # is the model's (dropout, drop-path), saved in the checkpoint, and a resumed epoch's
+        # loader must not draw from it where the uninterrupted run's did not. (The views are
+        # seeded per sample, so the workers' seeds do not matter.)
+        self.loader = DataLoader(
+            views_data,
+            batch_sampler=self.sampler,
+            num_workers=cfg.data.num_workers,
+            persistent_workers=cfg.data.num_workers > 0,
+            pin_memory=env.device.type == "cuda",
+            generator=torch.Generator(),
+        )
+
+    def epoch(self, epoch: int, start: int) -> Iterable:
+        """`epoch`'s batches from batch `start` on."""
+        if self.loader is None:
+            return shard_batches(self.views_data, self.cfg, self.env, epoch, start)
+        self.sampler.epoch, self.sampler.start = epoch, start
+        return self.loader
+
+
 def train_one_epoch(
-    t: Training, views_data: MultiViewDataset, augment: BatchedTwoViews | None = None
+    t: Training, loader: EpochLoader, augment: BatchedTwoViews | None = None
 ) -> dict[str, float] | None:
     """Train from `t.step` to the end of its epoch; the epoch's collapse diagnostics, over its
     last `train.diagnostics_batches` batches, or None when none of them ran here. With `augment`
     the loader yields uint8 images and their sizes, augmented here on the training device."""
     cfg, env, schedule = t.cfg, t.env, t.schedule
     epoch, start = divmod(t.step, schedule.steps_per_epoch)
-    if isinstance(views_data.base, ShardDataset):  # streamed in an order of its own
-        loader = shard_batches(views_data, cfg, env, epoch, start)
-    else:
-        sampler = EpochBatchSampler(
-            len(views_data),
-            cfg.optim.batch_size,
-            cfg.run.seed,
-            epoch,
-            env.rank,
-            env.world_size,
-            start,
-        )
-        # The loader draws its workers' base seed from a generator of its own: the global one
-        # is the model's (dropout, drop-path), saved in the checkpoint, and a resumed epoch's
-        # loader must not draw from it where the uninterrupted run's did not. (The views are
-        # seeded per sample, so the workers' seeds do not matter.)
-        loader = DataLoader(
-            views_data,
-            batch_sampler=sampler,
-            num_workers=cfg.data.num_workers,
-            pin_memory=env.device.type == "cuda",
-            generator=torch.Generator(),
-        )
+    batches = loader.epoch(epoch, start)
     diag_from = max(0, schedule.steps_per_epoch - cfg.train.diagnostics_batches)
     embeddings: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-    for batch_in_epoch, (views, labels) in enumerate(loader, start=start):
+    for batch_in_epoch, (views, labels) in enumerate(batches, start=start):
         if augment is not None:
             images, sizes = views
             views = augment(
@@ -362,7 +391,7 @@ def train_one_epoch(
                 (cfg.run.seed, epoch, batch_in_epoch),
                 (env.rank, env.world_size),
             )
-        out, lr = train_step(t, views, labels, epoch)
+        out, lr = train_step(t, views, labels)
         if batch_in_epoch >= diag_from:
             embeddings.append(out["embeddings"])
         if t.step % cfg.train.log_every == 0 or t.step == schedule.total_steps:
@@ -372,11 +401,10 @@ def train_one_epoch(
     return _log_diagnostics(t, embeddings, epoch) if embeddings else None
 
 
-def train_step(
-    t: Training, views: list[torch.Tensor], labels: torch.Tensor, epoch: int
-) -> tuple[dict, float]:
+def train_step(t: Training, views: list[torch.Tensor], labels: torch.Tensor) -> tuple[dict, float]:
     """One optimisation step at the schedule's learning rate; the method's output and that lr.
-    The labels reach only a method that takes them (the supervised baseline)."""
+    The labels reach only a method that takes them (the supervised baseline). Nothing here waits
+    for the device: the loss's finiteness is checked later, by `check_finite`."""
     cfg, schedule = t.cfg, t.schedule
     inputs = [[v.to(t.env.device, non_blocking=True) for v in views]]
     if t.takes_labels:
@@ -390,32 +418,52 @@ def train_step(
         cfg.optim.warmup_start_lr,
     )
     set_lr(t.optimizer, lr, schedule.lr)
-    with torch.autocast(t.env.device.type, dtype=torch.bfloat16, enabled=t.use_amp):
-        out = t.model(*inputs)
-    loss = out["loss"]
-    if not torch.isfinite(loss.detach()).item():
-        raise NonFiniteLossError(
-            f"loss is {loss.item()} at step {t.step} (epoch {epoch}); {_stopped(t)}"
-        )
-    t.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.optim.clip_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(t.method.parameters(), cfg.optim.clip_grad_norm)
-    t.optimizer.step()
-    t.method.after_optimizer_step((t.step + 1) / schedule.total_steps)
+    try:
+        with torch.autocast(t.env.device.type, dtype=torch.bfloat16, enabled=t.use_amp):
+            out = t.model(*inputs)
+        loss = out["loss"]
+        t.unchecked.append(loss.detach().float())
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(t.method.parameters(), cfg.optim.clip_grad_norm)
+        t.optimizer.step()
+        t.method.after_optimizer_step((t.step + 1) / schedule.total_steps)
+    except RuntimeError:  # e.g. a decomposition of NaN features: name the cause, not this
+        check_finite(t)
+        raise
     t.step += 1
     t.bar.update(1)
     return out, lr
 
 
+def check_finite(t: Training) -> None:
+    """Raise NonFiniteLossError naming the first step since the last check whose loss was not
+    finite. One device sync for all those steps; the loop calls it at every log step, before
+    every checkpoint and before the diagnostics, so no weights a non-finite loss produced are
+    saved (`save_resume_state` also refuses non-finite weights)."""
+    if not t.unchecked:
+        return
+    losses, first = torch.stack(t.unchecked), t.step - len(t.unchecked)
+    t.unchecked.clear()
+    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+    if bad:
+        step = first + bad[0]
+        epoch = step // t.schedule.steps_per_epoch
+        raise NonFiniteLossError(
+            f"loss is {losses[bad[0]].item()} at step {step} (epoch {epoch}); {_stopped(t)}"
+        )
+
+
 def _log_train(t: Training, out: dict, lr: float) -> None:
     """The step's loss and the method's logs, averaged over processes (a collective: every
-    process calls it at the same steps)."""
+    process calls it at the same steps) in one all-reduce and one copy to the host."""
+    check_finite(t)
     scalars = {"loss": out["loss"].detach(), **out["logs"]}
-    values = {
-        k: D.all_reduce_mean(torch.as_tensor(v, device=t.env.device).float()).item()
-        for k, v in scalars.items()
-    }
+    stacked = torch.stack(
+        [torch.as_tensor(v, device=t.env.device).float().reshape(()) for v in scalars.values()]
+    )
+    values = dict(zip(scalars, D.all_reduce_mean(stacked).tolist()))
     values["lr"] = lr
     t.log.log("train", t.step, values)
     t.bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.3g}")
@@ -438,11 +486,18 @@ def _log_diagnostics(
     t: Training, embeddings: list[tuple[torch.Tensor, torch.Tensor | None]], epoch: int
 ) -> dict[str, float]:
     """Collapse diagnostics of the views' embeddings, gathered from every process (the second
-    view's, for the positive cosine, where the method has two), and their spectrum."""
-    z1 = D.gather_no_grad(torch.cat([z for z, _ in embeddings])).float().cpu()
+    view's, for the positive cosine, where the method has two), and their spectrum. Every
+    process takes part in the gathers; only the main one, which logs and saves them, computes
+    them (in float64), and the others return {}."""
+    check_finite(t)
+    z1 = D.gather_no_grad(torch.cat([z for z, _ in embeddings]))
     z2 = None
     if embeddings[0][1] is not None:
-        z2 = D.gather_no_grad(torch.cat([z for _, z in embeddings])).float().cpu()
+        z2 = D.gather_no_grad(torch.cat([z for _, z in embeddings]))
+    if not t.env.is_main:
+        return {}
+    z1 = z1.float().cpu()
+    z2 = None if z2 is None else z2.float().cpu()
     diagnostics = collapse_diagnostics(z1, z2)
     diagnostics["epoch"] = epoch
     t.log.log("diagnostics", t.step, diagnostics)
@@ -455,6 +510,7 @@ def save_resume_state(t: Training) -> None:
     optimiser's, the step and the random number generators' states (every process's are the
     main one's: all seed alike and draw alike). Weights no longer finite are not written over
     the last good checkpoint."""
+    check_finite(t)
     if t.env.is_main:
         state = t.method.state_dict()
         bad = next(
