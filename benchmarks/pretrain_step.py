@@ -125,7 +125,7 @@ def main() -> None:
             step_t += time_call(method_step, 1)
             bare_t += time_call(backbone_step, 1)
             fwd_t += time_call(target_forward, 1) if has_target else [0.0]
-            comp_t += time_call(lambda: method_step(compiled), 1) if compiled else []
+            comp_t += time_call(lambda: method_step(compiled), 1) if compiled is not None else []
         step, base = statistics.median(step_t), statistics.median(bare_t)
         floor = base + statistics.median(fwd_t)
         n = 2 * args.batch
