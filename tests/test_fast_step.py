@@ -75,8 +75,8 @@ class HostReads(TorchDispatchMode):
 # ---- 1. no host sync per step; a non-finite loss still stops the run before a save -------------
 
 
-# The contrastive methods' F.one_hot still reads its indices' range back (pretrain/methods/).
-@pytest.mark.parametrize("method", ["byol", "unigrad"])  # an EMA target; UniGrad's F buffer
+# an EMA target; UniGrad's F buffer; the contrastive masks; MoCo's queue
+@pytest.mark.parametrize("method", ["byol", "unigrad", "simclr", "mocov2", "mocov3"])
 def test_a_step_reads_nothing_back_from_the_device(tmp_path, method):
     t = tiny_training(tmp_path, method=method)
     engine.train_step(t, random_views(0), torch.zeros(BATCH))  # first-step set-up aside

@@ -74,7 +74,8 @@ def _logits_and_slope(
 ):
     s = u @ keys.T
     phi, slope = _negative_similarity(s, similarity)
-    is_pos = F.one_hot(pos, keys.shape[0]).bool()
+    # a comparison, not F.one_hot, which reads the indices back to check their range (a sync)
+    is_pos = pos[:, None] == torch.arange(keys.shape[0], device=pos.device)
     logits = torch.where(is_pos, s, phi) / temperature
     if exclude is not None:
         logits = logits.masked_fill(exclude, float("-inf"))

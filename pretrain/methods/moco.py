@@ -28,20 +28,23 @@ def _has_global_bn(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def shuffle_bn_forward(encoder: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
+def shuffle_bn_forward(
+    encoder: nn.Module, x: torch.Tensor, seed: int | torch.Tensor
+) -> torch.Tensor:
     """MoCo's shuffle-BN (He et al. 2020, §3.3): encode the keys of a random permutation of the
     global batch, so a query and its key are not normalised with the same batch statistics.
 
     It is a no-op on one process (there is no other sub-batch to shuffle into) and where the
     encoder's BatchNorm already normalises over the global batch (SyncBN, `train.sync_bn`), whose
     statistics no permutation changes. The permutation is seeded by `seed`, the same on every
-    process, instead of being drawn on rank 0 and broadcast.
+    process, instead of being drawn on rank 0 and broadcast; a tensor seed is read (a host sync)
+    only when there is something to shuffle.
     """
     if D.world_size() == 1 or _has_global_bn(encoder):
         return encoder(x)
     n, rank = x.shape[0], D.rank()
     everything = D.gather_no_grad(x)
-    perm = torch.randperm(everything.shape[0], generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(everything.shape[0], generator=torch.Generator().manual_seed(int(seed)))
     perm = perm.to(x.device)
     encoded = D.gather_no_grad(encoder(everything[perm[rank * n : (rank + 1) * n]]))
     return encoded[torch.argsort(perm)][rank * n : (rank + 1) * n]
@@ -79,7 +82,7 @@ class MoCoV2(ContrastiveMethod):
 
     def _keys(self, x: torch.Tensor) -> torch.Tensor:
         encoder = self.target if self.target is not None else self._online()
-        return upcast(shuffle_bn_forward(encoder, x, int(self.queue.pushed)))
+        return upcast(shuffle_bn_forward(encoder, x, self.queue.pushed))
 
     def _ctr(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, dict]:
         n = q.shape[0]
