@@ -291,3 +291,15 @@ def paired_knn(
         int((right_t & ~right_r).sum()),
         int((~right_t & right_r).sum()),
     )
+
+
+def run_benchmark(script: str, *args: str) -> str:
+    """Run benchmarks/SCRIPT with `args` in a fresh interpreter; its stdout (a failure raises)."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=600,
+    ).stdout

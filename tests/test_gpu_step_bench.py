@@ -3,37 +3,28 @@
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, run_benchmark
 
 
 def test_gpu_step_runs_on_cpu_with_tiny_settings():
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "gpu_step.py"),
-            "--methods",
-            "simclr,byol",
-            "--batch",
-            "2",
-            "--size",
-            "32",
-            "--steps",
-            "1",
-            "--warmup",
-            "1",
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-        timeout=600,
-    ).stdout
+    out = run_benchmark(
+        "gpu_step.py",
+        "--methods",
+        "simclr,byol",
+        "--batch",
+        "2",
+        "--size",
+        "32",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    )
     rows = {
         m.group(1): (float(m.group(4)), float(m.group(5)))
         for m in re.finditer(r"^(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+([\d.]+)$", out, re.M)

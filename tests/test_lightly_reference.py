@@ -5,12 +5,10 @@ lightly (the `bench` extra, not installed by CI)."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import run_benchmark
 from method_checks import SMALL, loss_and_gradient, rel_err, tiny_method, tiny_views
 
 ntx = pytest.importorskip("lightly.loss.ntx_ent_loss")
@@ -44,14 +42,7 @@ def test_simclr_loss_and_gradient_equal_lightlys_ntxent(loss_form):
 
 def test_lightly_step_benchmark_runs_with_tiny_settings():
     args = ["--batch", "4", "--image-size", "8", "--width", "8", "--repeats", "1", "--warmup", "0"]
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "lightly_step.py"), *args],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-        timeout=600,
-    ).stdout
+    out = run_benchmark("lightly_step.py", *args)
     rows = re.findall(r"^(\w+)\s+(two batches|one batch)\s+[\d.]+\s+[\d.]+\s+([\d.]+)x", out, re.M)
     assert [(name, layout) for name, layout, _ in rows] == [
         ("simclr", "two batches"),
