@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -85,7 +84,7 @@ def infer(
     padded = torch.zeros(per, *shape)
     if outputs:
         padded[: stop - start] = torch.cat(outputs)
-    gathered = _gather_to_main(padded.to(device))
+    gathered = D.gather_to_main(padded.to(device))
     if gathered is None:
         return None
     parts = []
@@ -93,15 +92,6 @@ def infer(
         lo, hi = shard_bounds(len(dataset), r, world)
         parts.append(gathered[r * per : r * per + hi - lo])
     return torch.cat(parts)
-
-
-@torch.no_grad()
-def _gather_to_main(x: torch.Tensor) -> torch.Tensor | None:
-    """Every process's `x` concatenated in rank order on the CPU of rank 0; None elsewhere.
-    torch.distributed.gather, not all_gather: only rank 0 allocates room for all of them."""
-    parts = [torch.empty_like(x) for _ in range(D.world_size())] if D.rank() == 0 else None
-    dist.gather(x.contiguous(), parts, dst=0)
-    return None if parts is None else torch.cat(parts).cpu()
 
 
 @dataclass(frozen=True)

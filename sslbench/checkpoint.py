@@ -53,3 +53,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None
+
+
+def require_same_recipe(where: str | Path, found: str | None, key: str, remedy: str) -> None:
+    """A CheckpointError unless the checkpoint at `where` was written under recipe key `key`:
+    continuing another recipe's run would silently mix two configurations. `remedy` names what
+    to delete; the message also offers another run.work_dir."""
+    if found != key:
+        raise CheckpointError(
+            f"{where} holds an unfinished run of another recipe (config hash "
+            f"{str(found)[:12]}... vs {key[:12]}...); {remedy}, or give this run another "
+            "run.work_dir"
+        )
+
+
+def require_same_world_size(path: str | Path, saved: int, now: int) -> None:
+    """A CheckpointError unless a run saved by `saved` processes continues on as many: each
+    process restores its own random state, so another count cannot continue bit-exactly."""
+    if saved != now:
+        raise CheckpointError(
+            f"{path} was saved by {saved} processes; continue it with as many, not {now}"
+        )

@@ -130,6 +130,17 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def gather_to_main(x: torch.Tensor) -> torch.Tensor | None:
+    """Every process's `x` concatenated in rank order on the CPU of rank 0; None elsewhere.
+    torch.distributed.gather, not all_gather: only rank 0 allocates room for all of them."""
+    if world_size() == 1:
+        return x.cpu()
+    parts = [torch.empty_like(x) for _ in range(world_size())] if rank() == 0 else None
+    dist.gather(x.contiguous(), parts, dst=0)
+    return None if parts is None else torch.cat(parts).cpu()
+
+
+@torch.no_grad()
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if world_size() == 1:
         return x

@@ -31,7 +31,13 @@ from PIL import Image
 
 from sslbench.artifact import ArtifactError, load_backbone, save_backbone
 from sslbench.backbones import build_backbone
-from sslbench.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from sslbench.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    require_same_recipe,
+    require_same_world_size,
+    save_checkpoint,
+)
 from sslbench.data import DatasetError, ImageFolder
 from sslbench.io import sha256_file
 from sslbench.pipeline.lock import LOCK_FILE, PipelineLockedError, output_dir_lock
@@ -133,6 +139,25 @@ def _fill_disk_on_write(monkeypatch, nth: int) -> list:
 
     monkeypatch.setattr(torch, "save", save)
     return calls
+
+
+def test_a_checkpoint_of_another_recipe_or_process_count_is_refused_by_name(tmp_path):
+    """The checks every task's resume shares: both hashes, what to delete, both counts."""
+    path = tmp_path / "checkpoint.pt"
+    require_same_recipe(path, "a" * 40, "a" * 40, "delete it")
+    require_same_world_size(path, 2, 2)
+    with pytest.raises(CheckpointError) as err:
+        require_same_recipe(path, "a" * 40, "b" * 40, f"delete {path}")
+    assert str(err.value) == (
+        f"{path} holds an unfinished run of another recipe (config hash {'a' * 12}... vs "
+        f"{'b' * 12}...); delete {path}, or give this run another run.work_dir"
+    )
+    with pytest.raises(CheckpointError, match="config hash None... vs"):
+        require_same_recipe(path, None, "b" * 40, "delete it")
+    with pytest.raises(
+        CheckpointError, match=f"^{path} was saved by 2 processes; continue it with as many, not 1$"
+    ):
+        require_same_world_size(path, 2, 1)
 
 
 def test_a_full_disk_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):

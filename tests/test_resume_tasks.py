@@ -249,7 +249,7 @@ def test_detectron2_detection_continues_bit_identically(tmp_path):
         *_detectron2_args(run_dir, root, out, "solver.base_lr=0.02"), cwd=tmp_path, check=False
     )
     assert other.returncode == 1 and "Traceback" not in other.stderr
-    assert f"{checkpoint} holds an unfinished detectron2 run of another recipe" in other.stderr
+    assert f"{checkpoint} holds an unfinished run of another recipe" in other.stderr
     sslbench(*args, cwd=tmp_path)
 
     straight, resumed = _record(tmp_path / "straight"), _record(out)
@@ -284,7 +284,7 @@ def test_detectron2_refuses_another_recipes_checkpoint(tmp_path):
     assert resume_point(tmp_path, "a" * 64) == 4
     with pytest.raises(CheckpointError) as err:
         resume_point(tmp_path, "b" * 64)
-    assert str(err.value).startswith(f"{path} holds an unfinished detectron2 run of another recipe")
+    assert str(err.value).startswith(f"{path} holds an unfinished run of another recipe")
     assert f"(config hash {'a' * 12}... vs {'b' * 12}...)" in str(err.value)
     save_checkpoint(path, {"iteration": 3, "trainer": {}})  # detectron2's own, without a key
     with pytest.raises(CheckpointError, match="config hash None... vs"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sslbench.checkpoint import CheckpointError, load_checkpoint
+from sslbench.checkpoint import load_checkpoint, require_same_recipe
 
 LAST_CHECKPOINT = "last_checkpoint"  # detectron2's name of the newest checkpoint, in OUTPUT_DIR
 STATE_KEY = "sslbench"  # the trainer state's entry for the recipe key and the RNG states
@@ -14,12 +14,7 @@ STATE_KEY = "sslbench"  # the trainer state's entry for the recipe key and the R
 
 def check_recipe(path: Path, found: str | None, key: str) -> None:
     """A CheckpointError when the checkpoint `path` was written under another recipe key."""
-    if found != key:
-        raise CheckpointError(
-            f"{path} holds an unfinished detectron2 run of another recipe (config hash "
-            f"{str(found)[:12]}... vs {key[:12]}...); delete {path.parent / LAST_CHECKPOINT}, "
-            "or give this run another run.work_dir"
-        )
+    require_same_recipe(path, found, key, f"delete {path.parent / LAST_CHECKPOINT}")
 
 
 def resume_point(work_dir: Path, key: str) -> int | None:

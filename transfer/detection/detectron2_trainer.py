@@ -43,7 +43,7 @@ from detectron2.layers import get_norm
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, Res5ROIHeads
 from detectron2.utils import comm
 
-from sslbench.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from sslbench.checkpoint import load_checkpoint, require_same_world_size, save_checkpoint
 from sslbench.io import write_json_atomic, write_text_atomic
 
 from .detectron2_resume import LAST_CHECKPOINT, STATE_KEY, check_recipe
@@ -188,11 +188,7 @@ class Trainer(DefaultTrainer):
         path = self.checkpointer.get_checkpoint_file()
         saved = state_dict.get(STATE_KEY, {})
         check_recipe(Path(path), saved.get("key"), self.key)
-        if len(saved["rng"]) != comm.get_world_size():
-            raise CheckpointError(
-                f"{path} was saved by {len(saved['rng'])} processes; continue it "
-                f"with as many, not {comm.get_world_size()}"
-            )
+        require_same_world_size(path, len(saved["rng"]), comm.get_world_size())
         super().load_state_dict(state_dict)
         self._restore = saved["rng"][comm.get_rank()]
 

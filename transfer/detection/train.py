@@ -30,7 +30,12 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from sslbench import distributed as D
-from sslbench.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from sslbench.checkpoint import (
+    load_checkpoint,
+    require_same_recipe,
+    require_same_world_size,
+    save_checkpoint,
+)
 
 from .config import Schedule
 from .data import DetectionDataset, collate
@@ -132,18 +137,9 @@ def _load_state(
 ) -> tuple[int, str]:
     """Restore a saved state; returns its iteration count and loss log."""
     state = load_checkpoint(path)
-    if state["key"] != key:
-        raise CheckpointError(
-            f"{path} holds an unfinished run of another recipe (config hash "
-            f"{state['key'][:12]}... vs {key[:12]}...); delete it, or give "
-            "this run another run.work_dir"
-        )
+    require_same_recipe(path, state["key"], key, f"delete {path}")
     rng = state["rng"]
-    if len(rng["cpu"]) != D.world_size():
-        raise CheckpointError(
-            f"{path} was saved by {len(rng['cpu'])} processes; continue it "
-            f"with as many, not {D.world_size()}"
-        )
+    require_same_world_size(path, len(rng["cpu"]), D.world_size())
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     # clone: this process's row as a tensor of its own (set_rng_state crashes on a row view)

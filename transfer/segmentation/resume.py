@@ -22,7 +22,7 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.runner import CheckpointLoader
 
-from sslbench.checkpoint import CheckpointError
+from sslbench.checkpoint import require_same_recipe
 
 SCHEME = "sslbench-work-dir://"  # a checkpoint in the run's own work directory
 _CHECKPOINT = re.compile(r"iter_(\d+)\.pth")  # mmengine's CheckpointHook names, by_epoch=False
@@ -73,12 +73,9 @@ class ExactResume(Hook):
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         saved = checkpoint.get("sslbench", {})
-        if saved.get("key") != self.key:
-            raise CheckpointError(
-                f"{runner.work_dir} holds checkpoints of another recipe (config hash "
-                f"{str(saved.get('key'))[:12]}... vs {self.key[:12]}...); delete its iter_*.pth, "
-                "or give this run another run.work_dir"
-            )
+        require_same_recipe(
+            runner.work_dir, saved.get("key"), self.key, "delete its iter_*.pth checkpoints"
+        )
         self._rng = saved["rng"]
         self.resumed_from = int(checkpoint["meta"]["iter"])
 
