@@ -32,6 +32,15 @@ from sslbench.pipeline.runner import Scheduler
 from sslbench.tasks import get_task
 
 PIPELINES = sorted((ROOT / "configs" / "pipeline").glob("*.yaml"))
+UNIGRAD_TABLE = ROOT / "configs" / "pipeline" / "unigrad_table.yaml"
+# Overlays (configs/pipeline/overlay/) are given after the pipeline they change.
+OVERLAID = {
+    "unigrad_table_mnist": [
+        UNIGRAD_TABLE,
+        ROOT / "configs/pipeline/overlay/unigrad_table_mnist.yaml",
+    ]
+}
+SHIPPED = {**{p.stem: [p] for p in PIPELINES}, **OVERLAID}
 QUICK = ROOT / "configs" / "pipeline" / "quick.yaml"
 SYNTHETIC_RECIPES = sorted((ROOT / "configs" / "pretrain").glob("*_synthetic_r18.yaml"))
 
@@ -104,9 +113,9 @@ def _job_config(argv: list[str]):
     return get_task(argv[1]).load_config(paths, overrides)
 
 
-@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: p.stem)
-def test_every_job_of_a_shipped_pipeline_has_a_valid_config(in_root, tmp_path, pipeline):
-    cfg = load_pipeline_config([pipeline])
+@pytest.mark.parametrize("files", SHIPPED.values(), ids=SHIPPED.keys())
+def test_every_job_of_a_shipped_pipeline_has_a_valid_config(in_root, tmp_path, files):
+    cfg = load_pipeline_config(files)
     jobs = build_jobs(cfg, tmp_path)
     runs = len(cfg.pretrain.recipes) * len(cfg.seeds)
     runs_of_tasks = sum(len(task.seeds or cfg.seeds) for task in cfg.tasks.values())
@@ -115,6 +124,18 @@ def test_every_job_of_a_shipped_pipeline_has_a_valid_config(in_root, tmp_path, p
     assert len({job.id for job in jobs}) == len(jobs)
     for job in jobs[:-1]:
         _job_config(job.argv)  # raises on an unknown key or a bad value
+
+
+def test_the_mnist_overlay_moves_every_job_of_the_unigrad_table_to_mnist(in_root, tmp_path):
+    """Each pretraining and task job reads mnist-subset; the recipes, forms and seeds are the
+    table's."""
+    table = build_jobs(load_pipeline_config([UNIGRAD_TABLE]), tmp_path / "a")
+    mnist = build_jobs(load_pipeline_config(OVERLAID["unigrad_table_mnist"]), tmp_path / "b")
+    assert [job.id for job in mnist] == [job.id for job in table]
+    for job in mnist[:-1]:
+        cfg = _job_config(job.argv)
+        assert cfg.data.name == "mnist-subset", job.id
+        assert not cfg.data.get("options"), job.id
 
 
 def test_default_pipeline_runs_every_method_on_every_task(in_root):
