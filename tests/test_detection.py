@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, pretrain_simsiam, sslbench, subprocess_env
+from helpers import ROOT, pretrain_simsiam, random_init_artifact, sslbench, subprocess_env
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from sslbench.artifact import save_backbone
 from sslbench.backbones import build_backbone
 from sslbench.config import ConfigError
 from sslbench.data import SHAPE_CLASSES, prepare_synthetic_shapes
@@ -67,19 +66,6 @@ def shapes_overrides(root) -> list[str]:
 def det_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes64")
     return prepare_synthetic_shapes(root, progress=False, **SHAPES)
-
-
-def _artifact(path, arch="resnet18", **kwargs):
-    torch.manual_seed(0)
-    save_backbone(
-        path,
-        build_backbone(arch, **kwargs),
-        arch=arch,
-        arch_kwargs=kwargs,
-        method="random-init",
-        run_name=path.name,
-    )
-    return path
 
 
 # --- COCO evaluation ------------------------------------------------------------------------------
@@ -675,7 +661,7 @@ def test_detectron2_coco_evaluator_without_detections_scores_zero(det_root):
     importlib.util.find_spec("detectron2") is not None, reason="detectron2 is installed here"
 )
 def test_detectron2_backend_without_detectron2_says_how_to_get_it(tmp_path):
-    run_dir = _artifact(tmp_path / "r50", "resnet50")
+    run_dir = random_init_artifact(tmp_path / "r50", "resnet50")
     proc = sslbench(
         "transfer",
         "detection",
@@ -695,7 +681,9 @@ def test_detectron2_backend_without_detectron2_says_how_to_get_it(tmp_path):
 @pytest.mark.integration
 def test_detectron2_trains_a_few_iterations_on_synthetic_shapes(det_root, tmp_path):
     pytest.importorskip("detectron2")
-    run_dir = _artifact(tmp_path / "r18", "resnet18")  # detectron2's R18: 7x7 stem, width 64
+    run_dir = random_init_artifact(
+        tmp_path / "r18", "resnet18"
+    )  # detectron2's R18: 7x7 stem, width 64
     sslbench(
         "transfer",
         "detection",
@@ -741,7 +729,7 @@ def test_detectron2_trains_a_few_iterations_on_synthetic_shapes(det_root, tmp_pa
     ],
 )
 def test_bad_recipe_or_backbone_is_a_clear_error(det_root, tmp_path, arch, overrides, message):
-    run_dir = _artifact(tmp_path / arch, arch)
+    run_dir = random_init_artifact(tmp_path / arch, arch)
     proc = sslbench(
         "transfer",
         "detection",
@@ -762,7 +750,7 @@ def test_bad_recipe_or_backbone_is_a_clear_error(det_root, tmp_path, arch, overr
 @pytest.mark.integration
 @pytest.mark.distributed
 def test_torchrun_processes_split_the_global_batch_and_write_one_record(det_root, tmp_path):
-    run_dir = _artifact(tmp_path / "r18", "resnet18", stem="small", width=16)
+    run_dir = random_init_artifact(tmp_path / "r18", "resnet18", stem="small", width=16)
     out = tmp_path / "results"
     cmd = [
         sys.executable,

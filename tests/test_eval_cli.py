@@ -6,11 +6,18 @@ import sys
 
 import pytest
 import torch
-from helpers import ROOT, TINY_SHAPES, eval_overrides, shapes_options, sslbench, subprocess_env
+from helpers import (
+    ROOT,
+    TINY_SHAPES,
+    eval_overrides,
+    random_init_artifact,
+    shapes_options,
+    sslbench,
+    subprocess_env,
+)
 from safetensors.torch import load_file
 
-from sslbench.artifact import read_manifest, save_backbone
-from sslbench.backbones import build_backbone
+from sslbench.artifact import read_manifest
 from sslbench.results import load_records
 from sslbench.tasks import get_task
 
@@ -21,17 +28,7 @@ TASKS = ("knn", "linear", "semisup")
 @pytest.fixture(scope="module")
 def random_run(tmp_path_factory):
     """A random-init ResNet-18 with the ImageNet stem: cheap to run on 16 px images."""
-    torch.manual_seed(0)
-    run_dir = tmp_path_factory.mktemp("runs") / "random"
-    save_backbone(
-        run_dir,
-        build_backbone("resnet18", stem="imagenet"),
-        arch="resnet18",
-        arch_kwargs={"stem": "imagenet"},
-        method="random-init",
-        run_name="random",
-    )
-    return run_dir
+    return random_init_artifact(tmp_path_factory.mktemp("runs") / "random", stem="imagenet")
 
 
 def test_knn_then_linear_write_records_and_share_the_feature_cache(
@@ -218,15 +215,7 @@ def pretrained_and_twin(tmp_path_factory):
         cwd=work,
     )
     manifest = read_manifest(work / "pretrained")
-    torch.manual_seed(0)
-    save_backbone(
-        work / "random-init",
-        build_backbone(manifest["arch"], **manifest["arch_kwargs"]),
-        arch=manifest["arch"],
-        arch_kwargs=manifest["arch_kwargs"],
-        method="random-init",
-        run_name="random-init",
-    )
+    random_init_artifact(work / "random-init", manifest["arch"], **manifest["arch_kwargs"])
     return root, work / "pretrained", work / "random-init"
 
 

@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY_SHAPES, pretrain_simsiam, sslbench, subprocess_env
+from helpers import (
+    ROOT,
+    TINY_SHAPES,
+    pretrain_simsiam,
+    random_init_artifact,
+    sslbench,
+    subprocess_env,
+)
 
 from sslbench.artifact import ArtifactError, load_backbone, save_backbone
 from sslbench.backbones import build_backbone
@@ -47,19 +54,6 @@ TINY_R18 = {"arch": "resnet18", "arch_kwargs": {"stem": "small", "width": 16}}
 def shapes_overrides(root) -> list[str]:
     opts = ", ".join(f"{k}: {v}" for k, v in TINY_SHAPES.items())
     return [f"data.root={root}", f"data.options={{{opts}}}", "run.progress=false", "run.threads=1"]
-
-
-def _artifact(path, arch="resnet18", method="random-init", **kwargs):
-    torch.manual_seed(0)
-    save_backbone(
-        path,
-        build_backbone(arch, **kwargs),
-        arch=arch,
-        arch_kwargs=kwargs,
-        method=method,
-        run_name=path.name,
-    )
-    return path
 
 
 # --- mIoU --------------------------------------------------------------------------------------
@@ -145,7 +139,7 @@ def _segmentor(manifest, state, overrides=()):
     ],
 )
 def test_every_backbone_tensor_is_loaded_and_counted(tmp_path, arch, kwargs, dilated, stride):
-    run_dir = _artifact(tmp_path / "a", arch, **kwargs)
+    run_dir = random_init_artifact(tmp_path / "a", arch, **kwargs)
     backbone, manifest = load_backbone(run_dir)
     state = backbone.state_dict()
     model, report = _segmentor(manifest, state, [f"model.dilated={dilated}"])
@@ -180,7 +174,7 @@ def test_every_backbone_tensor_is_loaded_and_counted(tmp_path, arch, kwargs, dil
 def test_wrong_architecture_or_missing_keys_are_clear_errors(tmp_path):
     from transfer.segmentation.model import load_into_backbone
 
-    r18, manifest = load_backbone(_artifact(tmp_path / "r18", **TINY_R18["arch_kwargs"]))
+    r18, manifest = load_backbone(random_init_artifact(tmp_path / "r18", **TINY_R18["arch_kwargs"]))
     r50 = build_backbone("resnet50", stem="small", width=16)
     model, _ = _segmentor(manifest, r18.state_dict())
     with pytest.raises(ArtifactError, match="architecture mismatch") as err:
@@ -386,7 +380,7 @@ def test_real_layouts_are_checked_before_training(tmp_path):
 
 
 def test_without_mmseg_the_command_says_how_to_install_it(tmp_path):
-    run_dir = _artifact(tmp_path / "r18", **TINY_R18["arch_kwargs"])
+    run_dir = random_init_artifact(tmp_path / "r18", **TINY_R18["arch_kwargs"])
     code = (
         "import sys; sys.modules['mmseg'] = None; import transfer.segmentation; "
         "from sslbench.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -418,7 +412,7 @@ def test_without_mmseg_the_command_says_how_to_install_it(tmp_path):
 
 @needs_mmseg
 def test_wrong_architecture_artifact_is_refused_by_the_command(shapes_root, tmp_path):
-    run_dir = _artifact(tmp_path / "r50", "resnet50", stem="small", width=16)
+    run_dir = random_init_artifact(tmp_path / "r50", "resnet50", stem="small", width=16)
     proc = sslbench(
         "transfer",
         "segmentation",
@@ -472,7 +466,7 @@ def _segment(run_dir: Path, shapes_root, out: Path, cwd: Path) -> tuple:
 def test_tiny_recipe_from_a_pretrained_backbone_beats_random_init(
     pretrained, shapes_root, tmp_path
 ):
-    random_dir = _artifact(tmp_path / "random", **TINY_R18["arch_kwargs"])
+    random_dir = random_init_artifact(tmp_path / "random", **TINY_R18["arch_kwargs"])
     trained, trained_s = _segment(pretrained, shapes_root, tmp_path / "pretrained", tmp_path)
     scratch, scratch_s = _segment(random_dir, shapes_root, tmp_path / "random-init", tmp_path)
     print(

@@ -15,10 +15,8 @@ import textwrap
 
 import pytest
 import torch
-from helpers import ROOT, TINY_SHAPES, subprocess_env
+from helpers import ROOT, TINY_SHAPES, random_init_artifact, subprocess_env
 
-from sslbench.artifact import save_backbone
-from sslbench.backbones import build_backbone
 from sslbench.data import build_dataset
 from sslbench.tasks import COMMANDS, MODULES_ENV, Task, get_task, tasks
 
@@ -123,16 +121,7 @@ def test_a_task_registered_in_a_temporary_module_runs_through_the_cli_and_the_bo
     (plugin / "toy_task.py").write_text(textwrap.dedent(TOY_MODULE))
     env = subprocess_env()
     env.update({"PYTHONPATH": f"{ROOT}:{plugin}", MODULES_ENV: "toy_task"})
-    torch.manual_seed(0)
-    run_dir = tmp_path / "runs" / "random"
-    save_backbone(
-        run_dir,
-        build_backbone("resnet18", stem="imagenet"),
-        arch="resnet18",
-        arch_kwargs={"stem": "imagenet"},
-        method="random-init",
-        run_name="random",
-    )
+    run_dir = random_init_artifact(tmp_path / "runs" / "random", stem="imagenet")
     out = tmp_path / "results"
     options = ", ".join(f"{k}: {v}" for k, v in TINY_SHAPES.items())
     data = [
