@@ -681,9 +681,8 @@ def test_detectron2_backend_without_detectron2_says_how_to_get_it(tmp_path):
 @pytest.mark.integration
 def test_detectron2_trains_a_few_iterations_on_synthetic_shapes(det_root, tmp_path):
     pytest.importorskip("detectron2")
-    run_dir = random_init_artifact(
-        tmp_path / "r18", "resnet18"
-    )  # detectron2's R18: 7x7 stem, width 64
+    # detectron2's R18: 7x7 stem, width 64
+    run_dir = random_init_artifact(tmp_path / "r18", "resnet18")
     sslbench(
         "transfer",
         "detection",
