@@ -230,12 +230,12 @@ def build_board(records: Iterable[ResultRecord], metrics: dict[str, str] | None 
 
 
 def _per_image(records: list[ResultRecord]) -> np.ndarray | None:
-    """The row's per-image top-1 accuracy over its records (mean of their hits), when every
-    record kept its hits on one test set; else None."""
+    """The row's per-image top-1 hits, (records, images), when every record kept its hits on
+    one test set; else None."""
     hits = [unpack_hits(r.details[HITS_KEY]) for r in records if HITS_KEY in r.details]
     if not hits or len(hits) != len(records) or len({len(h) for h in hits}) != 1:
         return None
-    return np.mean(hits, axis=0)
+    return np.stack(hits).astype(np.float64)
 
 
 def _column_cells(column: Column, found: dict[RowKey, list[ResultRecord]]) -> dict[RowKey, Cell]:
@@ -255,7 +255,7 @@ def _column_cells(column: Column, found: dict[RowKey, list[ResultRecord]]) -> di
         if len(vals) >= 2:
             interval, kind = stats.seed_interval(vals), "seeds"
         elif per_image[row] is not None:
-            interval, kind = stats.bootstrap_interval(per_image[row]), "bootstrap"
+            interval, kind = stats.bootstrap_interval(per_image[row][0]), "bootstrap"
         else:
             interval, kind = None, ""
         tied = at_floor = position = None
@@ -285,7 +285,7 @@ def _indistinguishable(
     if (
         best_images is not None
         and other_images is not None
-        and best_images.shape == other_images.shape
+        and best_images.shape[1] == other_images.shape[1]
     ):
         return stats.indistinguishable_paired(best_images, other_images)
     if len(best) >= 2 and len(other) >= 2:

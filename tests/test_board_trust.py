@@ -112,6 +112,40 @@ def test_bootstrap_intervals_equal_scipys_percentile_bootstrap():
     )
 
 
+def test_the_paired_test_with_seeds_is_the_one_run_test_when_the_seeds_agree():
+    """Seeds with identical hits add no spread: the two-level bootstrap gives the one-run
+    interval (the images are drawn first, from the same stream)."""
+    a, b = _hits(0.6, 1).astype(float), _hits(0.55, 2).astype(float)
+    one = stats.paired_difference_interval(a, b)
+    assert stats.paired_difference_interval(np.stack([a] * 3), np.stack([b] * 2)) == pytest.approx(
+        one, rel=1e-12
+    )
+
+
+def test_the_paired_test_carries_the_spread_between_seeds():
+    """Two rows of three seeds on the same images, hits driven by each image's difficulty (as
+    real rows share their easy and hard images) and each seed's own accuracy: 55/60/65% vs
+    58/63/68%. Averaging the seeds' hits first keeps only the test set's noise, which the pairing
+    all but removes, and calls the 3-point gap distinct; drawing the seeds too carries their
+    5-point spread and does not, as Welch's test over the seeds' values does not."""
+    difficulty = np.random.default_rng(0).random(TEST_IMAGES)
+
+    def run(accuracy: float, seed: int) -> np.ndarray:
+        noise = 0.02 * np.random.default_rng(seed).standard_normal(TEST_IMAGES)
+        return (difficulty + noise < accuracy).astype(float)
+
+    row_a = np.stack([run(p, s) for p, s in ((0.55, 1), (0.60, 2), (0.65, 3))])
+    row_b = np.stack([run(p, s) for p, s in ((0.58, 4), (0.63, 5), (0.68, 6))])
+    averaged = stats.paired_difference_interval(row_b.mean(0), row_a.mean(0))
+    with_seeds = stats.paired_difference_interval(row_b, row_a)
+    assert not averaged[0] <= 0 <= averaged[1]
+    assert with_seeds[0] <= 0 <= with_seeds[1]
+    assert with_seeds[1] - with_seeds[0] > 2 * (averaged[1] - averaged[0])
+    assert not stats.indistinguishable_paired(row_b.mean(0), row_a.mean(0))
+    assert stats.indistinguishable_paired(row_b, row_a)
+    assert stats.indistinguishable_seeds(list(100 * row_b.mean(1)), list(100 * row_a.mean(1)))
+
+
 def test_the_paired_test_agrees_with_mcnemars_exact_test_on_clear_cases():
     """Far apart: McNemar (scipy's exact binomial test on the discordant pairs) and the paired
     bootstrap both reject; one image apart: neither does."""
