@@ -29,7 +29,13 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from sslbench import distributed as D
-from sslbench.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from sslbench.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
 from sslbench.data import LabeledDataset
 from sslbench.optim import set_lr, warmup_cosine
 from sslbench.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -174,9 +180,7 @@ def _save_state(
     mean_losses = D.all_reduce_mean(torch.stack(losses)).cpu() if losses else torch.zeros(0)
     if D.rank() != 0:
         return
-    rng = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(device)
+    rng = rng_state(device)
     save_checkpoint(
         resume.path,
         {
@@ -206,9 +210,7 @@ def _load_state(
         )
     _trained(model).load_state_dict(state["trained"])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if device.type == "cuda" and "cuda" in state["rng"]:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    restore_rng_state(state["rng"], device)
     resume.from_step = int(state["step"])
     return resume.from_step, [loss.to(device) for loss in state["epoch_losses"].unbind()]
 

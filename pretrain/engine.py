@@ -30,7 +30,7 @@ from sslbench import distributed as D
 from sslbench.artifact import MANIFEST_FILE, save_backbone
 from sslbench.backbones import build_backbone
 from sslbench.backbones.resnet import ARCHS as RESNETS
-from sslbench.checkpoint import load_checkpoint, save_checkpoint
+from sslbench.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from sslbench.config import NON_SEMANTIC_KEYS, config_hash, save_config, to_dict
 from sslbench.data import LabeledDataset, build_dataset
 from sslbench.data.shards import ShardDataset
@@ -331,9 +331,7 @@ def _load_resume_state(
         )
     method.load_state_dict(state["method"])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["cpu"].cpu())
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
+    restore_rng_state(state["rng"], device)
     return int(state["step"])
 
 
@@ -519,9 +517,7 @@ def save_resume_state(t: Training) -> None:
         )
         if bad is not None:
             raise NonFiniteLossError(f"{bad} is no longer finite at step {t.step}; {_stopped(t)}")
-        rng = {"cpu": torch.get_rng_state()}
-        if t.env.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(t.env.device)
+        rng = rng_state(t.env.device)
         save_checkpoint(
             t.run_dir / CHECKPOINT_FILE,
             {

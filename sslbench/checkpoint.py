@@ -74,3 +74,18 @@ def require_same_world_size(path: str | Path, saved: int, now: int) -> None:
         raise CheckpointError(
             f"{path} was saved by {saved} processes; continue it with as many, not {now}"
         )
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's generator states a resume restores: the CPU's, and `device`'s when it is a GPU."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Set the generators `rng_state` saved (a CUDA state only on a GPU run that saved one)."""
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)

@@ -22,7 +22,7 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.runner import CheckpointLoader
 
-from sslbench.checkpoint import require_same_recipe
+from sslbench.checkpoint import require_same_recipe, restore_rng_state, rng_state
 
 SCHEME = "sslbench-work-dir://"  # a checkpoint in the run's own work directory
 _CHECKPOINT = re.compile(r"iter_(\d+)\.pth")  # mmengine's CheckpointHook names, by_epoch=False
@@ -54,6 +54,13 @@ def remove_checkpoints(work_dir: Path) -> None:
     (work_dir / "last_checkpoint").unlink(missing_ok=True)
 
 
+def _device() -> torch.device:
+    """The GPU mmengine trains on once CUDA is in use (its current device), else the CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 class ExactResume(Hook):
     """Stores the torch RNG states and the recipe's `key` in each checkpoint; after a resume,
     refuses another recipe's checkpoint and restores the RNG before the first iteration.
@@ -66,10 +73,7 @@ class ExactResume(Hook):
         self._rng: dict | None = None
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        checkpoint["sslbench"] = {"key": self.key, "rng": rng}
+        checkpoint["sslbench"] = {"key": self.key, "rng": rng_state(_device())}
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         saved = checkpoint.get("sslbench", {})
@@ -81,7 +85,5 @@ class ExactResume(Hook):
 
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         if self._rng is not None:  # after the loop replayed the data loader, before the model
-            torch.set_rng_state(self._rng["cpu"])
-            if "cuda" in self._rng:
-                torch.cuda.set_rng_state(self._rng["cuda"])
+            restore_rng_state(self._rng, _device())
             self._rng = None
